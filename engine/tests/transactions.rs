@@ -1,0 +1,155 @@
+//! Epochs are transactions: lost epochs are carried, refused epochs leave the replica alone.
+
+mod common;
+
+use common::{Rng, mutate};
+use fgbi_engine::{
+    Applier, ApplyError, EncodeError, Encoder, EncoderConfig, Geometry, Mode, memory_digest,
+};
+
+const MEM: u64 = 4 << 20;
+
+struct Pair {
+    geometry: Geometry,
+    encoder: Encoder,
+    applier: Applier,
+    primary: Vec<u8>,
+    replica: Vec<u8>,
+    rng: Rng,
+}
+
+impl Pair {
+    fn new(mode: Mode, workers: usize) -> Self {
+        let geometry = Geometry::new(MEM, 64).unwrap();
+        let mut config = EncoderConfig::new(geometry, mode);
+        config.workers = workers;
+        config.cache_bytes = 1 << 20;
+        Self {
+            geometry,
+            encoder: Encoder::new(config).unwrap(),
+            applier: Applier::new(geometry),
+            primary: vec![0; MEM as usize],
+            replica: vec![0; MEM as usize],
+            rng: Rng(99),
+        }
+    }
+
+    /// Writes to the primary and encodes an epoch; returns its number and bytes.
+    fn epoch(&mut self, writes: usize) -> (u64, Vec<u8>) {
+        let dirty = mutate(&mut self.primary, &self.geometry, &mut self.rng, writes);
+        let e = self.encoder.encode(&dirty, &self.primary, b"s").unwrap();
+        (e.stats.epoch, e.to_vec())
+    }
+
+    fn in_sync(&self) -> bool {
+        memory_digest(&self.primary) == memory_digest(&self.replica)
+    }
+}
+
+#[test]
+fn a_lost_epoch_is_carried_by_the_next() {
+    for mode in Mode::ALL {
+        for workers in [1, 3] {
+            let mut p = Pair::new(mode, workers);
+            let (e1, b1) = p.epoch(200);
+            p.applier.apply(&mut p.replica, &b1).unwrap();
+            p.encoder.acknowledge(e1).unwrap();
+            assert!(p.in_sync());
+
+            // Epoch 2 never reaches the backup.
+            let (e2, _lost) = p.epoch(200);
+            p.encoder.lose(e2).unwrap();
+            assert!(!p.encoder.carried_pages().is_empty());
+
+            // The retry is numbered 2 again, carries epoch 2's pages, and writes no new ones.
+            let retry = p.encoder.encode(&[], &p.primary, b"s").unwrap();
+            assert_eq!(retry.stats.epoch, e2);
+            let bytes = retry.to_vec();
+            p.applier.apply(&mut p.replica, &bytes).unwrap();
+            p.encoder.acknowledge(e2).unwrap();
+            assert!(p.in_sync(), "{mode} workers {workers}");
+        }
+    }
+}
+
+#[test]
+fn losing_an_epoch_loses_every_later_one_in_flight() {
+    for mode in [Mode::Fgbi, Mode::Xbzrle] {
+        let mut p = Pair::new(mode, 2);
+        let (e1, b1) = p.epoch(100);
+        let (e2, b2) = p.epoch(100);
+        let (e3, _b3) = p.epoch(100);
+        let (_e4, _b4) = p.epoch(100);
+        // The backup commits 1 and 2; 3 is lost; 4 was encoded against 3.
+        p.applier.apply(&mut p.replica, &b1).unwrap();
+        p.applier.apply(&mut p.replica, &b2).unwrap();
+        p.encoder.acknowledge(e2).unwrap();
+        assert_eq!(p.encoder.committed(), e2);
+        let _ = e1;
+        p.encoder.lose(e3).unwrap();
+        let (retry, bytes) = p.epoch(50);
+        assert_eq!(retry, e3);
+        p.applier.apply(&mut p.replica, &bytes).unwrap();
+        p.encoder.acknowledge(retry).unwrap();
+        assert!(p.in_sync(), "{mode}");
+    }
+}
+
+#[test]
+fn a_refused_epoch_leaves_the_replica_at_its_committed_epoch() {
+    let mut p = Pair::new(Mode::Fgbi, 1);
+    let (e1, b1) = p.epoch(300);
+    p.applier.apply(&mut p.replica, &b1).unwrap();
+    p.encoder.acknowledge(e1).unwrap();
+    let committed = memory_digest(&p.replica);
+
+    let (e2, mut b2) = p.epoch(300);
+    let mid = b2.len() / 2;
+    b2[mid] ^= 0x40;
+    assert!(matches!(
+        p.applier.apply(&mut p.replica, &b2),
+        Err(ApplyError::Checksum(_))
+    ));
+    assert_eq!(memory_digest(&p.replica), committed);
+    assert_eq!(p.applier.committed(), e1);
+    // Replayed epochs are refused too.
+    assert!(matches!(
+        p.applier.apply(&mut p.replica, &b1),
+        Err(ApplyError::Sequence { .. })
+    ));
+
+    p.encoder.lose(e2).unwrap();
+    let (retry, bytes) = p.epoch(10);
+    assert_eq!(retry, e2);
+    p.applier.apply(&mut p.replica, &bytes).unwrap();
+    p.encoder.acknowledge(retry).unwrap();
+    assert!(p.in_sync());
+}
+
+#[test]
+fn acknowledging_unknown_epochs_is_an_error() {
+    let mut p = Pair::new(Mode::Fgbi, 1);
+    assert!(matches!(
+        p.encoder.acknowledge(1),
+        Err(EncodeError::NotInFlight { .. })
+    ));
+    let (e1, _) = p.epoch(10);
+    assert!(p.encoder.lose(e1 + 1).is_err());
+    assert!(p.encoder.acknowledge(e1).is_ok());
+    assert!(p.encoder.acknowledge(e1).is_err());
+}
+
+#[test]
+fn bad_dirty_pages_and_memory_are_refused_without_moving() {
+    let mut p = Pair::new(Mode::Fgbi, 1);
+    let pages = p.geometry.pages();
+    assert!(matches!(
+        p.encoder.encode(&[pages], &p.primary, &[]),
+        Err(EncodeError::PageOutOfRange { .. })
+    ));
+    assert!(matches!(
+        p.encoder.encode(&[0], &p.primary[..4096], &[]),
+        Err(EncodeError::MemoryLength { .. })
+    ));
+    assert_eq!(p.encoder.next_epoch(), 1);
+}

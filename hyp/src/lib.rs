@@ -1,0 +1,7 @@
+//! What fgbi protects, and the workloads that exercise it.
+//!
+//! [`workload`] holds the synthetic workloads named after the paper's benchmarks by
+//! the memory behaviour they mimic; each writes into a memory region epoch by epoch
+//! and reports the pages it wrote.
+
+pub mod workload;

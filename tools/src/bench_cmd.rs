@@ -1,0 +1,161 @@
+//! `fgbi bench`: argument parsing, the results table and the JSON file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use fgbi::bench::{self, BenchConfig, RunResult};
+use fgbi_engine::Mode;
+use fgbi_hyp::workload::NAMES;
+
+use crate::size::parse_size;
+
+/// Arguments of `fgbi bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Workload: web, npb-ep, sys, dense, dup, idle, or all.
+    #[arg(long, default_value = "all")]
+    workload: String,
+    /// Comma-separated modes: remus, llm, xbzrle, fgbi.
+    #[arg(long, default_value = "remus,llm,xbzrle,fgbi", value_delimiter = ',')]
+    modes: Vec<Mode>,
+    /// Measured epochs per workload and mode (after the initial sync).
+    #[arg(long, default_value_t = 40)]
+    epochs: usize,
+    /// Protected memory size (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// Block size in bytes: a power of two from 32 to 4096.
+    #[arg(long, default_value = "64", value_parser = parse_size)]
+    block: u64,
+    /// Encoder worker threads.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Pin encoder workers to cores.
+    #[arg(long)]
+    pin: bool,
+    /// Page cache budget for xbzrle and fgbi (K, M, G suffixes).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    cache: u64,
+    /// Workload seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Runs the bench and prints the table; fails if any run did not verify.
+pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
+    let workloads = if args.workload == "all" {
+        NAMES.iter().map(|s| s.to_string()).collect()
+    } else {
+        vec![args.workload.clone()]
+    };
+    if args.epochs == 0 {
+        return Err("--epochs must be at least 1".into());
+    }
+    let config = BenchConfig {
+        workloads,
+        modes: args.modes.clone(),
+        epochs: args.epochs,
+        mem_bytes: args.mem,
+        block_size: usize::try_from(args.block).map_err(|_| "--block is too large".to_string())?,
+        workers: args.workers,
+        pin_workers: args.pin,
+        cache_bytes: usize::try_from(args.cache).map_err(|_| "--cache is too large".to_string())?,
+        seed: args.seed,
+    };
+    println!(
+        "fgbi bench: {} MiB memory, {}-byte blocks, {} epochs, {} worker(s), {} MiB cache, seed {}",
+        config.mem_bytes >> 20,
+        config.block_size,
+        config.epochs,
+        config.workers,
+        config.cache_bytes >> 20,
+        config.seed
+    );
+    println!(
+        "{:<8} {:<7} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9}  {:<8} chosen",
+        "workload",
+        "mode",
+        "dirty",
+        "wire KiB",
+        "vs remus",
+        "enc GB/s",
+        "app GB/s",
+        "digest MiB",
+        "cache MiB",
+        "verified"
+    );
+    let mut remus: Option<(String, u64)> = None;
+    let results = bench::run(&config, |r| {
+        if r.mode == "remus" {
+            remus = Some((r.workload.clone(), r.wire_bytes));
+        }
+        let baseline = remus
+            .as_ref()
+            .filter(|(workload, _)| *workload == r.workload)
+            .map(|(_, bytes)| *bytes);
+        print_row(r, baseline);
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({ "schema": 1, "runs": results });
+        let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("results written to {}", path.display());
+    }
+    if results.iter().all(|r| r.verified) {
+        println!("every run verified: replica digest equal to the primary's after every epoch");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("fgbi: some runs did NOT verify: the replica differed from the primary");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn print_row(r: &RunResult, remus_bytes: Option<u64>) {
+    let vs_remus = match remus_bytes {
+        Some(b) if b > 0 => format!("{:.1}%", r.wire_bytes as f64 * 100.0 / b as f64),
+        _ => "-".into(),
+    };
+    let mut chosen: Vec<(&str, u64)> = r
+        .encodings
+        .iter()
+        .filter(|(k, v)| **v > 0 && PAGE_ENCODINGS.contains(k))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    chosen.sort_by_key(|c| std::cmp::Reverse(c.1));
+    let total: u64 = chosen.iter().map(|c| c.1).sum::<u64>().max(1);
+    let chosen: Vec<String> = chosen
+        .iter()
+        .take(3)
+        .map(|(k, v)| format!("{k} {:.0}%", *v as f64 * 100.0 / total as f64))
+        .collect();
+    println!(
+        "{:<8} {:<7} {:>9} {:>10.0} {:>8} {:>8.2} {:>8.2} {:>9.1} {:>9.1}  {:<8} {}",
+        r.workload,
+        r.mode,
+        r.dirty_pages,
+        r.wire_bytes as f64 / 1024.0,
+        vs_remus,
+        r.encode_gbps(),
+        r.apply_gbps(),
+        r.digest_bytes as f64 / 1_048_576.0,
+        r.cache_bytes as f64 / 1_048_576.0,
+        r.verified,
+        chosen.join(", ")
+    );
+}
+
+/// Counters that name a page's encoding (the others count blocks or attempts).
+const PAGE_ENCODINGS: [&str; 7] = [
+    "unchanged",
+    "zero_page",
+    "raw_page",
+    "lz4_page",
+    "runs",
+    "blocks",
+    "blocks_lz4",
+];
