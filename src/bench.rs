@@ -11,6 +11,7 @@ use fgbi_engine::{
     Applier, ApplyError, EncodeError, Encoder, EncoderConfig, Geometry, GeometryError, Mode,
     memory_digest,
 };
+use fgbi_hyp::memory::{MemoryError, Region};
 use fgbi_hyp::workload::{self, WorkloadError};
 use serde::Serialize;
 use thiserror::Error;
@@ -36,6 +37,10 @@ pub struct BenchConfig {
     pub cache_bytes: usize,
     /// Workload seed.
     pub seed: u64,
+    /// fgbi: share identical blocks.
+    pub sharing: bool,
+    /// fgbi: consider lz4 encodings.
+    pub compression: bool,
 }
 
 /// A bench run failed.
@@ -53,6 +58,9 @@ pub enum BenchError {
     /// The applier refused an epoch the encoder produced: a bug.
     #[error("the backup refused an epoch the primary produced: {0}")]
     Apply(#[from] ApplyError),
+    /// Memory could not be mapped.
+    #[error(transparent)]
+    Region(#[from] MemoryError),
     /// Memory size does not fit this machine's address space.
     #[error("memory size {0} does not fit in this machine's address space")]
     Memory(u64),
@@ -73,6 +81,8 @@ pub struct RunResult {
     pub mem_bytes: u64,
     /// Encoder workers.
     pub workers: usize,
+    /// What backs primary and replica memory: hugetlb, thp or 4k.
+    pub backing: &'static str,
     /// Dirty pages over all measured epochs.
     pub dirty_pages: u64,
     /// Encoded bytes over all measured epochs.
@@ -157,10 +167,12 @@ fn run_one(
     encoder_config.workers = config.workers;
     encoder_config.pin_workers = config.pin_workers;
     encoder_config.cache_bytes = config.cache_bytes;
+    encoder_config.sharing = config.sharing;
+    encoder_config.compression = config.compression;
     let mut encoder = Encoder::new(encoder_config)?;
     let mut applier = Applier::new(geometry);
-    let mut primary = vec![0u8; mem];
-    let mut replica = vec![0u8; mem];
+    let mut primary = Region::new(mem)?;
+    let mut replica = Region::new(mem)?;
     let mut written = Vec::new();
     let mut wire = Vec::new();
 
@@ -173,6 +185,7 @@ fn run_one(
         block_size: geometry.block_size(),
         mem_bytes: geometry.mem_bytes(),
         workers: config.workers,
+        backing: primary.backing().as_str(),
         dirty_pages: 0,
         wire_bytes: 0,
         sync_bytes: 0,
@@ -194,7 +207,7 @@ fn run_one(
         }
         let state = epoch.to_le_bytes();
         let started = Instant::now();
-        let encoded = encoder.encode(&written, primary.as_slice(), &state)?;
+        let encoded = encoder.encode(&written, &primary[..], &state)?;
         let encode_time = started.elapsed().as_secs_f64();
         let stats = encoded.stats;
         wire.clear();

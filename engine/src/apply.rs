@@ -249,12 +249,24 @@ impl Applier {
                     runs::validate(data, PAGE_SIZE).map_err(|e| bad(e.describe()))?;
                 }
                 Record::Blocks(b) => {
-                    for n in 0..b.refs.len() / wire::REF_BYTES {
-                        let (target, target_block) = b.reference(n);
+                    let mut shared = 0;
+                    for (n, index) in set_bits(b.mask).enumerate() {
+                        if b.op(n) != BlockOp::Shared {
+                            continue;
+                        }
+                        let (target, target_block) = b.reference(shared);
+                        shared += 1;
                         let target = u64::from(target);
-                        if target >= pages || target == page || !self.written.contains(target) {
+                        // A shared block copies a block this epoch already wrote: an
+                        // earlier page, or an earlier block of this page.
+                        let earlier = if target == page {
+                            usize::from(target_block) < index
+                        } else {
+                            target < pages && self.written.contains(target)
+                        };
+                        if !earlier {
                             return Err(bad(
-                                "shared block refers to a page not written earlier in the epoch",
+                                "shared block refers to a block not written earlier in the epoch",
                             ));
                         }
                         if target_block >= bpp {

@@ -53,9 +53,8 @@ fn word(w: &[u8]) -> [u8; 8] {
 
 /// Stored digests of every block of the pages one shard owns.
 ///
-/// Values are stored XORed with the digest of an all-zero block, so a freshly
-/// allocated (zero-filled, lazily mapped) table describes all-zero memory: the
-/// backup's replica before its first epoch.
+/// Values are stored XORed with the digest of an all-zero block, so a zero-filled
+/// table describes all-zero memory: the backup's replica before its first epoch.
 pub struct DigestTable {
     values: Vec<u64>,
     blocks_per_page: usize,
@@ -64,10 +63,11 @@ pub struct DigestTable {
 
 impl DigestTable {
     /// A table for `pages` pages of `geometry`'s block size, describing zero memory.
+    /// Its memory is allocated (prefaulted) now.
     pub fn new(geometry: &Geometry, pages: usize) -> Self {
         let blocks_per_page = geometry.blocks_per_page();
         Self {
-            values: vec![0; pages * blocks_per_page],
+            values: crate::page_cache::prefaulted(pages * blocks_per_page),
             blocks_per_page,
             zero: zero_block_digest(geometry.block_size()),
         }
@@ -78,27 +78,32 @@ impl DigestTable {
         self.zero
     }
 
-    /// Copies the stored digests of local page `page` into `out`.
+    /// Compares `digests` (one per block of local page `page`) with the stored ones,
+    /// stores the new ones, and returns the mask of blocks that changed; the previous
+    /// digests of the changed blocks are appended to `undo`, in block order.
     #[inline]
-    pub fn read(&self, page: usize, out: &mut [u64]) {
+    pub fn update(&mut self, page: usize, digests: &[u64], undo: &mut Vec<u64>) -> u128 {
         let start = page * self.blocks_per_page;
-        for (o, v) in out
-            .iter_mut()
-            .zip(&self.values[start..start + self.blocks_per_page])
-        {
-            *o = v ^ self.zero;
+        let stored = &mut self.values[start..start + self.blocks_per_page];
+        let mut mask = 0u128;
+        for (i, (s, d)) in stored.iter().zip(digests).enumerate() {
+            mask |= u128::from(*s != d ^ self.zero) << i;
         }
+        if mask != 0 {
+            for i in crate::worker::set_bits(mask) {
+                undo.push(stored[i] ^ self.zero);
+                stored[i] = digests[i] ^ self.zero;
+            }
+        }
+        mask
     }
 
-    /// Stores `digests` as the digests of local page `page`.
-    #[inline]
-    pub fn write(&mut self, page: usize, digests: &[u64]) {
+    /// Puts back the digests `old` (block order) of the blocks of local page `page`
+    /// named by `mask`: the inverse of [`DigestTable::update`].
+    pub fn restore(&mut self, page: usize, mask: u128, old: &[u64]) {
         let start = page * self.blocks_per_page;
-        for (v, d) in self.values[start..start + self.blocks_per_page]
-            .iter_mut()
-            .zip(digests)
-        {
-            *v = d ^ self.zero;
+        for (i, &o) in crate::worker::set_bits(mask).zip(old) {
+            self.values[start + i] = o ^ self.zero;
         }
     }
 
@@ -120,25 +125,30 @@ mod tests {
     #[test]
     fn fresh_table_describes_zero_memory() {
         let geometry = Geometry::new(1 << 20, 64).unwrap();
-        let table = DigestTable::new(&geometry, 4);
-        let mut stored = [0u64; 64];
-        table.read(3, &mut stored);
-        let mut actual = [0u64; 64];
-        page_digests(&[0u8; PAGE_SIZE], 64, &mut actual);
-        assert_eq!(stored, actual);
+        let mut table = DigestTable::new(&geometry, 4);
+        let mut zero = [0u64; 64];
+        page_digests(&[0u8; PAGE_SIZE], 64, &mut zero);
+        let mut undo = Vec::new();
+        assert_eq!(table.update(3, &zero, &mut undo), 0);
+        assert!(undo.is_empty());
     }
 
     #[test]
-    fn write_then_read_round_trips() {
+    fn update_finds_changes_and_restore_undoes_them() {
         let geometry = Geometry::new(1 << 20, 128).unwrap();
         let mut table = DigestTable::new(&geometry, 2);
-        let digests: Vec<u64> = (0..32u64)
-            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-            .collect();
-        table.write(1, &digests);
-        let mut back = vec![0; 32];
-        table.read(1, &mut back);
-        assert_eq!(back, digests);
+        let mut page = [0u8; PAGE_SIZE];
+        page[5 * 128] = 1;
+        page[31 * 128 + 127] = 2;
+        let mut digests = [0u64; 32];
+        page_digests(&page, 128, &mut digests);
+        let mut undo = Vec::new();
+        let mask = table.update(1, &digests, &mut undo);
+        assert_eq!(mask, (1 << 5) | (1 << 31));
+        assert_eq!(undo.len(), 2);
+        assert_eq!(table.update(1, &digests, &mut Vec::new()), 0, "stored");
+        table.restore(1, mask, &undo);
+        assert_eq!(table.update(1, &digests, &mut Vec::new()), mask, "restored");
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub struct Encoder {
     committed: u64,
     in_flight: VecDeque<InFlight>,
     carry: Vec<u64>,
+    /// Dirty lists of acknowledged epochs, kept for their allocations.
+    spare: Vec<Vec<u64>>,
     plan: Vec<Vec<u64>>,
     head: FrameWriter,
     tail: FrameWriter,
@@ -124,6 +126,7 @@ impl Encoder {
             committed: 0,
             in_flight: VecDeque::new(),
             carry: Vec::new(),
+            spare: Vec::new(),
             head: FrameWriter::default(),
             tail: FrameWriter::default(),
         })
@@ -198,7 +201,8 @@ impl Encoder {
         if state.len() > u32::MAX as usize {
             return Err(EncodeError::StateTooLarge(state.len()));
         }
-        let mut pages = Vec::with_capacity(dirty.len() + self.carry.len());
+        let mut pages = self.spare.pop().unwrap_or_default();
+        pages.clear();
         pages.extend_from_slice(dirty);
         pages.extend_from_slice(&self.carry);
         pages.sort_unstable();
@@ -218,6 +222,7 @@ impl Encoder {
             for worker in &mut self.workers {
                 worker.roll_back(epoch, &pages);
             }
+            self.spare.push(pages);
             return Err(e);
         }
 
@@ -335,7 +340,9 @@ impl Encoder {
     pub fn acknowledge(&mut self, epoch: u64) -> Result<(), EncodeError> {
         self.check_in_flight(epoch)?;
         while self.in_flight.front().is_some_and(|f| f.epoch <= epoch) {
-            self.in_flight.pop_front();
+            if let Some(f) = self.in_flight.pop_front() {
+                self.spare.push(f.dirty);
+            }
         }
         for worker in &mut self.workers {
             worker.acknowledge(epoch);

@@ -36,7 +36,7 @@ impl PageCache {
         Self {
             tags: vec![EMPTY; slots],
             ages: vec![0; slots],
-            data: vec![0; slots * PAGE_SIZE],
+            data: prefaulted(slots * PAGE_SIZE),
         }
     }
 
@@ -95,6 +95,14 @@ impl PageCache {
             }
         }
     }
+}
+
+/// A zeroed buffer whose pages are all allocated now: written with memset rather than
+/// obtained lazily zeroed, so that epochs never pay first-touch page faults.
+pub(crate) fn prefaulted<T: Copy + Default>(len: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    v.resize(len, T::default());
+    v
 }
 
 #[cfg(test)]

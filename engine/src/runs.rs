@@ -108,15 +108,29 @@ fn get_uleb(bytes: &[u8], at: &mut usize) -> Result<usize, RunsError> {
 /// inside `windows` (sorted, disjoint byte ranges; bytes outside them are known equal).
 ///
 /// Returns the encoded length, or `None` (with `out` restored) when it would exceed
-/// `limit` bytes. An empty result means no byte differs.
-pub fn encode(
+/// `limit` bytes. An empty result means no byte differs. With `paced`, it also gives
+/// up as soon as the output outgrows its share of `limit` for the window bytes
+/// scanned so far (plus 64 bytes of slack): on dense changes the attempt then costs a
+/// fraction of a page scan instead of a whole one, at the price of occasionally
+/// missing a delta whose changes are bunched at the start.
+pub fn encode<W>(
     old: &[u8],
     new: &[u8],
-    windows: impl IntoIterator<Item = Range<usize>>,
+    windows: W,
     out: &mut Vec<u8>,
     limit: usize,
-) -> Option<usize> {
+    paced: bool,
+) -> Option<usize>
+where
+    W: Iterator<Item = Range<usize>> + Clone,
+{
     let start = out.len();
+    let total: usize = if paced {
+        windows.clone().map(|w| w.len()).sum()
+    } else {
+        0
+    };
+    let mut scanned = 0;
     let mut emitted = 0;
     for window in windows {
         let mut i = window.start;
@@ -129,13 +143,17 @@ pub fn encode(
             put_uleb(out, d - emitted);
             put_uleb(out, e - d);
             out.extend_from_slice(&new[d..e]);
-            if out.len() - start > limit {
+            let written = out.len() - start;
+            if written > limit
+                || (paced && written > limit * (scanned + e - window.start) / total + 64)
+            {
                 out.truncate(start);
                 return None;
             }
             emitted = e;
             i = e;
         }
+        scanned += window.len();
     }
     Some(out.len() - start)
 }
@@ -191,6 +209,7 @@ mod tests {
             std::iter::once(0..old.len()),
             &mut enc,
             usize::MAX,
+            false,
         )
         .unwrap();
         validate(&enc, old.len()).unwrap();
@@ -227,10 +246,53 @@ mod tests {
         let new = vec![1u8; PAGE_SIZE];
         let mut out = vec![9];
         assert_eq!(
-            encode(&old, &new, std::iter::once(0..PAGE_SIZE), &mut out, 100),
+            encode(
+                &old,
+                &new,
+                std::iter::once(0..PAGE_SIZE),
+                &mut out,
+                100,
+                false
+            ),
             None
         );
         assert_eq!(out, vec![9]);
+    }
+
+    #[test]
+    fn paced_encoding_gives_up_early_on_dense_changes() {
+        let old = vec![0u8; PAGE_SIZE];
+        let new: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 2) as u8).collect();
+        let mut out = Vec::new();
+        assert_eq!(
+            encode(
+                &old,
+                &new,
+                std::iter::once(0..PAGE_SIZE),
+                &mut out,
+                2048,
+                true
+            ),
+            None
+        );
+        assert!(
+            out.capacity() < 1024,
+            "stopped after a fraction of the page"
+        );
+        // A sparse delta still succeeds.
+        let mut sparse = old.clone();
+        sparse[4000] = 1;
+        assert_eq!(
+            encode(
+                &old,
+                &sparse,
+                std::iter::once(0..PAGE_SIZE),
+                &mut out,
+                2048,
+                true
+            ),
+            Some(4)
+        );
     }
 
     #[test]
@@ -240,7 +302,15 @@ mod tests {
         new[10] = 1;
         new[200] = 1;
         let mut enc = Vec::new();
-        encode(&old, &new, std::iter::once(192..256), &mut enc, usize::MAX).unwrap();
+        encode(
+            &old,
+            &new,
+            std::iter::once(192..256),
+            &mut enc,
+            usize::MAX,
+            false,
+        )
+        .unwrap();
         let mut page = old.clone();
         decode(&enc, &mut page).unwrap();
         assert_eq!(page[200], 1);

@@ -83,9 +83,9 @@ impl Lz4Governor {
 /// What an in-flight epoch changed in this worker, to undo it if the epoch is lost.
 struct Undo {
     epoch: u64,
-    /// Local page indices whose digests this epoch overwrote.
-    pages: Vec<usize>,
-    /// Their previous digests, `blocks_per_page` each.
+    /// Local page indices whose digests this epoch overwrote, with the blocks changed.
+    pages: Vec<(usize, u128)>,
+    /// The previous digests of those blocks, in page then block order.
     digests: Vec<u64>,
 }
 
@@ -93,7 +93,6 @@ struct Undo {
 #[derive(Default)]
 struct Scratch {
     new: Vec<u64>,
-    old: Vec<u64>,
     ops: Vec<u8>,
     refs: Vec<u8>,
     payload: Vec<u8>,
@@ -136,6 +135,8 @@ pub struct Worker {
     cache: PageCache,
     shared: BlockIndex,
     undo: VecDeque<Undo>,
+    /// Undo logs of acknowledged epochs, kept for their allocations.
+    spare_undo: Vec<Undo>,
     lz4: Lz4Governor,
     scratch: Scratch,
     /// This epoch's output.
@@ -165,6 +166,7 @@ impl Worker {
             cache: PageCache::new(cache_bytes),
             shared: BlockIndex::new(),
             undo: VecDeque::new(),
+            spare_undo: Vec::new(),
             lz4: Lz4Governor::default(),
             scratch: Scratch::default(),
             output: WorkerOutput::default(),
@@ -188,13 +190,16 @@ impl Worker {
         self.output.counts = EncodingCounts::default();
         self.shared.clear();
         let bpp = self.geometry.blocks_per_page();
-        self.undo.push_back(Undo {
+        let mut undo = self.spare_undo.pop().unwrap_or(Undo {
             epoch,
             pages: Vec::new(),
             digests: Vec::new(),
         });
+        undo.epoch = epoch;
+        undo.pages.clear();
+        undo.digests.clear();
+        self.undo.push_back(undo);
         self.scratch.new.resize(bpp, 0);
-        self.scratch.old.resize(bpp, 0);
         for &page in pages {
             debug_assert_eq!(owner(page, self.workers), self.index);
             if self.output.frames.body_len() + MAX_RECORD_BYTES > self.chunk_bytes {
@@ -259,6 +264,7 @@ impl Worker {
             std::iter::once(0..PAGE_SIZE),
             runs,
             PAGE_SIZE - 2,
+            false,
         ) {
             Some(0) => self.output.counts.unchanged += 1,
             Some(len) => {
@@ -307,22 +313,17 @@ impl Worker {
         };
         let s = &mut self.scratch;
         page_digests(data, block, &mut s.new);
-        table.read(local, &mut s.old);
-        let mut mask = 0u128;
-        for (i, (n, o)) in s.new.iter().zip(&s.old).enumerate() {
-            mask |= u128::from(n != o) << i;
-        }
+        let Some(undo) = self.undo.back_mut() else {
+            return;
+        };
+        // The table moves forward, and the epoch records how to move it back.
+        let mask = table.update(local, &s.new, &mut undo.digests);
         let counts = &mut self.output.counts;
         if mask == 0 {
             counts.unchanged += 1;
             return;
         }
-        // The epoch becomes undoable before the table moves.
-        if let Some(undo) = self.undo.back_mut() {
-            undo.pages.push(local);
-            undo.digests.extend_from_slice(&s.old);
-        }
-        table.write(local, &s.new);
+        undo.pages.push((local, mask));
         let zero = table.zero_digest();
         let changed = mask.count_ones() as usize;
         counts.changed_blocks += changed as u64;
@@ -333,18 +334,31 @@ impl Worker {
             return;
         }
 
-        // Classify the changed blocks.
+        // Classify the changed blocks: zero, shared with a block sent earlier in the
+        // epoch (bytes compared, never the digest alone), or raw.
         s.ops.clear();
         s.ops.resize(changed.div_ceil(4), 0);
         s.refs.clear();
         s.payload.clear();
+        let page32 = page as u32;
+        if self.sharing {
+            for b in set_bits(mask) {
+                self.shared.prefetch(s.new[b]);
+            }
+        }
         for (n, b) in set_bits(mask).enumerate() {
             let bytes = &data[b * block..(b + 1) * block];
             let digest = s.new[b];
+            let here = BlockAddress {
+                page: page32,
+                block: b as u16,
+            };
             let op = if digest == zero && is_zero(bytes) {
                 counts.zero_blocks += 1;
                 BlockOp::Zero
-            } else if let Some(at) = self.sharing.then(|| self.shared.find(digest)).flatten() {
+            } else if !self.sharing {
+                BlockOp::Raw
+            } else if let Some(at) = self.shared.find_or_insert(digest, here) {
                 let target = memory.page(u64::from(at.page));
                 let start = usize::from(at.block) * block;
                 if target[start..start + block] == *bytes {
@@ -354,13 +368,14 @@ impl Worker {
                     BlockOp::Shared
                 } else {
                     counts.collisions += 1;
-                    s.payload.extend_from_slice(bytes);
                     BlockOp::Raw
                 }
             } else {
-                s.payload.extend_from_slice(bytes);
                 BlockOp::Raw
             };
+            if op == BlockOp::Raw {
+                s.payload.extend_from_slice(bytes);
+            }
             s.ops[n / 4] |= (op as u8) << ((n % 4) * 2);
         }
         let header = RECORD_HEADER_BYTES + self.geometry.mask_bytes() + s.ops.len() + s.refs.len();
@@ -373,10 +388,17 @@ impl Worker {
         s.runs.clear();
         if let Some(old) = self.cache.get(local as u64) {
             counts.cache_hits += 1;
-            let limit = best.1.saturating_sub(RECORD_HEADER_BYTES + 3);
-            if let Some(len) =
-                runs::encode(old, data, changed_ranges(mask, block), &mut s.runs, limit)
-            {
+            // Worth it only if it saves a sixteenth; paced, it gives up early on dense
+            // changes (random data runs a byte or two above raw).
+            let limit = (best.1 - best.1 / 16).saturating_sub(RECORD_HEADER_BYTES + 2);
+            if let Some(len) = runs::encode(
+                old,
+                data,
+                changed_ranges(mask, block),
+                &mut s.runs,
+                limit,
+                true,
+            ) {
                 if len > 0 {
                     best = (Choice::Runs, RECORD_HEADER_BYTES + 2 + len);
                 }
@@ -402,7 +424,6 @@ impl Worker {
         }
 
         let out = &mut self.output.frames;
-        let page32 = page as u32;
         match best.0 {
             Choice::Raw => {
                 out.record(RecordKind::RawPage, page32);
@@ -449,44 +470,34 @@ impl Worker {
             }
         }
 
-        // Blocks sent raw in this record become sharing targets for later pages.
-        if self.sharing {
-            for (n, b) in set_bits(mask).enumerate() {
-                let op = (s.ops[n / 4] >> ((n % 4) * 2)) & 3;
-                if op == BlockOp::Raw as u8 {
-                    self.shared.insert(
-                        s.new[b],
-                        BlockAddress {
-                            page: page32,
-                            block: b as u16,
-                        },
-                    );
-                }
-            }
-        }
         self.refresh_cache(local, data, epoch, Some(mask));
     }
 
     /// Forgets the undo logs of epochs up to `epoch`: the backup committed them.
     pub fn acknowledge(&mut self, epoch: u64) {
         while self.undo.front().is_some_and(|u| u.epoch <= epoch) {
-            self.undo.pop_front();
+            if let Some(undo) = self.undo.pop_front() {
+                self.spare_undo.push(undo);
+            }
         }
     }
 
     /// Undoes every epoch from `epoch` on (newest first): restores the digests and
     /// drops the cached copies of `lost_pages` (all pages dirty in those epochs).
     pub fn roll_back(&mut self, epoch: u64, lost_pages: &[u64]) {
-        let bpp = self.geometry.blocks_per_page();
         while self.undo.back().is_some_and(|u| u.epoch >= epoch) {
             let Some(undo) = self.undo.pop_back() else {
                 break;
             };
             if let Some(table) = self.digests.as_mut() {
-                for (i, &local) in undo.pages.iter().enumerate().rev() {
-                    table.write(local, &undo.digests[i * bpp..(i + 1) * bpp]);
+                let mut end = undo.digests.len();
+                for &(local, mask) in undo.pages.iter().rev() {
+                    let start = end - mask.count_ones() as usize;
+                    table.restore(local, mask, &undo.digests[start..end]);
+                    end = start;
                 }
             }
+            self.spare_undo.push(undo);
         }
         for &page in lost_pages {
             if owner(page, self.workers) == self.index {
@@ -507,7 +518,7 @@ fn lz4_into(input: &[u8], out: &mut Vec<u8>, limit: usize) -> Option<usize> {
 
 /// Indices of the set bits of `mask`, ascending.
 #[inline]
-pub fn set_bits(mut mask: u128) -> impl Iterator<Item = usize> {
+pub fn set_bits(mut mask: u128) -> impl Iterator<Item = usize> + Clone {
     std::iter::from_fn(move || {
         (mask != 0).then(|| {
             let b = mask.trailing_zeros() as usize;
@@ -519,7 +530,7 @@ pub fn set_bits(mut mask: u128) -> impl Iterator<Item = usize> {
 
 /// Byte ranges of the maximal runs of set bits of `mask`, for `block`-byte blocks.
 #[inline]
-pub fn changed_ranges(mut mask: u128, block: usize) -> impl Iterator<Item = Range<usize>> {
+pub fn changed_ranges(mut mask: u128, block: usize) -> impl Iterator<Item = Range<usize>> + Clone {
     std::iter::from_fn(move || {
         (mask != 0).then(|| {
             let start = mask.trailing_zeros() as usize;

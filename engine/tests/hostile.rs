@@ -14,6 +14,7 @@ fn fixture(block: usize) -> (Geometry, Applier, Vec<u8>, Vec<u8>) {
     let geometry = Geometry::new(MEM, block).unwrap();
     let mut config = EncoderConfig::new(geometry, Mode::Fgbi);
     config.chunk_bytes = 16 << 10;
+    config.cache_bytes = 256 << 10;
     let mut encoder = Encoder::new(config).unwrap();
     let mut applier = Applier::new(geometry);
     let mut primary = vec![0u8; MEM as usize];

@@ -40,6 +40,12 @@ pub struct BenchArgs {
     /// Workload seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// fgbi ablation: never send a block as a reference to an identical one.
+    #[arg(long)]
+    no_sharing: bool,
+    /// fgbi ablation: never use lz4.
+    #[arg(long)]
+    no_compression: bool,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -65,6 +71,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         pin_workers: args.pin,
         cache_bytes: usize::try_from(args.cache).map_err(|_| "--cache is too large".to_string())?,
         seed: args.seed,
+        sharing: !args.no_sharing,
+        compression: !args.no_compression,
     };
     println!(
         "fgbi bench: {} MiB memory, {}-byte blocks, {} epochs, {} worker(s), {} MiB cache, seed {}",
@@ -75,6 +83,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         config.cache_bytes >> 20,
         config.seed
     );
+    let mut announced = false;
     println!(
         "{:<8} {:<7} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9}  {:<8} chosen",
         "workload",
@@ -92,6 +101,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let results = bench::run(&config, |r| {
         if r.mode == "remus" {
             remus = Some((r.workload.clone(), r.wire_bytes));
+        }
+        if !announced {
+            println!("(memory backed by {} pages)", r.backing);
+            announced = true;
         }
         let baseline = remus
             .as_ref()
