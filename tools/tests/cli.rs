@@ -1,0 +1,88 @@
+//! The `fgbi` binary: its bench runs, writes JSON, and refuses bad flags clearly.
+
+use std::process::Command;
+
+fn fgbi(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fgbi"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bench_prints_a_table_and_writes_json() {
+    let dir = std::env::temp_dir().join(format!("fgbi-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    let (code, stdout, stderr) = fgbi(&[
+        "bench",
+        "--workload",
+        "sys",
+        "--modes",
+        "remus,fgbi",
+        "--epochs",
+        "3",
+        "--mem",
+        "8M",
+        "--cache",
+        "1M",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("every run verified"), "{stdout}");
+    let text = std::fs::read_to_string(&json).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let runs = value["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        for field in [
+            "workload",
+            "mode",
+            "epochs",
+            "block_size",
+            "mem_bytes",
+            "dirty_pages",
+            "wire_bytes",
+            "encode_seconds",
+            "apply_seconds",
+            "verified",
+            "encodings",
+        ] {
+            assert!(!run[field].is_null(), "missing {field}");
+        }
+        assert_eq!(run["verified"], true);
+        assert_eq!(run["mem_bytes"], 8 << 20);
+    }
+    assert_eq!(runs[1]["mode"], "fgbi");
+    assert!(runs[1]["wire_bytes"].as_u64() < runs[0]["wire_bytes"].as_u64());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_flags_get_a_clear_error_and_no_panic() {
+    for (args, expect) in [
+        (vec!["bench", "--block", "48"], "power of two"),
+        (
+            vec!["bench", "--workload", "apache", "--epochs", "1"],
+            "unknown workload",
+        ),
+        (vec!["bench", "--mem", "12X"], "unknown suffix"),
+        (vec!["bench", "--modes", "remus,zip"], "unknown mode"),
+        (
+            vec!["bench", "--mem", "1000", "--epochs", "1"],
+            "memory size",
+        ),
+        (vec!["bench", "--epochs", "0"], "--epochs"),
+    ] {
+        let (code, _, stderr) = fgbi(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
