@@ -85,10 +85,17 @@ impl DigestTable {
     pub fn update(&mut self, page: usize, digests: &[u64], undo: &mut Vec<u64>) -> u128 {
         let start = page * self.blocks_per_page;
         let stored = &mut self.values[start..start + self.blocks_per_page];
-        let mut mask = 0u128;
-        for (i, (s, d)) in stored.iter().zip(digests).enumerate() {
-            mask |= u128::from(*s != d ^ self.zero) << i;
+        // Two 64-bit halves: shifting a u128 by a variable amount is slow.
+        let mut halves = [0u64; 2];
+        for (half, (stored, digests)) in halves
+            .iter_mut()
+            .zip(stored.chunks(64).zip(digests.chunks(64)))
+        {
+            for (i, (s, d)) in stored.iter().zip(digests).enumerate() {
+                *half |= u64::from(*s != d ^ self.zero) << i;
+            }
         }
+        let mask = u128::from(halves[0]) | (u128::from(halves[1]) << 64);
         if mask != 0 {
             for i in crate::worker::set_bits(mask) {
                 undo.push(stored[i] ^ self.zero);
