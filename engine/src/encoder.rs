@@ -13,11 +13,12 @@ use crate::config::EncoderConfig;
 use crate::error::EncodeError;
 use crate::source::PageSource;
 use crate::stats::EncodingCounts;
+use crate::threads::Crew;
 use crate::wire::{
     self, COMMIT_BODY_BYTES, CommitInfo, EpochHeader, FRAME_HEADER_BYTES, FrameWriter,
     HEADER_BODY_BYTES, MAX_RECORD_BYTES,
 };
-use crate::worker::{Worker, owner};
+use crate::worker::{WorkerOutput, owner};
 
 /// An epoch produced but not yet acknowledged.
 struct InFlight {
@@ -45,7 +46,7 @@ pub struct EpochStats {
 /// One encoded epoch: a sequence of byte slices to send in order.
 pub struct EncodedEpoch<'a> {
     head: &'a [u8],
-    workers: &'a [Worker],
+    workers: Vec<&'a WorkerOutput>,
     tail: &'a [u8],
     /// What it holds.
     pub stats: EpochStats,
@@ -55,7 +56,7 @@ impl EncodedEpoch<'_> {
     /// The epoch's bytes as consecutive slices (header, each worker's chunks, state and commit).
     pub fn parts(&self) -> impl Iterator<Item = &[u8]> {
         std::iter::once(self.head)
-            .chain(self.workers.iter().map(|w| w.output.frames.buf.as_slice()))
+            .chain(self.workers.iter().map(|w| w.frames.buf.as_slice()))
             .chain(std::iter::once(self.tail))
             .filter(|p| !p.is_empty())
     }
@@ -92,8 +93,7 @@ impl EncodedEpoch<'_> {
 /// The primary's encoder: workers, in-flight epochs and pages carried from lost ones.
 pub struct Encoder {
     config: EncoderConfig,
-    workers: Vec<Worker>,
-    cores: Vec<core_affinity::CoreId>,
+    crew: Crew,
     next_epoch: u64,
     committed: u64,
     in_flight: VecDeque<InFlight>,
@@ -109,19 +109,11 @@ impl Encoder {
     /// An encoder whose backup holds all-zero memory at epoch 0.
     pub fn new(config: EncoderConfig) -> Result<Self, EncodeError> {
         config.validate().map_err(EncodeError::Config)?;
-        let workers = (0..config.workers)
-            .map(|i| Worker::new(&config, i))
-            .collect();
-        let cores = if config.pin_workers {
-            core_affinity::get_core_ids().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let crew = Crew::new(&config)?;
         Ok(Self {
             plan: vec![Vec::new(); config.workers],
             config,
-            workers,
-            cores,
+            crew,
             next_epoch: 1,
             committed: 0,
             in_flight: VecDeque::new(),
@@ -154,10 +146,7 @@ impl Encoder {
 
     /// Memory the encoder keeps beside the protected memory: (digest bytes, cache bytes).
     pub fn overhead_bytes(&self) -> (usize, usize) {
-        self.workers
-            .iter()
-            .map(Worker::overhead_bytes)
-            .fold((0, 0), |(d, c), (wd, wc)| (d + wd, c + wc))
+        self.crew.overhead_bytes()
     }
 
     /// Upper bound on the size of an epoch of `pages` dirty pages and a `state_len`
@@ -208,7 +197,7 @@ impl Encoder {
         pages.sort_unstable();
         pages.dedup();
 
-        let n = self.workers.len();
+        let n = self.config.workers;
         for plan in &mut self.plan {
             plan.clear();
         }
@@ -218,11 +207,8 @@ impl Encoder {
 
         let epoch = self.next_epoch;
         let base = epoch - 1;
-        if let Err(e) = self.run_workers(epoch, memory) {
-            for worker in &mut self.workers {
-                worker.roll_back(epoch, &pages);
-            }
-            self.spare.push(pages);
+        if let Err(e) = self.crew.encode(epoch, &mut self.plan, memory) {
+            self.crew.roll_back(epoch, pages);
             return Err(e);
         }
 
@@ -242,14 +228,15 @@ impl Encoder {
         let mut bytes = self.head.buf.len() as u64;
         let mut counts = EncodingCounts::default();
         let mut records = 0;
-        for worker in &self.workers {
-            for &c in &worker.output.checksums {
+        let outputs = self.crew.outputs();
+        for output in &outputs {
+            for &c in &output.checksums {
                 chain = wire::chain(chain, c);
             }
-            frames += worker.output.checksums.len() as u32;
-            bytes += worker.output.frames.buf.len() as u64;
-            counts += worker.output.counts;
-            records += worker.output.records;
+            frames += output.checksums.len() as u32;
+            bytes += output.frames.buf.len() as u64;
+            counts += output.counts;
+            records += output.records;
         }
         self.tail.buf.clear();
         chain = wire::chain(chain, self.tail.state(epoch, state));
@@ -275,7 +262,7 @@ impl Encoder {
         let dirty_pages = self.in_flight.back().map_or(0, |f| f.dirty.len() as u64);
         Ok(EncodedEpoch {
             head: &self.head.buf,
-            workers: &self.workers,
+            workers: outputs,
             tail: &self.tail.buf,
             stats: EpochStats {
                 epoch,
@@ -285,38 +272,6 @@ impl Encoder {
                 bytes: total,
                 counts,
             },
-        })
-    }
-
-    fn run_workers<S: PageSource + ?Sized>(
-        &mut self,
-        epoch: u64,
-        memory: &S,
-    ) -> Result<(), EncodeError> {
-        if self.workers.len() == 1 {
-            self.workers[0].encode(epoch, &self.plan[0], memory);
-            return Ok(());
-        }
-        let cores = &self.cores;
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .workers
-                .iter_mut()
-                .zip(&self.plan)
-                .enumerate()
-                .map(|(i, (worker, plan))| {
-                    scope.spawn(move || {
-                        if !cores.is_empty() {
-                            core_affinity::set_for_current(cores[i % cores.len()]);
-                        }
-                        worker.encode(epoch, plan, memory);
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .try_for_each(|(i, h)| h.join().map_err(|_| EncodeError::WorkerPanicked(i)))
         })
     }
 
@@ -344,9 +299,7 @@ impl Encoder {
                 self.spare.push(f.dirty);
             }
         }
-        for worker in &mut self.workers {
-            worker.acknowledge(epoch);
-        }
+        self.crew.acknowledge(epoch);
         self.committed = epoch;
         Ok(())
     }
@@ -364,10 +317,8 @@ impl Encoder {
         }
         lost.sort_unstable();
         lost.dedup();
-        for worker in &mut self.workers {
-            worker.roll_back(epoch, &lost);
-        }
-        self.carry = lost;
+        self.carry = lost.clone();
+        self.crew.roll_back(epoch, lost);
         self.next_epoch = epoch;
         Ok(())
     }

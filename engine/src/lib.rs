@@ -19,6 +19,7 @@ pub mod runs;
 pub mod sharing;
 pub mod source;
 pub mod stats;
+pub mod threads;
 pub mod wire;
 pub mod worker;
 
