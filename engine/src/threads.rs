@@ -1,11 +1,11 @@
-//! Long-lived worker threads, one per worker, each pinned to its core once.
+//! Long-lived worker threads, each pinned to its core once.
 //!
-//! A worker's state (digests, cache, undo logs) lives on its own thread for the life
-//! of the encoder; each epoch the encoder hands every thread its pages and a pointer
-//! to the checkpoint, and waits for every reply before it returns. The hot path takes
-//! no lock: each thread touches only its own worker, and the channels carry one job
-//! and one reply per thread per epoch. With one worker no thread is started: the
-//! caller's thread encodes.
+//! Worker 0 runs on the caller's thread; workers 1..N each live on a thread of their
+//! own for the life of the encoder, with their state (digests, cache, undo logs).
+//! Each epoch the encoder hands every thread its pages and a pointer to the
+//! checkpoint, encodes worker 0's pages itself meanwhile, and waits for every reply
+//! before it returns. The hot path takes no lock: each thread touches only its own
+//! worker, and the channels carry one job and one reply per thread per epoch.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -64,12 +64,10 @@ impl<S: PageSource + ?Sized> PageSource for Source<'_, S> {
     }
 }
 
-/// The workers, on the caller's thread (one worker) or on pinned threads.
-pub enum Crew {
-    /// One worker, run by the caller.
-    Inline(Box<Worker>),
-    /// One long-lived thread per worker.
-    Threads(Vec<ThreadHandle>),
+/// The workers: worker 0 on the caller's thread, the others on pinned threads.
+pub struct Crew {
+    local: Box<Worker>,
+    threads: Vec<ThreadHandle>,
 }
 
 /// One worker thread, and the output buffers of its last epoch.
@@ -83,16 +81,13 @@ pub struct ThreadHandle {
 impl Crew {
     /// Starts the workers `config` asks for.
     pub fn new(config: &EncoderConfig) -> Result<Self, EncodeError> {
-        if config.workers == 1 {
-            return Ok(Crew::Inline(Box::new(Worker::new(config, 0))));
-        }
         let cores = if config.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
             Vec::new()
         };
-        let mut threads = Vec::with_capacity(config.workers);
-        for index in 0..config.workers {
+        let mut threads = Vec::with_capacity(config.workers - 1);
+        for index in 1..config.workers {
             let mut worker = Worker::new(config, index);
             let overhead = worker.overhead_bytes();
             let (jobs, job_rx) = channel::<Job>();
@@ -119,25 +114,26 @@ impl Crew {
                 output: Box::default(),
             });
         }
-        Ok(Crew::Threads(threads))
+        Ok(Crew {
+            local: Box::new(Worker::new(config, 0)),
+            threads,
+        })
     }
 
     /// (digest bytes, cache bytes) kept by all workers.
     pub fn overhead_bytes(&self) -> (usize, usize) {
-        match self {
-            Crew::Inline(w) => w.overhead_bytes(),
-            Crew::Threads(ts) => ts
-                .iter()
-                .fold((0, 0), |(d, c), t| (d + t.overhead.0, c + t.overhead.1)),
-        }
+        self.threads
+            .iter()
+            .fold(self.local.overhead_bytes(), |(d, c), t| {
+                (d + t.overhead.0, c + t.overhead.1)
+            })
     }
 
     /// The outputs of the last epoch, in worker order.
     pub fn outputs(&self) -> Vec<&WorkerOutput> {
-        match self {
-            Crew::Inline(w) => vec![&w.output],
-            Crew::Threads(ts) => ts.iter().map(|t| &*t.output).collect(),
-        }
+        std::iter::once(&self.local.output)
+            .chain(self.threads.iter().map(|t| &*t.output))
+            .collect()
     }
 
     /// Encodes epoch `epoch`: worker `i` takes `plans[i]` (its pages, sorted). Returns
@@ -148,76 +144,74 @@ impl Crew {
         plans: &mut [Vec<u64>],
         memory: &S,
     ) -> Result<(), EncodeError> {
-        match self {
-            Crew::Inline(w) => {
-                w.encode(epoch, &plans[0], memory);
-                Ok(())
-            }
-            Crew::Threads(ts) => {
-                let source = Source(memory);
-                let erased: &dyn PageSource = &source;
-                // SAFETY: only the lifetime is erased. Every thread that receives this
-                // pointer replies (or dies) before the loop below finishes, and the loop
-                // waits for all of them, so `source` outlives every use of the pointer.
-                let pointer = MemoryPtr(unsafe {
-                    std::mem::transmute::<
-                        *const (dyn PageSource + '_),
-                        *const (dyn PageSource + 'static),
-                    >(erased)
-                });
-                let mut sent = vec![false; ts.len()];
-                for ((t, plan), sent) in ts.iter_mut().zip(plans.iter_mut()).zip(&mut sent) {
-                    let job = Job::Encode {
-                        epoch,
-                        pages: std::mem::take(plan),
-                        memory: pointer,
-                        output: std::mem::take(&mut t.output),
-                    };
-                    *sent = t.thread.jobs.send(job).is_ok();
+        let (local_plan, plans) = plans.split_at_mut(1);
+        if self.threads.is_empty() {
+            self.local.encode(epoch, &local_plan[0], memory);
+            return Ok(());
+        }
+        let source = Source(memory);
+        let erased: &dyn PageSource = &source;
+        // SAFETY: only the lifetime is erased. Every thread that receives this pointer
+        // replies (or dies) before the loop below finishes, and the loop waits for all
+        // of them, so `source` outlives every use of the pointer.
+        let pointer = MemoryPtr(unsafe {
+            std::mem::transmute::<*const (dyn PageSource + '_), *const (dyn PageSource + 'static)>(
+                erased,
+            )
+        });
+        let mut sent = vec![false; self.threads.len()];
+        for ((t, plan), sent) in self.threads.iter_mut().zip(plans.iter_mut()).zip(&mut sent) {
+            let job = Job::Encode {
+                epoch,
+                pages: std::mem::take(plan),
+                memory: pointer,
+                output: std::mem::take(&mut t.output),
+            };
+            *sent = t.thread.jobs.send(job).is_ok();
+        }
+        // Worker 0 works on the caller's thread while the others run. A panic here
+        // must not unwind past the loop below while other threads still read `source`.
+        let local = &mut self.local;
+        let local_result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            local.encode(epoch, &local_plan[0], &source)
+        }));
+        let mut result = local_result.map_err(|_| EncodeError::WorkerPanicked(0));
+        for (i, ((t, plan), sent)) in self
+            .threads
+            .iter_mut()
+            .zip(plans.iter_mut())
+            .zip(sent)
+            .enumerate()
+        {
+            match sent.then(|| t.thread.replies.recv().ok()).flatten() {
+                Some(reply) => {
+                    *plan = reply.pages;
+                    t.output = reply.output;
                 }
-                let mut result = Ok(());
-                for (i, ((t, plan), sent)) in
-                    ts.iter_mut().zip(plans.iter_mut()).zip(sent).enumerate()
-                {
-                    match sent.then(|| t.thread.replies.recv().ok()).flatten() {
-                        Some(reply) => {
-                            *plan = reply.pages;
-                            t.output = reply.output;
-                        }
-                        None => result = Err(EncodeError::WorkerPanicked(i)),
-                    }
-                }
-                result
+                None => result = Err(EncodeError::WorkerPanicked(i + 1)),
             }
         }
+        result
     }
 
     /// Forwards an acknowledgement to every worker.
     pub fn acknowledge(&mut self, epoch: u64) {
-        match self {
-            Crew::Inline(w) => w.acknowledge(epoch),
-            Crew::Threads(ts) => {
-                for t in ts.iter() {
-                    // A dead worker is reported by the next encode.
-                    let _ = t.thread.jobs.send(Job::Acknowledge(epoch));
-                }
-            }
+        self.local.acknowledge(epoch);
+        for t in &self.threads {
+            // A dead worker is reported by the next encode.
+            let _ = t.thread.jobs.send(Job::Acknowledge(epoch));
         }
     }
 
     /// Forwards a roll-back to every worker.
     pub fn roll_back(&mut self, epoch: u64, lost: Vec<u64>) {
-        match self {
-            Crew::Inline(w) => w.roll_back(epoch, &lost),
-            Crew::Threads(ts) => {
-                let lost = Arc::new(lost);
-                for t in ts.iter() {
-                    let _ = t.thread.jobs.send(Job::RollBack {
-                        epoch,
-                        lost: Arc::clone(&lost),
-                    });
-                }
-            }
+        self.local.roll_back(epoch, &lost);
+        let lost = Arc::new(lost);
+        for t in &self.threads {
+            let _ = t.thread.jobs.send(Job::RollBack {
+                epoch,
+                lost: Arc::clone(&lost),
+            });
         }
     }
 }
