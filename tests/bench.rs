@@ -3,6 +3,7 @@
 
 use fgbi::bench::{self, BenchConfig};
 use fgbi_engine::Mode;
+use fgbi_engine::stats::PAGE_ENCODINGS;
 use fgbi_hyp::workload::NAMES;
 
 fn config(workloads: &[&str], modes: Vec<Mode>) -> BenchConfig {
@@ -31,18 +32,7 @@ fn every_workload_and_mode_verifies() {
         assert!(r.verified, "{} {} did not verify", r.workload, r.mode);
         assert_eq!(r.epochs, 6);
         assert!(r.encode_seconds > 0.0 && r.apply_seconds > 0.0);
-        let pages: u64 = [
-            "unchanged",
-            "zero_page",
-            "raw_page",
-            "lz4_page",
-            "runs",
-            "blocks",
-            "blocks_lz4",
-        ]
-        .iter()
-        .map(|k| r.encodings[k])
-        .sum();
+        let pages: u64 = PAGE_ENCODINGS.iter().map(|k| r.encodings[k]).sum();
         assert_eq!(
             pages, r.dirty_pages,
             "{} {}: every dirty page has one encoding",

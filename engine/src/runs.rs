@@ -201,6 +201,17 @@ mod tests {
     use super::*;
     use crate::geometry::PAGE_SIZE;
 
+    /// Encodes the whole of `old` -> `new` into `out`.
+    fn whole(
+        old: &[u8],
+        new: &[u8],
+        out: &mut Vec<u8>,
+        limit: usize,
+        paced: bool,
+    ) -> Option<usize> {
+        encode(old, new, std::iter::once(0..old.len()), out, limit, paced)
+    }
+
     fn round_trip(old: &[u8], new: &[u8]) -> usize {
         let mut enc = Vec::new();
         let n = encode(
@@ -245,17 +256,7 @@ mod tests {
         let old = vec![0u8; PAGE_SIZE];
         let new = vec![1u8; PAGE_SIZE];
         let mut out = vec![9];
-        assert_eq!(
-            encode(
-                &old,
-                &new,
-                std::iter::once(0..PAGE_SIZE),
-                &mut out,
-                100,
-                false
-            ),
-            None
-        );
+        assert_eq!(whole(&old, &new, &mut out, 100, false), None);
         assert_eq!(out, vec![9]);
     }
 
@@ -264,17 +265,7 @@ mod tests {
         let old = vec![0u8; PAGE_SIZE];
         let new: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 2) as u8).collect();
         let mut out = Vec::new();
-        assert_eq!(
-            encode(
-                &old,
-                &new,
-                std::iter::once(0..PAGE_SIZE),
-                &mut out,
-                2048,
-                true
-            ),
-            None
-        );
+        assert_eq!(whole(&old, &new, &mut out, 2048, true), None);
         assert!(
             out.capacity() < 1024,
             "stopped after a fraction of the page"
@@ -282,17 +273,7 @@ mod tests {
         // A sparse delta still succeeds.
         let mut sparse = old.clone();
         sparse[4000] = 1;
-        assert_eq!(
-            encode(
-                &old,
-                &sparse,
-                std::iter::once(0..PAGE_SIZE),
-                &mut out,
-                2048,
-                true
-            ),
-            Some(4)
-        );
+        assert_eq!(whole(&old, &sparse, &mut out, 2048, true), Some(4));
     }
 
     #[test]

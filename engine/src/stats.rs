@@ -33,6 +33,18 @@ pub struct EncodingCounts {
     pub lz4_attempts: u64,
 }
 
+/// The counters of [`EncodingCounts::fields`] that name a page's encoding (one per
+/// dirty page); the others count blocks and attempts.
+pub const PAGE_ENCODINGS: [&str; 7] = [
+    "unchanged",
+    "zero_page",
+    "raw_page",
+    "lz4_page",
+    "runs",
+    "blocks",
+    "blocks_lz4",
+];
+
 impl EncodingCounts {
     /// Every counter with its name, for tables and JSON.
     pub fn fields(&self) -> [(&'static str, u64); 13] {

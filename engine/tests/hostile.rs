@@ -19,7 +19,7 @@ fn fixture(block: usize) -> (Geometry, Applier, Vec<u8>, Vec<u8>) {
     let mut applier = Applier::new(geometry);
     let mut primary = vec![0u8; MEM as usize];
     let mut replica = vec![0u8; MEM as usize];
-    let mut rng = Rng(block as u64);
+    let mut rng = Rng::new(block as u64);
     let dirty = mutate(&mut primary, &geometry, &mut rng, 200);
     let b1 = encoder.encode(&dirty, &primary, b"one").unwrap().to_vec();
     applier.apply(&mut replica, &b1).unwrap();

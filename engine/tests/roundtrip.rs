@@ -17,7 +17,7 @@ fn run(mode: Mode, block: usize, workers: usize, epochs: usize, seed: u64) -> Ve
     let mut applier = Applier::new(geometry);
     let mut primary = vec![0u8; MEM as usize];
     let mut replica = vec![0u8; MEM as usize];
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut streams = Vec::new();
     for e in 0..epochs {
         let dirty = mutate(&mut primary, &geometry, &mut rng, 300);
@@ -76,9 +76,9 @@ fn sharing_sends_copied_blocks_as_references() {
     let geometry = Geometry::new(1 << 20, 64).unwrap();
     let mut encoder = Encoder::new(EncoderConfig::new(geometry, Mode::Fgbi)).unwrap();
     let mut primary = vec![0u8; 1 << 20];
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     for b in primary[..4096].iter_mut() {
-        *b = rng.next() as u8;
+        *b = rng.next_u64() as u8;
     }
     // Pages 1..=9 copy page 0; page 10 copies half of it.
     for p in 1..10 {

@@ -30,7 +30,7 @@ impl Pair {
             applier: Applier::new(geometry),
             primary: vec![0; MEM as usize],
             replica: vec![0; MEM as usize],
-            rng: Rng(99),
+            rng: Rng::new(99),
         }
     }
 

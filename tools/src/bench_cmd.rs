@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use fgbi::bench::{self, BenchConfig, RunResult};
 use fgbi_engine::Mode;
+use fgbi_engine::stats::PAGE_ENCODINGS;
 use fgbi_hyp::workload::NAMES;
 
 use crate::size::parse_size;
@@ -161,14 +162,3 @@ fn print_row(r: &RunResult, remus_bytes: Option<u64>) {
         chosen.join(", ")
     );
 }
-
-/// Counters that name a page's encoding (the others count blocks or attempts).
-const PAGE_ENCODINGS: [&str; 7] = [
-    "unchanged",
-    "zero_page",
-    "raw_page",
-    "lz4_page",
-    "runs",
-    "blocks",
-    "blocks_lz4",
-];

@@ -4,25 +4,7 @@
 
 use fgbi_engine::wire::{self, CommitInfo, FrameKind, FrameReader, FrameWriter, RecordReader};
 use fgbi_engine::{Geometry, PAGE_SIZE};
-
-/// A small deterministic generator (splitmix64).
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// The next pseudo-random value.
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A value below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+pub use fgbi_hyp::workload::Rng;
 
 /// Mutates `memory` the way mixed real workloads do and returns the pages written.
 pub fn mutate(memory: &mut [u8], geometry: &Geometry, rng: &mut Rng, writes: usize) -> Vec<u64> {
@@ -36,7 +18,7 @@ pub fn mutate(memory: &mut [u8], geometry: &Geometry, rng: &mut Rng, writes: usi
             0..=2 => {
                 for _ in 0..1 + rng.below(6) {
                     let at = base + rng.below(PAGE_SIZE as u64 - 8) as usize;
-                    memory[at..at + 8].copy_from_slice(&rng.next().to_le_bytes());
+                    memory[at..at + 8].copy_from_slice(&rng.next_u64().to_le_bytes());
                 }
             }
             // Zero the page.
@@ -44,7 +26,7 @@ pub fn mutate(memory: &mut [u8], geometry: &Geometry, rng: &mut Rng, writes: usi
             // Fresh random page.
             4 => {
                 for w in memory[base..base + PAGE_SIZE].chunks_exact_mut(8) {
-                    w.copy_from_slice(&rng.next().to_le_bytes());
+                    w.copy_from_slice(&rng.next_u64().to_le_bytes());
                 }
             }
             // Copy another page over it (sharing's case).
@@ -54,7 +36,7 @@ pub fn mutate(memory: &mut [u8], geometry: &Geometry, rng: &mut Rng, writes: usi
             }
             // Text-like, compressible contents.
             6 => {
-                let word = rng.next().to_le_bytes();
+                let word = rng.next_u64().to_le_bytes();
                 for (i, b) in memory[base..base + PAGE_SIZE].iter_mut().enumerate() {
                     *b = b'a' + (word[i % 8] % 4) + ((i / 64) % 3) as u8;
                 }
