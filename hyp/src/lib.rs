@@ -6,4 +6,5 @@
 //! and reports the pages it wrote.
 
 pub mod memory;
+pub mod safepoint;
 pub mod workload;
