@@ -12,6 +12,8 @@ use fgbi_engine::{
     memory_digest,
 };
 use fgbi_hyp::memory::{MemoryError, Region};
+use fgbi_hyp::protected::{HypError, Protected};
+use fgbi_hyp::synthetic::SyntheticMachine;
 use fgbi_hyp::workload::{self, WorkloadError};
 use serde::Serialize;
 use thiserror::Error;
@@ -61,6 +63,9 @@ pub enum BenchError {
     /// Memory could not be mapped.
     #[error(transparent)]
     Region(#[from] MemoryError),
+    /// The protected workload failed.
+    #[error(transparent)]
+    Hyp(#[from] HypError),
     /// Memory size does not fit this machine's address space.
     #[error("memory size {0} does not fit in this machine's address space")]
     Memory(u64),
@@ -162,7 +167,7 @@ fn run_one(
 ) -> Result<RunResult, BenchError> {
     let mem = usize::try_from(geometry.mem_bytes())
         .map_err(|_| BenchError::Memory(geometry.mem_bytes()))?;
-    let mut workload = workload::by_name(name, mem, config.seed)?;
+    let mut machine = SyntheticMachine::new(name, mem, config.seed)?;
     let mut encoder_config = EncoderConfig::new(geometry, mode);
     encoder_config.workers = config.workers;
     encoder_config.pin_workers = config.pin_workers;
@@ -171,12 +176,11 @@ fn run_one(
     encoder_config.compression = config.compression;
     let mut encoder = Encoder::new(encoder_config)?;
     let mut applier = Applier::new(geometry);
-    let mut primary = Region::new(mem)?;
     let mut replica = Region::new(mem)?;
     let mut written = Vec::new();
+    let mut state = Vec::new();
     let mut wire = Vec::new();
 
-    workload.populate(&mut primary, &mut written);
     let mut verified = true;
     let mut result = RunResult {
         workload: name.to_string(),
@@ -185,7 +189,7 @@ fn run_one(
         block_size: geometry.block_size(),
         mem_bytes: geometry.mem_bytes(),
         workers: config.workers,
-        backing: primary.backing().as_str(),
+        backing: machine.backing().as_str(),
         dirty_pages: 0,
         wire_bytes: 0,
         sync_bytes: 0,
@@ -201,13 +205,17 @@ fn run_one(
     let mut counts = fgbi_engine::EncodingCounts::default();
     let (mut encode_us, mut apply_us) = (Vec::new(), Vec::new());
     for epoch in 0..=config.epochs {
+        // Epoch 0 syncs the populated memory; the others run the workload first.
         if epoch > 0 {
-            written.clear();
-            workload.step(&mut primary, &mut written);
+            machine.run()?;
         }
-        let state = epoch.to_le_bytes();
+        machine.stop()?;
+        written.clear();
+        machine.harvest(&mut written)?;
+        state.clear();
+        machine.capture_state(&mut state)?;
         let started = Instant::now();
-        let encoded = encoder.encode(&written, &primary[..], &state)?;
+        let encoded = encoder.encode(&written, machine.memory(), &state)?;
         let encode_time = started.elapsed().as_secs_f64();
         let stats = encoded.stats;
         wire.clear();
@@ -218,7 +226,9 @@ fn run_one(
         applier.apply(&mut replica, &wire)?;
         let apply_time = started.elapsed().as_secs_f64();
         encoder.acknowledge(stats.epoch)?;
-        verified &= memory_digest(&primary) == memory_digest(&replica);
+        verified &= memory_digest(machine.memory()) == memory_digest(&replica)
+            && applier.state() == state.as_slice();
+        machine.resume()?;
         if epoch == 0 {
             result.sync_bytes = stats.bytes;
             continue;

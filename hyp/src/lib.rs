@@ -1,4 +1,9 @@
-//! What fgbi protects, and the workloads that exercise it.
+//! What fgbi protects, behind one trait, and the workloads that exercise it.
+//!
+//! [`protected::Protected`] is what the replication loop drives: stop, harvest,
+//! capture state, read memory, resume. [`synthetic::SyntheticMachine`] implements it
+//! for the synthetic workloads; [`safepoint`] brings an application's threads to a
+//! consistent stop.
 //!
 //! [`memory`] maps the regions that hold protected memory and replicas.
 //! [`workload`] holds the synthetic workloads named after the paper's benchmarks by
@@ -6,5 +11,7 @@
 //! and reports the pages it wrote.
 
 pub mod memory;
+pub mod protected;
 pub mod safepoint;
+pub mod synthetic;
 pub mod workload;

@@ -1,0 +1,55 @@
+//! The one trait the replication loop drives, whatever is protected.
+//!
+//! Per epoch the primary calls, in order: [`Protected::stop`], [`Protected::harvest`],
+//! [`Protected::capture_state`], reads [`Protected::memory`] (or copies the dirty
+//! pages out of it), then [`Protected::resume`]. The time between `stop` and
+//! `resume` is type II downtime: the loop keeps everything else out of it.
+
+use thiserror::Error;
+
+use crate::memory::MemoryError;
+use crate::safepoint::SafepointError;
+use crate::workload::WorkloadError;
+
+/// Why a protected program could not be stopped, harvested, or resumed.
+#[derive(Debug, Error)]
+pub enum HypError {
+    /// The program's threads did not reach a consistent point.
+    #[error(transparent)]
+    Safepoint(#[from] SafepointError),
+    /// Protected memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A synthetic workload could not be created.
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    /// An operation was called out of order (e.g. harvest while running).
+    #[error("{0}: the replication loop must stop before harvesting and resume after")]
+    Order(&'static str),
+}
+
+/// Something fgbi protects: a process's memory regions, a virtual machine, a
+/// synthetic or recorded workload.
+pub trait Protected {
+    /// Bytes of protected memory, a multiple of 4 KiB.
+    fn mem_bytes(&self) -> u64;
+
+    /// Brings the program to a stop at a consistent point (an epoch boundary).
+    fn stop(&mut self) -> Result<(), HypError>;
+
+    /// Appends the 4 KiB pages written since the previous harvest and starts tracking
+    /// anew. Called while stopped: a page written after the harvest belongs to the
+    /// next one, never to none.
+    fn harvest(&mut self, dirty: &mut Vec<u64>) -> Result<(), HypError>;
+
+    /// Appends the opaque machine-state blob (registers and devices, or an
+    /// application's restart record). Called while stopped.
+    fn capture_state(&mut self, out: &mut Vec<u8>) -> Result<(), HypError>;
+
+    /// The protected memory as one flat image, page `n` at byte `n * 4096`. Its
+    /// contents are the checkpoint only while stopped.
+    fn memory(&self) -> &[u8];
+
+    /// Lets the program run again.
+    fn resume(&mut self) -> Result<(), HypError>;
+}
