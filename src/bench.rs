@@ -5,17 +5,15 @@
 //! acknowledged, and the replica's digest compared with the primary's.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
-use fgbi_engine::{
-    Applier, ApplyError, EncodeError, Encoder, EncoderConfig, Geometry, GeometryError, Mode,
-    memory_digest,
-};
-use fgbi_hyp::memory::{MemoryError, Region};
-use fgbi_hyp::protected::{HypError, Protected};
+use fgbi_engine::{EncodeError, EncoderConfig, Geometry, GeometryError, Mode};
+use fgbi_hyp::memory::MemoryError;
+use fgbi_hyp::protected::HypError;
 use fgbi_hyp::synthetic::SyntheticMachine;
 use fgbi_hyp::workload::{self, WorkloadError};
 use serde::Serialize;
+
+use crate::local::{LocalReplication, ReplicationError};
 use thiserror::Error;
 
 /// What a bench run covers.
@@ -57,9 +55,9 @@ pub enum BenchError {
     /// The encoder refused.
     #[error(transparent)]
     Encode(#[from] EncodeError),
-    /// The applier refused an epoch the encoder produced: a bug.
-    #[error("the backup refused an epoch the primary produced: {0}")]
-    Apply(#[from] ApplyError),
+    /// Replication failed.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
     /// Memory could not be mapped.
     #[error(transparent)]
     Region(#[from] MemoryError),
@@ -102,6 +100,9 @@ pub struct RunResult {
     pub encode_us_p50: f64,
     /// Median apply time of one epoch, microseconds.
     pub apply_us_p50: f64,
+    /// Type II downtime: the pause per checkpoint (stop, harvest, copy dirty pages,
+    /// resume), microseconds.
+    pub pause_us: Percentiles,
     /// True only if the replica's digest equaled the primary's after every epoch.
     pub verified: bool,
     /// Bytes of block digests the encoder keeps.
@@ -132,12 +133,32 @@ fn rate(pages: u64, seconds: f64) -> f64 {
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    if values.is_empty() {
-        return 0.0;
+/// The median, 99th percentile and maximum of a set of samples.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile (nearest rank).
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of `values` (sorted in place); zeros when empty.
+    pub fn of(values: &mut [f64]) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        values.sort_by(f64::total_cmp);
+        let rank =
+            |q: f64| values[((values.len() as f64 * q).ceil() as usize).clamp(1, values.len()) - 1];
+        Self {
+            p50: rank(0.5),
+            p99: rank(0.99),
+            max: values[values.len() - 1],
+        }
     }
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// Runs every workload under every mode; calls `report` as each run finishes.
@@ -174,14 +195,8 @@ fn run_one(
     encoder_config.cache_bytes = config.cache_bytes;
     encoder_config.sharing = config.sharing;
     encoder_config.compression = config.compression;
-    let mut encoder = Encoder::new(encoder_config)?;
-    let mut applier = Applier::new(geometry);
-    let mut replica = Region::new(mem)?;
-    let mut written = Vec::new();
-    let mut state = Vec::new();
-    let mut wire = Vec::new();
+    let mut replication = LocalReplication::new(encoder_config)?;
 
-    let mut verified = true;
     let mut result = RunResult {
         workload: name.to_string(),
         mode: mode.to_string(),
@@ -197,54 +212,38 @@ fn run_one(
         apply_seconds: 0.0,
         encode_us_p50: 0.0,
         apply_us_p50: 0.0,
-        verified: false,
+        pause_us: Percentiles::default(),
+        verified: true,
         digest_bytes: 0,
         cache_bytes: 0,
         encodings: BTreeMap::new(),
     };
     let mut counts = fgbi_engine::EncodingCounts::default();
-    let (mut encode_us, mut apply_us) = (Vec::new(), Vec::new());
+    let (mut encode_us, mut apply_us, mut pause_us) = (Vec::new(), Vec::new(), Vec::new());
     for epoch in 0..=config.epochs {
         // Epoch 0 syncs the populated memory; the others run the workload first.
         if epoch > 0 {
             machine.run()?;
         }
-        machine.stop()?;
-        written.clear();
-        machine.harvest(&mut written)?;
-        state.clear();
-        machine.capture_state(&mut state)?;
-        let started = Instant::now();
-        let encoded = encoder.encode(&written, machine.memory(), &state)?;
-        let encode_time = started.elapsed().as_secs_f64();
-        let stats = encoded.stats;
-        wire.clear();
-        for part in encoded.parts() {
-            wire.extend_from_slice(part);
-        }
-        let started = Instant::now();
-        applier.apply(&mut replica, &wire)?;
-        let apply_time = started.elapsed().as_secs_f64();
-        encoder.acknowledge(stats.epoch)?;
-        verified &= memory_digest(machine.memory()) == memory_digest(&replica)
-            && applier.state() == state.as_slice();
-        machine.resume()?;
+        let report = replication.checkpoint(&mut machine, true)?;
+        result.verified &= report.verified == Some(true);
         if epoch == 0 {
-            result.sync_bytes = stats.bytes;
+            result.sync_bytes = report.wire_bytes;
             continue;
         }
-        result.dirty_pages += stats.dirty_pages;
-        result.wire_bytes += stats.bytes;
-        result.encode_seconds += encode_time;
-        result.apply_seconds += apply_time;
-        encode_us.push(encode_time * 1e6);
-        apply_us.push(apply_time * 1e6);
-        counts += stats.counts;
+        result.dirty_pages += report.dirty_pages;
+        result.wire_bytes += report.wire_bytes;
+        result.encode_seconds += report.encode.as_secs_f64();
+        result.apply_seconds += report.apply.as_secs_f64();
+        encode_us.push(report.encode.as_secs_f64() * 1e6);
+        apply_us.push(report.apply.as_secs_f64() * 1e6);
+        pause_us.push(report.pause.as_secs_f64() * 1e6);
+        counts += report.counts;
     }
-    result.encode_us_p50 = median(&mut encode_us);
-    result.apply_us_p50 = median(&mut apply_us);
-    result.verified = verified;
-    (result.digest_bytes, result.cache_bytes) = encoder.overhead_bytes();
+    result.encode_us_p50 = Percentiles::of(&mut encode_us).p50;
+    result.apply_us_p50 = Percentiles::of(&mut apply_us).p50;
+    result.pause_us = Percentiles::of(&mut pause_us);
+    (result.digest_bytes, result.cache_bytes) = replication.encoder().overhead_bytes();
     result.encodings = counts.fields().into_iter().collect();
     Ok(result)
 }

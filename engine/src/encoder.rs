@@ -196,6 +196,10 @@ impl Encoder {
         pages.extend_from_slice(&self.carry);
         pages.sort_unstable();
         pages.dedup();
+        if let Some(&page) = pages.iter().find(|&&p| !memory.holds(p)) {
+            self.spare.push(pages);
+            return Err(EncodeError::PageNotCaptured(page));
+        }
 
         let n = self.config.workers;
         for plan in &mut self.plan {

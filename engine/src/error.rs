@@ -40,6 +40,11 @@ pub enum EncodeError {
         /// Bytes given.
         got: u64,
     },
+    /// The page source does not hold a page the epoch must carry.
+    #[error(
+        "page {0} must be encoded but the checkpoint does not hold it: copy the dirty pages together with Encoder::carried_pages"
+    )]
+    PageNotCaptured(u64),
     /// The machine-state blob does not fit in one frame.
     #[error("machine-state blob of {0} bytes exceeds the 4 GiB frame limit")]
     StateTooLarge(usize),

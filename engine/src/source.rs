@@ -10,8 +10,16 @@ pub trait PageSource: Sync {
     /// Bytes of protected memory this source covers.
     fn len_bytes(&self) -> u64;
 
-    /// The [`PAGE_SIZE`] bytes of page `page` (the caller keeps `page` in range).
+    /// The [`PAGE_SIZE`] bytes of page `page` (the caller keeps `page` in range and
+    /// only asks for pages [`PageSource::holds`] confirms).
     fn page(&self, page: u64) -> &[u8];
+
+    /// Whether this source holds page `page`. A whole memory image holds every page;
+    /// a copy of one checkpoint's dirty pages holds only those. The encoder refuses
+    /// to encode a page its source does not hold.
+    fn holds(&self, page: u64) -> bool {
+        page < self.len_bytes() / PAGE_SIZE as u64
+    }
 }
 
 impl PageSource for [u8] {

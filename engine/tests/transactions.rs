@@ -153,3 +153,51 @@ fn bad_dirty_pages_and_memory_are_refused_without_moving() {
     ));
     assert_eq!(p.encoder.next_epoch(), 1);
 }
+
+/// A source holding only some pages, like a copy of one checkpoint's dirty pages.
+struct Partial<'a> {
+    memory: &'a [u8],
+    held: Vec<u64>,
+}
+
+impl fgbi_engine::PageSource for Partial<'_> {
+    fn len_bytes(&self) -> u64 {
+        self.memory.len() as u64
+    }
+
+    fn page(&self, page: u64) -> &[u8] {
+        self.memory.page(page)
+    }
+
+    fn holds(&self, page: u64) -> bool {
+        self.held.contains(&page)
+    }
+}
+
+#[test]
+fn carried_pages_missing_from_the_checkpoint_are_refused() {
+    let mut p = Pair::new(Mode::Fgbi, 1);
+    let (e1, _) = p.epoch(50);
+    p.encoder.lose(e1).unwrap();
+    let carried = p.encoder.carried_pages().to_vec();
+    let partial = Partial {
+        memory: &p.primary,
+        held: Vec::new(),
+    };
+    assert!(matches!(
+        p.encoder.encode(&[], &partial, &[]),
+        Err(EncodeError::PageNotCaptured(_))
+    ));
+    assert_eq!(
+        p.encoder.carried_pages(),
+        carried.as_slice(),
+        "nothing moved"
+    );
+    let full = Partial {
+        memory: &p.primary,
+        held: carried,
+    };
+    let bytes = p.encoder.encode(&[], &full, &[]).unwrap().to_vec();
+    p.applier.apply(&mut p.replica, &bytes).unwrap();
+    assert!(p.in_sync());
+}

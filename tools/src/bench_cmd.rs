@@ -86,7 +86,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     );
     let mut announced = false;
     println!(
-        "{:<8} {:<7} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9}  {:<8} chosen",
+        "{:<8} {:<7} {:>9} {:>10} {:>8} {:>8} {:>8} {:>13} {:>9} {:>9}  {:<8} chosen",
         "workload",
         "mode",
         "dirty",
@@ -94,6 +94,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         "vs remus",
         "enc GB/s",
         "app GB/s",
+        "pause p50/99us",
         "digest MiB",
         "cache MiB",
         "verified"
@@ -148,7 +149,7 @@ fn print_row(r: &RunResult, remus_bytes: Option<u64>) {
         .map(|(k, v)| format!("{k} {:.0}%", *v as f64 * 100.0 / total as f64))
         .collect();
     println!(
-        "{:<8} {:<7} {:>9} {:>10.0} {:>8} {:>8.2} {:>8.2} {:>9.1} {:>9.1}  {:<8} {}",
+        "{:<8} {:<7} {:>9} {:>10.0} {:>8} {:>8.2} {:>8.2} {:>13} {:>9.1} {:>9.1}  {:<8} {}",
         r.workload,
         r.mode,
         r.dirty_pages,
@@ -156,6 +157,7 @@ fn print_row(r: &RunResult, remus_bytes: Option<u64>) {
         vs_remus,
         r.encode_gbps(),
         r.apply_gbps(),
+        format!("{:.0}/{:.0}", r.pause_us.p50, r.pause_us.p99),
         r.digest_bytes as f64 / 1_048_576.0,
         r.cache_bytes as f64 / 1_048_576.0,
         r.verified,

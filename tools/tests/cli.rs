@@ -57,6 +57,7 @@ fn bench_prints_a_table_and_writes_json() {
             assert!(!run[field].is_null(), "missing {field}");
         }
         assert_eq!(run["verified"], true);
+        assert!(run["pause_us"]["p99"].as_f64() >= run["pause_us"]["p50"].as_f64());
         assert_eq!(run["mem_bytes"], 8 << 20);
     }
     assert_eq!(runs[1]["mode"], "fgbi");

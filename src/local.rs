@@ -1,0 +1,188 @@
+//! Replication to a replica in the same process: the whole primary-to-backup path
+//! (stop, harvest, copy, resume, encode, validate, apply, acknowledge) without a
+//! network. The bench and the example programs use it; tests use it to prove the
+//! replica equals the checkpoint after every epoch.
+
+use std::time::{Duration, Instant};
+
+use fgbi_engine::{
+    Applier, ApplyError, EncodeError, Encoder, EncoderConfig, EncodingCounts, memory_digest,
+};
+use fgbi_hyp::memory::{MemoryError, Region};
+use fgbi_hyp::protected::{HypError, Protected};
+use thiserror::Error;
+
+use crate::staging::Staging;
+
+/// An epoch could not be replicated.
+#[derive(Debug, Error)]
+pub enum ReplicationError {
+    /// The protected program failed to stop, harvest or resume.
+    #[error(transparent)]
+    Hyp(#[from] HypError),
+    /// The encoder refused.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The replica refused an epoch the primary produced.
+    #[error("the replica refused an epoch: {0}")]
+    Apply(#[from] ApplyError),
+    /// The replica's memory could not be mapped.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The protected memory is not the size the encoder was configured for.
+    #[error("protected memory is {got} bytes but the encoder expects {expected}")]
+    Size {
+        /// Bytes configured.
+        expected: u64,
+        /// Bytes protected.
+        got: u64,
+    },
+}
+
+/// What one epoch cost and carried.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EpochReport {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Dirty pages encoded.
+    pub dirty_pages: u64,
+    /// Encoded bytes.
+    pub wire_bytes: u64,
+    /// Type II downtime: from stop to resume (verification digests excluded).
+    pub pause: Duration,
+    /// Time to encode.
+    pub encode: Duration,
+    /// Time to validate and apply.
+    pub apply: Duration,
+    /// Whether the replica equalled the checkpoint (when verification was asked for).
+    pub verified: Option<bool>,
+    /// What the encoder chose.
+    pub counts: EncodingCounts,
+}
+
+/// A primary's encoder and an in-process backup's replica.
+pub struct LocalReplication {
+    encoder: Encoder,
+    applier: Applier,
+    replica: Region,
+    staging: Staging,
+    dirty: Vec<u64>,
+    state: Vec<u8>,
+    wire: Vec<u8>,
+}
+
+impl LocalReplication {
+    /// A replica of all-zero memory at epoch 0, for the geometry in `config`.
+    pub fn new(config: EncoderConfig) -> Result<Self, ReplicationError> {
+        let geometry = config.geometry;
+        let mem = usize::try_from(geometry.mem_bytes()).map_err(|_| ReplicationError::Size {
+            expected: geometry.mem_bytes(),
+            got: 0,
+        })?;
+        Ok(Self {
+            encoder: Encoder::new(config)?,
+            applier: Applier::new(geometry),
+            replica: Region::new(mem)?,
+            staging: Staging::new(),
+            dirty: Vec::new(),
+            state: Vec::new(),
+            wire: Vec::new(),
+        })
+    }
+
+    /// The encoder (for its overhead and configuration).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    /// The replica's memory, at the last committed epoch.
+    pub fn replica(&self) -> &[u8] {
+        &self.replica
+    }
+
+    /// The replica's committed state blob.
+    pub fn state(&self) -> &[u8] {
+        self.applier.state()
+    }
+
+    /// What backs the replica's memory.
+    pub fn backing(&self) -> fgbi_hyp::memory::Backing {
+        self.replica.backing()
+    }
+
+    /// Takes one checkpoint of `program` and replicates it. With `verify`, the
+    /// checkpoint's digest is taken while the program is stopped (not counted in
+    /// the pause) and compared with the replica's after the apply.
+    pub fn checkpoint<P: Protected + ?Sized>(
+        &mut self,
+        program: &mut P,
+        verify: bool,
+    ) -> Result<EpochReport, ReplicationError> {
+        let expected = self.encoder.config().geometry.mem_bytes();
+        if program.mem_bytes() != expected {
+            return Err(ReplicationError::Size {
+                expected,
+                got: program.mem_bytes(),
+            });
+        }
+        let stopped = Instant::now();
+        program.stop()?;
+        let captured = self.capture(program);
+        let mut digest_time = Duration::ZERO;
+        let digest = match (&captured, verify) {
+            (Ok(()), true) => {
+                let started = Instant::now();
+                let d = memory_digest(program.memory());
+                digest_time = started.elapsed();
+                Some(d)
+            }
+            _ => None,
+        };
+        // Never leave the program stopped, whatever failed.
+        let resumed = program.resume();
+        let pause = stopped.elapsed() - digest_time;
+        captured?;
+        resumed?;
+
+        let started = Instant::now();
+        let encoded = self
+            .encoder
+            .encode(&self.dirty, &self.staging, &self.state)?;
+        let encode = started.elapsed();
+        let stats = encoded.stats;
+        self.wire.clear();
+        for part in encoded.parts() {
+            self.wire.extend_from_slice(part);
+        }
+        let started = Instant::now();
+        let applied = self.applier.apply(&mut self.replica, &self.wire);
+        let apply = started.elapsed();
+        if let Err(e) = applied {
+            self.encoder.lose(stats.epoch)?;
+            return Err(e.into());
+        }
+        self.encoder.acknowledge(stats.epoch)?;
+        let verified = digest.map(|d| d == memory_digest(&self.replica));
+        Ok(EpochReport {
+            epoch: stats.epoch,
+            dirty_pages: stats.dirty_pages,
+            wire_bytes: stats.bytes,
+            pause,
+            encode,
+            apply,
+            verified,
+            counts: stats.counts,
+        })
+    }
+
+    /// Harvest, state and the copy of the dirty pages: the work inside the pause.
+    fn capture<P: Protected + ?Sized>(&mut self, program: &mut P) -> Result<(), HypError> {
+        self.dirty.clear();
+        program.harvest(&mut self.dirty)?;
+        self.dirty.extend_from_slice(self.encoder.carried_pages());
+        self.state.clear();
+        program.capture_state(&mut self.state)?;
+        self.staging.capture(program.memory(), &mut self.dirty);
+        Ok(())
+    }
+}
