@@ -210,7 +210,7 @@ fn no_write_is_lost_when_harvesting_while_threads_write() {
     assert!(writes.len() > 100_000, "only {} writes ran", writes.len());
     let racing = writes.iter().filter(|w| w.before != w.after).count();
     eprintln!(
-        "{} writes by {WRITERS} threads over {} harvests; {racing} writes overlapped a harvest; \
+        "{} writes by {WRITERS} threads over {} harvests; {racing} writes saw the epoch change around them; \
          {} pages reported in all",
         writes.len(),
         harvests.len(),
