@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use fgbi_engine::{EncodeError, EncoderConfig, Geometry, GeometryError, Mode};
 use fgbi_hyp::memory::MemoryError;
 use fgbi_hyp::protected::HypError;
-use fgbi_hyp::synthetic::SyntheticMachine;
+use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
 use fgbi_hyp::workload::{self, WorkloadError};
 use serde::Serialize;
 
@@ -41,6 +41,10 @@ pub struct BenchConfig {
     pub sharing: bool,
     /// fgbi: consider lz4 encodings.
     pub compression: bool,
+    /// Where dirty pages come from.
+    pub tracking: Tracking,
+    /// Compare the kernel's dirty pages with the workload's record every epoch.
+    pub check_tracking: bool,
 }
 
 /// A bench run failed.
@@ -86,6 +90,8 @@ pub struct RunResult {
     pub workers: usize,
     /// What backs primary and replica memory: hugetlb, thp or 4k.
     pub backing: &'static str,
+    /// Where dirty pages came from: kernel or generator.
+    pub tracking: &'static str,
     /// Dirty pages over all measured epochs.
     pub dirty_pages: u64,
     /// Encoded bytes over all measured epochs.
@@ -188,7 +194,13 @@ fn run_one(
 ) -> Result<RunResult, BenchError> {
     let mem = usize::try_from(geometry.mem_bytes())
         .map_err(|_| BenchError::Memory(geometry.mem_bytes()))?;
-    let mut machine = SyntheticMachine::new(name, mem, config.seed)?;
+    let mut machine = SyntheticMachine::new(
+        name,
+        mem,
+        config.seed,
+        config.tracking,
+        config.check_tracking,
+    )?;
     let mut encoder_config = EncoderConfig::new(geometry, mode);
     encoder_config.workers = config.workers;
     encoder_config.pin_workers = config.pin_workers;
@@ -205,6 +217,10 @@ fn run_one(
         mem_bytes: geometry.mem_bytes(),
         workers: config.workers,
         backing: machine.backing().as_str(),
+        tracking: match config.tracking {
+            Tracking::Kernel => "kernel",
+            Tracking::Generator => "generator",
+        },
         dirty_pages: 0,
         wire_bytes: 0,
         sync_bytes: 0,

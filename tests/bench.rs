@@ -4,6 +4,7 @@
 use fgbi::bench::{self, BenchConfig};
 use fgbi_engine::Mode;
 use fgbi_engine::stats::PAGE_ENCODINGS;
+use fgbi_hyp::synthetic::Tracking;
 use fgbi_hyp::workload::NAMES;
 
 fn config(workloads: &[&str], modes: Vec<Mode>) -> BenchConfig {
@@ -19,6 +20,8 @@ fn config(workloads: &[&str], modes: Vec<Mode>) -> BenchConfig {
         seed: 3,
         sharing: true,
         compression: true,
+        tracking: Tracking::Kernel,
+        check_tracking: true,
     }
 }
 

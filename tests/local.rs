@@ -4,13 +4,13 @@
 use fgbi::local::LocalReplication;
 use fgbi_engine::{EncoderConfig, Geometry, Mode, memory_digest};
 use fgbi_hyp::protected::Protected;
-use fgbi_hyp::synthetic::SyntheticMachine;
+use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
 
 #[test]
 fn every_checkpoint_of_a_protected_machine_reaches_the_replica() {
     for workers in [1, 2] {
         let mem = 16 << 20;
-        let mut machine = SyntheticMachine::new("web", mem, 5).unwrap();
+        let mut machine = SyntheticMachine::new("web", mem, 5, Tracking::Kernel, true).unwrap();
         let mut config = EncoderConfig::new(Geometry::new(mem as u64, 64).unwrap(), Mode::Fgbi);
         config.workers = workers;
         config.cache_bytes = 2 << 20;
@@ -38,7 +38,8 @@ fn every_checkpoint_of_a_protected_machine_reaches_the_replica() {
 
 #[test]
 fn a_program_of_the_wrong_size_is_refused() {
-    let mut machine = SyntheticMachine::new("idle", 8 << 20, 1).unwrap();
+    let mut machine =
+        SyntheticMachine::new("idle", 8 << 20, 1, Tracking::Generator, false).unwrap();
     let config = EncoderConfig::new(Geometry::new(16 << 20, 64).unwrap(), Mode::Fgbi);
     let mut replication = LocalReplication::new(config).unwrap();
     let err = replication.checkpoint(&mut machine, false).unwrap_err();

@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::memory::MemoryError;
 use crate::safepoint::SafepointError;
+use crate::tracking::TrackingError;
 use crate::workload::WorkloadError;
 
 /// Why a protected program could not be stopped, harvested, or resumed.
@@ -23,6 +24,23 @@ pub enum HypError {
     /// A synthetic workload could not be created.
     #[error(transparent)]
     Workload(#[from] WorkloadError),
+    /// The kernel's dirty tracking failed.
+    #[error(transparent)]
+    Tracking(#[from] TrackingError),
+    /// The kernel's dirty pages and the program's own record of its writes disagree.
+    #[error(
+        "dirty tracking check failed: the kernel missed {missed} written page(s) (first: {first_missed:?}) and reported {extra} page(s) never written (first: {first_extra:?})"
+    )]
+    TrackingMismatch {
+        /// Pages written but not reported by the kernel.
+        missed: usize,
+        /// The first of them.
+        first_missed: Option<u64>,
+        /// Pages reported but never written.
+        extra: usize,
+        /// The first of them.
+        first_extra: Option<u64>,
+    },
     /// An operation was called out of order (e.g. harvest while running).
     #[error("{0}: the replication loop must stop before harvesting and resume after")]
     Order(&'static str),

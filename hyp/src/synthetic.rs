@@ -1,15 +1,67 @@
 //! A synthetic workload as a protected program: it runs one epoch of writes per
-//! [`SyntheticMachine::run`], in memory of its own, and its dirty pages come from its
-//! own record of what it wrote.
+//! [`SyntheticMachine::run`], in memory of its own. Its dirty pages come from the
+//! kernel ([`Tracking::Kernel`], userfaultfd write-protect) or from its own record of
+//! what it wrote ([`Tracking::Generator`]); with checking on, every harvest compares
+//! the two and fails if they differ.
+
+use std::str::FromStr;
 
 use crate::memory::{Backing, Region};
 use crate::protected::{HypError, Protected};
+use crate::tracking::DirtyTracker;
 use crate::workload::{self, Workload};
+
+/// Where a synthetic machine's dirty pages come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracking {
+    /// The kernel: userfaultfd write-protect and PAGEMAP_SCAN.
+    Kernel,
+    /// The workload's own list of the pages it wrote.
+    Generator,
+}
+
+impl FromStr for Tracking {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "kernel" => Ok(Tracking::Kernel),
+            "generator" => Ok(Tracking::Generator),
+            _ => Err(format!("unknown tracking {s:?}: use kernel or generator")),
+        }
+    }
+}
+
+/// Compares the pages a program wrote with the pages the kernel reported (both
+/// sorted and deduplicated).
+pub fn check_tracking(written: &[u64], reported: &[u64]) -> Result<(), HypError> {
+    let missed: Vec<u64> = written
+        .iter()
+        .filter(|p| reported.binary_search(p).is_err())
+        .copied()
+        .collect();
+    let extra: Vec<u64> = reported
+        .iter()
+        .filter(|p| written.binary_search(p).is_err())
+        .copied()
+        .collect();
+    if missed.is_empty() && extra.is_empty() {
+        return Ok(());
+    }
+    Err(HypError::TrackingMismatch {
+        missed: missed.len(),
+        first_missed: missed.first().copied(),
+        extra: extra.len(),
+        first_extra: extra.first().copied(),
+    })
+}
 
 /// A workload running in a memory region, protected like a real program.
 pub struct SyntheticMachine {
     memory: Region,
     workload: Box<dyn Workload>,
+    tracker: Option<DirtyTracker>,
+    check: bool,
     written: Vec<u64>,
     epochs: u64,
     stopped: bool,
@@ -17,15 +69,31 @@ pub struct SyntheticMachine {
 
 impl SyntheticMachine {
     /// `name`'s workload over `mem_bytes` of fresh memory, seeded with `seed`, with
-    /// its initial contents already written (the first harvest returns them).
-    pub fn new(name: &str, mem_bytes: usize, seed: u64) -> Result<Self, HypError> {
+    /// its initial contents already written (the first harvest returns them), its
+    /// dirty pages tracked by `tracking`, and with `check` every kernel harvest
+    /// compared with the workload's own record.
+    pub fn new(
+        name: &str,
+        mem_bytes: usize,
+        seed: u64,
+        tracking: Tracking,
+        check: bool,
+    ) -> Result<Self, HypError> {
         let mut memory = Region::new(mem_bytes)?;
         let mut workload = workload::by_name(name, mem_bytes, seed)?;
+        // Tracking starts before the first write, so the initial contents are the
+        // first harvest.
+        let tracker = match tracking {
+            Tracking::Kernel => Some(DirtyTracker::new(&memory)?),
+            Tracking::Generator => None,
+        };
         let mut written = Vec::new();
         workload.populate(&mut memory, &mut written);
         Ok(Self {
             memory,
             workload,
+            tracker,
+            check,
             written,
             epochs: 0,
             stopped: false,
@@ -62,7 +130,20 @@ impl Protected for SyntheticMachine {
         if !self.stopped {
             return Err(HypError::Order("harvest while running"));
         }
-        dirty.append(&mut self.written);
+        let Some(tracker) = self.tracker.as_mut() else {
+            dirty.append(&mut self.written);
+            return Ok(());
+        };
+        let start = dirty.len();
+        tracker.harvest(dirty)?;
+        if self.check {
+            self.written.sort_unstable();
+            self.written.dedup();
+            let reported = &mut dirty[start..];
+            reported.sort_unstable();
+            check_tracking(&self.written, reported)?;
+        }
+        self.written.clear();
         Ok(())
     }
 
@@ -91,8 +172,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_check_names_missed_and_extra_pages() {
+        assert!(check_tracking(&[1, 2, 3], &[1, 2, 3]).is_ok());
+        let err = check_tracking(&[1, 2, 3, 9], &[1, 3, 4]).unwrap_err();
+        assert!(matches!(
+            err,
+            HypError::TrackingMismatch {
+                missed: 2,
+                first_missed: Some(2),
+                extra: 1,
+                first_extra: Some(4)
+            }
+        ));
+        assert!(err.to_string().contains("kernel missed 2"));
+    }
+
+    #[test]
+    fn kernel_tracking_agrees_with_every_workload() {
+        if let Err(e) = DirtyTracker::probe() {
+            eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}");
+            return;
+        }
+        for name in workload::NAMES {
+            let mut m = SyntheticMachine::new(name, 8 << 20, 2, Tracking::Kernel, true).unwrap();
+            let mut dirty = Vec::new();
+            for _ in 0..4 {
+                m.stop().unwrap();
+                dirty.clear();
+                m.harvest(&mut dirty).unwrap();
+                assert!(!dirty.is_empty(), "{name}");
+                m.resume().unwrap();
+                m.run().unwrap();
+            }
+        }
+    }
+
+    #[test]
     fn runs_stops_harvests_and_resumes_in_order() {
-        let mut m = SyntheticMachine::new("sys", 8 << 20, 1).unwrap();
+        let mut m = SyntheticMachine::new("sys", 8 << 20, 1, Tracking::Generator, false).unwrap();
         let mut dirty = Vec::new();
         assert!(matches!(m.harvest(&mut dirty), Err(HypError::Order(_))));
         m.stop().unwrap();

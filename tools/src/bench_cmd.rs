@@ -7,6 +7,7 @@ use clap::Args;
 use fgbi::bench::{self, BenchConfig, RunResult};
 use fgbi_engine::Mode;
 use fgbi_engine::stats::PAGE_ENCODINGS;
+use fgbi_hyp::synthetic::Tracking;
 use fgbi_hyp::workload::NAMES;
 
 use crate::size::parse_size;
@@ -47,6 +48,14 @@ pub struct BenchArgs {
     /// fgbi ablation: never use lz4.
     #[arg(long)]
     no_compression: bool,
+    /// Where dirty pages come from: kernel (userfaultfd write-protect) or generator
+    /// (the workload's own record of its writes).
+    #[arg(long, default_value = "kernel")]
+    tracking: Tracking,
+    /// Compare the kernel's dirty pages with the workload's own record every epoch
+    /// and fail if the kernel missed a page.
+    #[arg(long)]
+    check_tracking: bool,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -74,7 +83,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         seed: args.seed,
         sharing: !args.no_sharing,
         compression: !args.no_compression,
+        tracking: args.tracking,
+        check_tracking: args.check_tracking,
     };
+    if args.check_tracking && args.tracking != Tracking::Kernel {
+        return Err("--check-tracking compares kernel tracking with the workload: use it with --tracking kernel".into());
+    }
     println!(
         "fgbi bench: {} MiB memory, {}-byte blocks, {} epochs, {} worker(s), {} MiB cache, seed {}",
         config.mem_bytes >> 20,
@@ -105,7 +119,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
             remus = Some((r.workload.clone(), r.wire_bytes));
         }
         if !announced {
-            println!("(memory backed by {} pages)", r.backing);
+            println!(
+                "(memory backed by {} pages, dirty pages from the {})",
+                r.backing, r.tracking
+            );
             announced = true;
         }
         let baseline = remus
