@@ -2,7 +2,8 @@
 //!
 //! [`protected::Protected`] is what the replication loop drives: stop, harvest,
 //! capture state, read memory, resume. [`synthetic::SyntheticMachine`] implements it
-//! for the synthetic workloads; [`safepoint`] brings an application's threads to a
+//! for the synthetic workloads and [`process::ProcessMemory`] for an application's
+//! own memory regions; [`safepoint`] brings an application's threads to a
 //! consistent stop.
 //!
 //! [`memory`] maps the regions that hold protected memory and replicas.
@@ -12,6 +13,7 @@
 //! were written, for programs that do not report their own writes.
 
 pub mod memory;
+pub mod process;
 pub mod protected;
 pub mod safepoint;
 pub mod synthetic;

@@ -1,0 +1,91 @@
+//! An application's own memory, protected: threads write while checkpoints are taken
+//! at safepoints, and every checkpoint reaches the replica exactly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fgbi::local::LocalReplication;
+use fgbi_engine::{EncoderConfig, Geometry, Mode};
+use fgbi_hyp::process::protect;
+use fgbi_hyp::protected::Protected;
+use fgbi_hyp::tracking::DirtyTracker;
+use fgbi_hyp::workload::Rng;
+
+#[test]
+fn checkpoints_of_a_running_multithreaded_application_are_exact() {
+    if let Err(e) = DirtyTracker::probe() {
+        eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}");
+        return;
+    }
+    let (handle, mut memory) = protect(&[3 << 20, 5 << 20], Duration::from_secs(5)).unwrap();
+    let running = Arc::new(AtomicBool::new(true));
+    let threads: Vec<_> = (0..2)
+        .map(|t| {
+            let (handle, running) = (handle.clone(), Arc::clone(&running));
+            std::thread::spawn(move || {
+                let safepoint = handle.register(&format!("app-{t}"));
+                let (base, len) = handle.region(t).unwrap();
+                let mut rng = Rng::new(t as u64);
+                let mut iteration = 0u64;
+                while running.load(Ordering::Relaxed) {
+                    // A burst of writes, then a consistent point.
+                    for _ in 0..64 {
+                        let at = rng.below(len as u64 / 8) as usize * 8;
+                        // SAFETY: `at + 8 <= len`, the region is live while `handle`
+                        // is, and this thread is the only writer of region `t`.
+                        unsafe { base.add(at).cast::<u64>().write_unaligned(rng.next_u64()) };
+                    }
+                    iteration += 1;
+                    if t == 0 {
+                        handle.set_state(&iteration.to_le_bytes());
+                    }
+                    safepoint.pass();
+                }
+            })
+        })
+        .collect();
+
+    let mem = memory.mem_bytes();
+    let mut config = EncoderConfig::new(Geometry::new(mem, 64).unwrap(), Mode::Fgbi);
+    config.cache_bytes = 1 << 20;
+    let mut replication = LocalReplication::new(config).unwrap();
+    let mut last_state = 0u64;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(2));
+        let report = replication.checkpoint(&mut memory, true).unwrap();
+        assert_eq!(report.verified, Some(true), "epoch {}", report.epoch);
+        let state = replication.state();
+        if state.len() == 8 {
+            let iteration = u64::from_le_bytes(state.try_into().unwrap());
+            assert!(iteration >= last_state, "the restart record moves forward");
+            last_state = iteration;
+        }
+    }
+    assert!(
+        last_state > 0,
+        "the application's state travelled with the epochs"
+    );
+    running.store(false, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn a_thread_that_never_reaches_a_safepoint_fails_the_checkpoint_clearly() {
+    if let Err(e) = DirtyTracker::probe() {
+        eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}");
+        return;
+    }
+    let (handle, mut memory) = protect(&[1 << 20], Duration::from_millis(30)).unwrap();
+    let _stuck = handle.register("solver");
+    let config = EncoderConfig::new(Geometry::new(memory.mem_bytes(), 64).unwrap(), Mode::Fgbi);
+    let mut replication = LocalReplication::new(config).unwrap();
+    let err = replication.checkpoint(&mut memory, false).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("solver") && message.contains("safepoint"),
+        "{message}"
+    );
+}
