@@ -26,6 +26,12 @@ pub enum ReplicationError {
     /// The replica refused an epoch the primary produced.
     #[error("the replica refused an epoch: {0}")]
     Apply(#[from] ApplyError),
+    /// The geometry is invalid.
+    #[error(transparent)]
+    Geometry(#[from] fgbi_engine::GeometryError),
+    /// A thread could not be started.
+    #[error("cannot start the epoch thread: {0}")]
+    Thread(#[source] std::io::Error),
     /// The replica's memory could not be mapped.
     #[error(transparent)]
     Memory(#[from] MemoryError),

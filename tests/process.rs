@@ -89,3 +89,47 @@ fn a_thread_that_never_reaches_a_safepoint_fails_the_checkpoint_clearly() {
         "{message}"
     );
 }
+
+#[test]
+fn the_replicator_checkpoints_continuously_and_hands_back_the_replica() {
+    use fgbi::replicator::{Replicator, ReplicatorOptions};
+    if let Err(e) = DirtyTracker::probe() {
+        eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}");
+        return;
+    }
+    let options = ReplicatorOptions {
+        epoch: Duration::from_millis(5),
+        cache_bytes: 1 << 20,
+        ..ReplicatorOptions::default()
+    };
+    let (handle, replicator) = Replicator::start(&[1 << 20, 64 << 10], options).unwrap();
+    let app = {
+        let handle = handle.clone();
+        std::thread::spawn(move || {
+            let safepoint = handle.register("app");
+            let (base, len) = handle.region(1).unwrap();
+            for i in 0..20_000u64 {
+                let at = (i as usize * 24) % (len - 8);
+                // SAFETY: in bounds of region 1, written only by this thread.
+                unsafe { base.add(at).cast::<u64>().write_unaligned(i) };
+                if i % 100 == 0 {
+                    handle.set_state(&i.to_le_bytes());
+                    safepoint.pass();
+                }
+            }
+        })
+    };
+    app.join().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let summary = replicator.finish().unwrap();
+    assert!(summary.epochs >= 2, "{} epochs", summary.epochs);
+    assert_eq!(summary.mismatches, 0);
+    assert_eq!(summary.verified, summary.epochs);
+    let replica = &summary.replica;
+    assert_eq!(replica.regions(), 2);
+    let (base, len) = handle.region(1).unwrap();
+    // SAFETY: the application thread has finished; nothing writes the region.
+    let live = unsafe { std::slice::from_raw_parts(base, len) };
+    assert_eq!(replica.region(1).unwrap(), live);
+    assert_eq!(replica.state(), 19_900u64.to_le_bytes());
+}
