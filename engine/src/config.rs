@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use crate::geometry::{Geometry, PAGE_SIZE};
 use crate::page_cache::DEFAULT_CACHE_BYTES;
-use crate::wire::MAX_RECORD_BYTES;
+use crate::wire::{COMMIT_BODY_BYTES, FRAME_HEADER_BYTES, HEADER_BODY_BYTES, MAX_RECORD_BYTES};
 
 /// How dirty pages are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -105,6 +105,20 @@ impl EncoderConfig {
             sharing: true,
             compression: true,
         }
+    }
+
+    /// Upper bound on the size of an epoch of `pages` dirty pages and a `state_len`
+    /// state blob encoded with these settings: what a transport reserves per epoch.
+    pub fn max_epoch_bytes(&self, pages: usize, state_len: usize) -> usize {
+        let per_chunk = (self.chunk_bytes / MAX_RECORD_BYTES).max(1);
+        let chunks = pages.div_ceil(per_chunk) + self.workers;
+        2 * FRAME_HEADER_BYTES
+            + HEADER_BODY_BYTES
+            + chunks * FRAME_HEADER_BYTES
+            + pages * MAX_RECORD_BYTES
+            + FRAME_HEADER_BYTES
+            + state_len
+            + COMMIT_BODY_BYTES
     }
 
     /// Checks the settings against each other.

@@ -14,10 +14,7 @@ use crate::error::EncodeError;
 use crate::source::PageSource;
 use crate::stats::EncodingCounts;
 use crate::threads::Crew;
-use crate::wire::{
-    self, COMMIT_BODY_BYTES, CommitInfo, EpochHeader, FRAME_HEADER_BYTES, FrameWriter,
-    HEADER_BODY_BYTES, MAX_RECORD_BYTES,
-};
+use crate::wire::{self, CommitInfo, EpochHeader, FRAME_HEADER_BYTES, FrameWriter};
 use crate::worker::{WorkerOutput, owner};
 
 /// An epoch produced but not yet acknowledged.
@@ -152,15 +149,7 @@ impl Encoder {
     /// Upper bound on the size of an epoch of `pages` dirty pages and a `state_len`
     /// state blob, for reserving transport buffers before encoding.
     pub fn max_epoch_bytes(&self, pages: usize, state_len: usize) -> usize {
-        let per_chunk = (self.config.chunk_bytes / MAX_RECORD_BYTES).max(1);
-        let chunks = pages.div_ceil(per_chunk) + self.config.workers;
-        2 * FRAME_HEADER_BYTES
-            + HEADER_BODY_BYTES
-            + chunks * FRAME_HEADER_BYTES
-            + pages * MAX_RECORD_BYTES
-            + FRAME_HEADER_BYTES
-            + state_len
-            + COMMIT_BODY_BYTES
+        self.config.max_epoch_bytes(pages, state_len)
     }
 
     /// Encodes the checkpoint `memory` whose pages `dirty` changed since the last

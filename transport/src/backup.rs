@@ -1,0 +1,264 @@
+//! The backup's end: receives epochs into its region's slots, answers each.
+
+use std::net::TcpStream;
+use std::ops::Range;
+
+use fgbi_engine::{AppliedEpoch, Applier, ApplyError};
+
+use crate::config::{Implementation, Liveness, TransportConfig};
+use crate::control::{Control, Inbound, NackReason, mid_epoch};
+use crate::error::TransportError;
+use crate::handshake::{self, Offer, PROTOCOL_VERSION, PresharedKey, Role};
+use crate::heartbeat::Outbound;
+use crate::region::ReceiveRegion;
+use crate::uring::UringReceiver;
+
+/// One epoch received whole into its slot, awaiting [`Backup::ack`] or [`Backup::nack`].
+#[derive(Debug)]
+pub struct Received<'a> {
+    /// The epoch number the primary declared (the epoch's header must agree; the
+    /// applier checks it).
+    pub epoch: u64,
+    /// The epoch's bytes, in the receive region.
+    pub bytes: &'a [u8],
+}
+
+/// What [`Backup::serve_one`] did with an epoch.
+#[derive(Debug)]
+pub enum Served {
+    /// Applied, committed and acknowledged.
+    Committed(AppliedEpoch),
+    /// Refused by the applier (the replica is unchanged) and answered with a NACK.
+    Refused {
+        /// The epoch refused.
+        epoch: u64,
+        /// Why the applier refused it.
+        error: ApplyError,
+    },
+}
+
+enum Payload<'r> {
+    Std(&'r mut ReceiveRegion),
+    Uring {
+        receiver: Box<UringReceiver<'r>>,
+        slots: usize,
+        slot_bytes: usize,
+    },
+}
+
+impl Payload<'_> {
+    fn slot_range(&self, epoch: u64, len: usize) -> Range<usize> {
+        match self {
+            Payload::Std(region) => region.range(epoch, len),
+            Payload::Uring {
+                slots, slot_bytes, ..
+            } => {
+                let start = (epoch % *slots as u64) as usize * slot_bytes;
+                start..start + len
+            }
+        }
+    }
+
+    fn bytes(&self, range: Range<usize>) -> &[u8] {
+        match self {
+            Payload::Std(region) => &region.bytes()[range],
+            Payload::Uring { receiver, .. } => receiver.bytes(range),
+        }
+    }
+}
+
+/// A connected, authenticated backup, receiving into a borrowed [`ReceiveRegion`].
+///
+/// Call [`Backup::recv_epoch`], apply the bytes, then [`Backup::ack`] or
+/// [`Backup::nack`] (or let [`Backup::serve_one`] do all three). Any error breaks the
+/// connection except calling these out of order; the replica stays at its last
+/// committed epoch, and the next connection is accepted with that epoch.
+pub struct Backup<'r> {
+    inbound: Inbound,
+    outbound: Outbound,
+    stream: TcpStream,
+    payload: Payload<'r>,
+    slot_bytes: usize,
+    pending: Option<u64>,
+    liveness: Liveness,
+    broken: bool,
+}
+
+impl std::fmt::Debug for Backup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backup")
+            .field("uring", &matches!(self.payload, Payload::Uring { .. }))
+            .field("slot_bytes", &self.slot_bytes)
+            .field("pending", &self.pending)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+impl<'r> Backup<'r> {
+    /// Runs the handshake on `stream` (accepted from a primary), announcing the
+    /// replica's `committed` epoch, then starts heartbeats. No byte reaches `region`
+    /// before the primary has been authenticated.
+    pub fn accept(
+        mut stream: TcpStream,
+        region: &'r mut ReceiveRegion,
+        config: &TransportConfig,
+        key: &PresharedKey,
+        committed: u64,
+    ) -> Result<Self, TransportError> {
+        config.validate()?;
+        let (slots, slot_bytes) = (region.slots(), region.slot_bytes());
+        let payload = match config.implementation {
+            Implementation::Std => Payload::Std(region),
+            Implementation::Uring => Payload::Uring {
+                receiver: Box::new(UringReceiver::new(region.bytes_mut())?),
+                slots,
+                slot_bytes,
+            },
+        };
+        let io = |what| move |source| TransportError::Io { what, source };
+        stream
+            .set_nodelay(true)
+            .map_err(io("disabling Nagle's algorithm"))?;
+        let offer = Offer {
+            version: PROTOCOL_VERSION,
+            role: Role::Backup,
+            mem_bytes: config.geometry.mem_bytes(),
+            block_size: config.geometry.block_size() as u32,
+            slots: slots as u32,
+            slot_bytes: slot_bytes as u64,
+            committed,
+        };
+        handshake::accept(&mut stream, &offer, key, config.handshake_timeout)?;
+        let reader = stream.try_clone().map_err(io("cloning the socket"))?;
+        let writer = stream.try_clone().map_err(io("cloning the socket"))?;
+        Ok(Self {
+            inbound: Inbound::new(reader, config.liveness),
+            outbound: Outbound::start(writer, config.liveness)?,
+            stream,
+            payload,
+            slot_bytes,
+            pending: None,
+            liveness: config.liveness,
+            broken: false,
+        })
+    }
+
+    /// Waits for the next epoch and receives it whole into its slot.
+    ///
+    /// Heartbeats are consumed while waiting. A declared length larger than a slot is
+    /// answered with a NACK and breaks the connection before any payload is read.
+    pub fn recv_epoch(&mut self) -> Result<Received<'_>, TransportError> {
+        if self.broken {
+            return Err(TransportError::Broken);
+        }
+        if let Some(epoch) = self.pending {
+            return Err(TransportError::Unanswered(epoch));
+        }
+        match self.receive() {
+            Ok((epoch, range)) => {
+                self.pending = Some(epoch);
+                Ok(Received {
+                    epoch,
+                    bytes: self.payload.bytes(range),
+                })
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn receive(&mut self) -> Result<(u64, Range<usize>), TransportError> {
+        let (epoch, len) = match self.inbound.next_message(None)? {
+            Control::Epoch { epoch, len } => (epoch, len),
+            other => {
+                return Err(TransportError::Protocol(format!(
+                    "expected an epoch, got {other:?}"
+                )));
+            }
+        };
+        if epoch == 0 {
+            return Err(TransportError::Protocol("epoch 0 declared".into()));
+        }
+        if len == 0 || len > self.slot_bytes as u64 {
+            // Best effort: the connection is being closed either way.
+            let _ = self.outbound.send(&Control::Nack {
+                epoch,
+                reason: NackReason::Invalid,
+            });
+            return Err(TransportError::Protocol(format!(
+                "epoch {epoch} declared {len} bytes, a slot holds 1 to {}",
+                self.slot_bytes
+            )));
+        }
+        let range = self.payload.slot_range(epoch, len as usize);
+        let timeout = self.liveness.timeout;
+        match &mut self.payload {
+            Payload::Std(region) => self
+                .inbound
+                .read_exact(&mut region.bytes_mut()[range.clone()])?,
+            Payload::Uring { receiver, .. } => {
+                receiver.read_exact(&self.stream, range.clone(), &mut self.inbound, timeout)?
+            }
+        }
+        match self.inbound.next_message(None).map_err(mid_epoch)? {
+            Control::Commit { epoch: c } if c == epoch => Ok((epoch, range)),
+            other => Err(TransportError::Protocol(format!(
+                "expected the commit of epoch {epoch}, got {other:?}"
+            ))),
+        }
+    }
+
+    fn answer(&mut self, epoch: u64, message: Control) -> Result<(), TransportError> {
+        if self.broken {
+            return Err(TransportError::Broken);
+        }
+        match self.pending {
+            Some(pending) if pending == epoch => {}
+            pending => {
+                return Err(TransportError::NotPending { epoch, pending });
+            }
+        }
+        self.pending = None;
+        self.outbound
+            .send(&message)
+            .inspect_err(|_| self.broken = true)
+    }
+
+    /// Tells the primary that `epoch` (the one received) is committed.
+    pub fn ack(&mut self, epoch: u64) -> Result<(), TransportError> {
+        self.answer(epoch, Control::Ack { epoch })
+    }
+
+    /// Tells the primary that `epoch` (the one received) was refused.
+    pub fn nack(&mut self, epoch: u64, reason: NackReason) -> Result<(), TransportError> {
+        self.answer(epoch, Control::Nack { epoch, reason })
+    }
+
+    /// Receives one epoch, applies it to `replica` with `applier`, and answers it:
+    /// ACK if it committed, NACK if the applier refused it.
+    pub fn serve_one(
+        &mut self,
+        applier: &mut Applier,
+        replica: &mut [u8],
+    ) -> Result<Served, TransportError> {
+        let received = self.recv_epoch()?;
+        let epoch = received.epoch;
+        match applier.apply(replica, received.bytes) {
+            Ok(applied) => {
+                self.ack(epoch)?;
+                Ok(Served::Committed(applied))
+            }
+            Err(error) => {
+                let reason = match error {
+                    ApplyError::Sequence { .. } => NackReason::OutOfSequence,
+                    _ => NackReason::Invalid,
+                };
+                self.nack(epoch, reason)?;
+                Ok(Served::Refused { epoch, error })
+            }
+        }
+    }
+}

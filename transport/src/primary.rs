@@ -1,0 +1,203 @@
+//! The primary's end: sends epochs into the backup's slots and collects replies.
+
+use std::collections::VecDeque;
+use std::io::{IoSlice, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use fgbi_engine::EncodedEpoch;
+
+use crate::config::{Implementation, Liveness, TransportConfig};
+use crate::control::{Control, Inbound, NackReason};
+use crate::error::TransportError;
+use crate::handshake::{self, Offer, PROTOCOL_VERSION, PresharedKey, Role};
+use crate::heartbeat::Outbound;
+use crate::uring::UringSender;
+
+/// The backup's answer to one epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The backup validated, applied and committed the epoch.
+    Committed(u64),
+    /// The backup refused the epoch; its replica did not change.
+    Refused {
+        /// The epoch refused.
+        epoch: u64,
+        /// Why.
+        reason: NackReason,
+    },
+}
+
+enum Sender {
+    Std,
+    Uring(Box<UringSender>),
+}
+
+/// A connected, authenticated primary.
+///
+/// Epochs may be sent before earlier ones are answered, up to one per receive slot;
+/// the backup answers them in order. Any error other than a reply timeout or a
+/// refused call breaks the connection: reconnect, lose the epochs in flight
+/// ([`fgbi_engine::Encoder::lose`]) and re-send.
+pub struct Primary {
+    inbound: Inbound,
+    outbound: Outbound,
+    sender: Sender,
+    backup: Offer,
+    in_flight: VecDeque<u64>,
+    liveness: Liveness,
+    broken: bool,
+}
+
+impl Primary {
+    /// Runs the handshake on `stream` (connected to a backup) and starts heartbeats.
+    pub fn connect(
+        mut stream: TcpStream,
+        config: &TransportConfig,
+        key: &PresharedKey,
+    ) -> Result<Self, TransportError> {
+        config.validate()?;
+        let sender = match config.implementation {
+            Implementation::Std => Sender::Std,
+            Implementation::Uring => Sender::Uring(Box::new(UringSender::new()?)),
+        };
+        let io = |what| move |source| TransportError::Io { what, source };
+        stream
+            .set_nodelay(true)
+            .map_err(io("disabling Nagle's algorithm"))?;
+        let offer = Offer {
+            version: PROTOCOL_VERSION,
+            role: Role::Primary,
+            mem_bytes: config.geometry.mem_bytes(),
+            block_size: config.geometry.block_size() as u32,
+            slots: 0,
+            slot_bytes: 0,
+            committed: 0,
+        };
+        let backup = handshake::connect(&mut stream, &offer, key, config.handshake_timeout)?;
+        let writer = stream.try_clone().map_err(io("cloning the socket"))?;
+        Ok(Self {
+            inbound: Inbound::new(stream, config.liveness),
+            outbound: Outbound::start(writer, config.liveness)?,
+            sender,
+            backup,
+            in_flight: VecDeque::new(),
+            liveness: config.liveness,
+            broken: false,
+        })
+    }
+
+    /// The epoch the backup's replica had committed when it accepted this connection:
+    /// acknowledge up to it, and lose every later epoch in flight, before sending.
+    pub fn backup_committed(&self) -> u64 {
+        self.backup.committed
+    }
+
+    /// The largest epoch the backup accepts, in bytes.
+    pub fn slot_bytes(&self) -> u64 {
+        self.backup.slot_bytes
+    }
+
+    /// How many epochs may await a reply at once.
+    pub fn slots(&self) -> usize {
+        self.backup.slots as usize
+    }
+
+    /// Sends `epoch` into its slot, its parts straight from the encoder (no
+    /// concatenation), followed by its COMMIT. An epoch larger than a slot is refused
+    /// before any byte is sent.
+    pub fn send_epoch(&mut self, epoch: &EncodedEpoch<'_>) -> Result<(), TransportError> {
+        if self.broken {
+            return Err(TransportError::Broken);
+        }
+        let number = epoch.stats.epoch;
+        let len = epoch.len() as u64;
+        if len > self.backup.slot_bytes {
+            return Err(TransportError::EpochTooLarge {
+                epoch: number,
+                len,
+                slot_bytes: self.backup.slot_bytes,
+            });
+        }
+        if self.in_flight.len() >= self.slots() {
+            return Err(TransportError::WindowFull(self.slots()));
+        }
+        let head = Control::Epoch { epoch: number, len }.encode();
+        let tail = Control::Commit { epoch: number }.encode();
+        let mut slices: Vec<IoSlice<'_>> = std::iter::once(&head[..])
+            .chain(epoch.parts())
+            .chain(std::iter::once(&tail[..]))
+            .map(IoSlice::new)
+            .collect();
+        let timeout = self.liveness.timeout;
+        let writer = self.outbound.lock();
+        let sent = match &mut self.sender {
+            Sender::Std => write_all_vectored(&writer, &mut slices, timeout),
+            Sender::Uring(uring) => uring.send_all(&writer, &mut slices, timeout),
+        };
+        drop(writer);
+        if let Err(e) = sent {
+            self.broken = true;
+            return Err(e);
+        }
+        self.in_flight.push_back(number);
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the backup's answer to the oldest epoch in flight.
+    pub fn wait_reply(&mut self, timeout: Duration) -> Result<Reply, TransportError> {
+        if self.broken {
+            return Err(TransportError::Broken);
+        }
+        let Some(&expected) = self.in_flight.front() else {
+            return Err(TransportError::NothingInFlight);
+        };
+        let deadline = Some((Instant::now() + timeout, timeout));
+        let reply = match self.inbound.next_message(deadline) {
+            Ok(Control::Ack { epoch }) if epoch == expected => Reply::Committed(epoch),
+            Ok(Control::Nack { epoch, reason }) if epoch == expected => {
+                Reply::Refused { epoch, reason }
+            }
+            Ok(other) => {
+                self.broken = true;
+                return Err(TransportError::Protocol(format!(
+                    "expected the reply to epoch {expected}, got {other:?}"
+                )));
+            }
+            Err(e) => {
+                self.broken |= e.breaks_connection();
+                return Err(e);
+            }
+        };
+        self.in_flight.pop_front();
+        Ok(reply)
+    }
+}
+
+impl std::fmt::Debug for Primary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Primary")
+            .field("uring", &matches!(self.sender, Sender::Uring(_)))
+            .field("backup", &self.backup)
+            .field("in_flight", &self.in_flight)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+/// Writes every byte of `slices` with `writev`, resuming after short writes.
+fn write_all_vectored(
+    mut stream: &TcpStream,
+    mut slices: &mut [IoSlice<'_>],
+    timeout: Duration,
+) -> Result<(), TransportError> {
+    while !slices.is_empty() {
+        match stream.write_vectored(slices) {
+            Ok(0) => return Err(TransportError::PeerClosed("")),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(TransportError::from_io("sending an epoch", e, timeout)),
+        }
+    }
+    Ok(())
+}
