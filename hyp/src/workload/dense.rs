@@ -1,7 +1,7 @@
 //! `dense`: pages overwritten with fresh random data, FGBI's worst case: every block
 //! changes, nothing repeats, nothing compresses.
 
-use super::{PAGE, Rng, Workload, touch};
+use super::{PAGE, Rng, Workload, touch, WorkloadError, expect_words};
 
 /// Pages rewritten per epoch.
 const PAGES_PER_EPOCH: usize = 500;
@@ -35,5 +35,15 @@ impl Workload for Dense {
             self.rng.fill(&mut memory[at..at + PAGE]);
             touch(at, PAGE, written);
         }
+    }
+
+    fn save(&self) -> Vec<u64> {
+        vec![self.rng.state()]
+    }
+
+    fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
+        expect_words(self.name(), words, 1)?;
+        self.rng = Rng::new(words[0]);
+        Ok(())
     }
 }

@@ -2,7 +2,7 @@
 //! then copied, whole and in block-aligned pieces, into many other pages (message
 //! fan-out, buffer duplication, copied templates).
 
-use super::{PAGE, Region, Rng, Workload, layout, touch};
+use super::{PAGE, Region, Rng, Workload, layout, touch, WorkloadError, expect_words};
 
 /// The `dup` workload.
 pub struct Dup {
@@ -62,5 +62,15 @@ impl Workload for Dup {
             memory.copy_within(from..from + len, to);
             touch(to, len, written);
         }
+    }
+
+    fn save(&self) -> Vec<u64> {
+        vec![self.rng.state()]
+    }
+
+    fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
+        expect_words(self.name(), words, 1)?;
+        self.rng = Rng::new(words[0]);
+        Ok(())
     }
 }

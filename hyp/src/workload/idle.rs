@@ -1,7 +1,7 @@
 //! `idle`: an idle machine. A timer tick updates one counter each epoch; now and then
 //! a housekeeping task touches a few words elsewhere.
 
-use super::{PAGE, Rng, Workload, write_at};
+use super::{PAGE, Rng, Workload, write_at, WorkloadError, expect_words};
 
 /// The `idle` workload.
 pub struct Idle {
@@ -40,5 +40,16 @@ impl Workload for Idle {
                 write_at(memory, at, &self.rng.next_u64().to_le_bytes(), written);
             }
         }
+    }
+
+    fn save(&self) -> Vec<u64> {
+        vec![self.rng.state(), self.ticks]
+    }
+
+    fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
+        expect_words(self.name(), words, 2)?;
+        self.rng = Rng::new(words[0]);
+        self.ticks = words[1];
+        Ok(())
     }
 }

@@ -29,6 +29,16 @@ pub enum WorkloadError {
     /// No workload has this name.
     #[error("unknown workload {0:?}: use one of web, npb-ep, sys, dense, dup, idle, or all")]
     Unknown(String),
+    /// A saved workload state does not fit the workload.
+    #[error("saved state of workload {name} is {got} words, expected {expected}: the state blob is not from this workload or version")]
+    State {
+        /// Workload name.
+        name: &'static str,
+        /// Words expected.
+        expected: usize,
+        /// Words given.
+        got: usize,
+    },
     /// The memory is too small for the workload's layout.
     #[error("workload {name} needs at least {min} bytes of memory, got {got}: raise --mem")]
     TooSmall {
@@ -51,6 +61,25 @@ pub trait Workload: Send {
 
     /// Performs one epoch of writes; pushes every page written to `written`.
     fn step(&mut self, memory: &mut [u8], written: &mut Vec<u64>);
+
+    /// The workload's state besides memory (generator, cursors, accumulators), so a
+    /// replica can continue it exactly.
+    fn save(&self) -> Vec<u64>;
+
+    /// Restores a state from [`Workload::save`].
+    fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError>;
+}
+
+/// Checks that a saved state has `expected` words.
+pub(crate) fn expect_words(name: &'static str, words: &[u64], expected: usize) -> Result<(), WorkloadError> {
+    if words.len() != expected {
+        return Err(WorkloadError::State {
+            name,
+            expected,
+            got: words.len(),
+        });
+    }
+    Ok(())
 }
 
 /// The workload `name` over `mem_bytes` of memory, seeded with `seed`.
@@ -179,6 +208,27 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_saved_workload_continues_exactly_from_a_copy_of_its_memory() {
+        for name in NAMES {
+            let mem = 8 << 20;
+            let mut memory = vec![0u8; mem];
+            let mut w = by_name(name, mem, 9).unwrap();
+            let mut written = Vec::new();
+            w.populate(&mut memory, &mut written);
+            w.step(&mut memory, &mut written);
+            let (mut copy, saved) = (memory.clone(), w.save());
+            let mut twin = by_name(name, mem, 12345).unwrap();
+            twin.load(&saved).unwrap();
+            for _ in 0..3 {
+                w.step(&mut memory, &mut written);
+                twin.step(&mut copy, &mut written);
+            }
+            assert!(memory == copy, "{name} diverged after restore");
+            assert!(twin.load(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]).is_err());
         }
     }
 

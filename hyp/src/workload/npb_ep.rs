@@ -2,7 +2,7 @@
 //! each epoch rewrites a small batch buffer of fresh random doubles and updates a few
 //! accumulators (the annulus counts and the sums); nothing else moves.
 
-use super::{PAGE, Region, Rng, Workload, write_at};
+use super::{PAGE, Region, Rng, Workload, write_at, WorkloadError, expect_words};
 
 /// Pages of the batch buffer of random pairs.
 const BATCH_PAGES: usize = 16;
@@ -77,5 +77,22 @@ impl Workload for NpbEp {
             slot.copy_from_slice(&v.to_le_bytes());
         }
         write_at(memory, self.sums.start(), &sums, written);
+    }
+
+    fn save(&self) -> Vec<u64> {
+        let mut words = vec![self.rng.state()];
+        words.extend(self.q.iter().chain([&self.sx, &self.sy]).map(|v| v.to_bits()));
+        words
+    }
+
+    fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
+        expect_words(self.name(), words, 13)?;
+        self.rng = Rng::new(words[0]);
+        for (q, w) in self.q.iter_mut().zip(&words[1..11]) {
+            *q = f64::from_bits(*w);
+        }
+        self.sx = f64::from_bits(words[11]);
+        self.sy = f64::from_bits(words[12]);
+        Ok(())
     }
 }

@@ -10,6 +10,11 @@ impl Rng {
         Self(seed)
     }
 
+    /// The generator's whole state: `Rng::new(r.state())` continues exactly where `r` is.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
     /// The next 64 random bits.
     #[inline]
     pub fn next_u64(&mut self) -> u64 {

@@ -2,7 +2,7 @@
 //! many pages (list links, reference counts), pages allocated from a pool (zeroed,
 //! then a header written), and pages copied (fork's copy-on-write, page cache reads).
 
-use super::{PAGE, Region, Rng, Workload, layout, touch, write_at};
+use super::{PAGE, Region, Rng, Workload, layout, touch, write_at, WorkloadError, expect_words};
 
 /// The `sys` workload.
 pub struct Sys {
@@ -80,5 +80,15 @@ impl Workload for Sys {
             memory.copy_within(from..from + PAGE, to);
             touch(to, PAGE, written);
         }
+    }
+
+    fn save(&self) -> Vec<u64> {
+        vec![self.rng.state()]
+    }
+
+    fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
+        expect_words(self.name(), words, 1)?;
+        self.rng = Rng::new(words[0]);
+        Ok(())
     }
 }
