@@ -7,6 +7,7 @@
 //! by side, and proves after every epoch that the replica equals the checkpoint.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod local;
 pub mod replicator;
 pub mod staging;

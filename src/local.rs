@@ -12,7 +12,7 @@ use fgbi_hyp::memory::{MemoryError, Region};
 use fgbi_hyp::protected::{HypError, Protected};
 use thiserror::Error;
 
-use crate::staging::Staging;
+use crate::checkpoint::Checkpointer;
 
 /// An epoch could not be replicated.
 #[derive(Debug, Error)]
@@ -71,9 +71,7 @@ pub struct LocalReplication {
     encoder: Encoder,
     applier: Applier,
     replica: Region,
-    staging: Staging,
-    dirty: Vec<u64>,
-    state: Vec<u8>,
+    checkpointer: Checkpointer,
     wire: Vec<u8>,
 }
 
@@ -89,9 +87,7 @@ impl LocalReplication {
             encoder: Encoder::new(config)?,
             applier: Applier::new(geometry),
             replica: Region::new(mem)?,
-            staging: Staging::new(),
-            dirty: Vec::new(),
-            state: Vec::new(),
+            checkpointer: Checkpointer::new(),
             wire: Vec::new(),
         })
     }
@@ -131,29 +127,14 @@ impl LocalReplication {
                 got: program.mem_bytes(),
             });
         }
-        let stopped = Instant::now();
-        program.stop()?;
-        let captured = self.capture(program);
-        let mut digest_time = Duration::ZERO;
-        let digest = match (&captured, verify) {
-            (Ok(()), true) => {
-                let started = Instant::now();
-                let d = memory_digest(program.memory());
-                digest_time = started.elapsed();
-                Some(d)
-            }
-            _ => None,
-        };
-        // Never leave the program stopped, whatever failed.
-        let resumed = program.resume();
-        let pause = stopped.elapsed() - digest_time;
-        captured?;
-        resumed?;
-
+        let checkpoint = self
+            .checkpointer
+            .take(program, self.encoder.carried_pages(), verify)?;
+        let (pause, digest) = (checkpoint.pause, checkpoint.digest);
         let started = Instant::now();
         let encoded = self
             .encoder
-            .encode(&self.dirty, &self.staging, &self.state)?;
+            .encode(checkpoint.dirty, checkpoint.pages, checkpoint.state)?;
         let encode = started.elapsed();
         let stats = encoded.stats;
         self.wire.clear();
@@ -179,16 +160,5 @@ impl LocalReplication {
             verified,
             counts: stats.counts,
         })
-    }
-
-    /// Harvest, state and the copy of the dirty pages: the work inside the pause.
-    fn capture<P: Protected + ?Sized>(&mut self, program: &mut P) -> Result<(), HypError> {
-        self.dirty.clear();
-        program.harvest(&mut self.dirty)?;
-        self.dirty.extend_from_slice(self.encoder.carried_pages());
-        self.state.clear();
-        program.capture_state(&mut self.state)?;
-        self.staging.capture(program.memory(), &mut self.dirty);
-        Ok(())
     }
 }

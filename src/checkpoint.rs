@@ -1,0 +1,84 @@
+//! The pause: everything that happens while the protected program is stopped.
+//!
+//! [`Checkpointer::take`] stops the program, harvests its dirty pages, adds the pages
+//! carried from lost epochs, captures its state blob, copies the dirty pages out
+//! (Remus-style), optionally takes the checkpoint's digest for verification, and lets
+//! the program run again, whatever failed. The time from stop to resume, less the
+//! verification digest, is type II downtime.
+
+use std::time::{Duration, Instant};
+
+use fgbi_engine::memory_digest;
+use fgbi_hyp::protected::{HypError, Protected};
+
+use crate::staging::Staging;
+
+/// Reused buffers for taking checkpoints.
+#[derive(Default)]
+pub struct Checkpointer {
+    staging: Staging,
+    dirty: Vec<u64>,
+    state: Vec<u8>,
+}
+
+/// One checkpoint, borrowed from the [`Checkpointer`] until the next.
+pub struct Checkpoint<'a> {
+    /// Pages to encode: harvested and carried, sorted.
+    pub dirty: &'a [u64],
+    /// Their contents at the checkpoint.
+    pub pages: &'a Staging,
+    /// The state blob.
+    pub state: &'a [u8],
+    /// Type II downtime.
+    pub pause: Duration,
+    /// Digest of the whole memory at the checkpoint, when asked for.
+    pub digest: Option<u128>,
+}
+
+impl Checkpointer {
+    /// Empty buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes a checkpoint of `program`, adding `carried` pages to its dirty pages.
+    pub fn take<P: Protected + ?Sized>(
+        &mut self,
+        program: &mut P,
+        carried: &[u64],
+        verify: bool,
+    ) -> Result<Checkpoint<'_>, HypError> {
+        let stopped = Instant::now();
+        program.stop()?;
+        let captured = self.capture(program, carried);
+        let mut digest_time = Duration::ZERO;
+        let digest = (captured.is_ok() && verify).then(|| {
+            let started = Instant::now();
+            let digest = memory_digest(program.memory());
+            digest_time = started.elapsed();
+            digest
+        });
+        // Never leave the program stopped, whatever failed.
+        let resumed = program.resume();
+        let pause = stopped.elapsed().saturating_sub(digest_time);
+        captured?;
+        resumed?;
+        Ok(Checkpoint {
+            dirty: &self.dirty,
+            pages: &self.staging,
+            state: &self.state,
+            pause,
+            digest,
+        })
+    }
+
+    fn capture<P: Protected + ?Sized>(&mut self, program: &mut P, carried: &[u64]) -> Result<(), HypError> {
+        self.dirty.clear();
+        program.harvest(&mut self.dirty)?;
+        self.dirty.extend_from_slice(carried);
+        self.state.clear();
+        program.capture_state(&mut self.state)?;
+        self.staging.capture(program.memory(), &mut self.dirty);
+        Ok(())
+    }
+}
