@@ -72,7 +72,11 @@ impl Checkpointer {
         })
     }
 
-    fn capture<P: Protected + ?Sized>(&mut self, program: &mut P, carried: &[u64]) -> Result<(), HypError> {
+    fn capture<P: Protected + ?Sized>(
+        &mut self,
+        program: &mut P,
+        carried: &[u64],
+    ) -> Result<(), HypError> {
         self.dirty.clear();
         program.harvest(&mut self.dirty)?;
         self.dirty.extend_from_slice(carried);

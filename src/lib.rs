@@ -6,8 +6,10 @@
 //! during the pause. [`bench`] drives it over the synthetic workloads, every mode side
 //! by side, and proves after every epoch that the replica equals the checkpoint.
 
+pub mod backup;
 pub mod bench;
 pub mod checkpoint;
 pub mod local;
+pub mod primary;
 pub mod replicator;
 pub mod staging;

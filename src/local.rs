@@ -32,6 +32,9 @@ pub enum ReplicationError {
     /// A thread could not be started.
     #[error("cannot start the epoch thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] fgbi_transport::TransportError),
     /// The replica's memory could not be mapped.
     #[error(transparent)]
     Memory(#[from] MemoryError),

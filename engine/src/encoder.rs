@@ -141,6 +141,19 @@ impl Encoder {
         &self.carry
     }
 
+    /// Adds `pages` to those the next epoch must carry whether or not they are dirty:
+    /// every page, for a backup that joins empty while the program keeps running.
+    pub fn carry(&mut self, pages: &[u64]) -> Result<(), EncodeError> {
+        let limit = self.config.geometry.pages();
+        if let Some(&page) = pages.iter().find(|&&p| p >= limit) {
+            return Err(EncodeError::PageOutOfRange { page, pages: limit });
+        }
+        self.carry.extend_from_slice(pages);
+        self.carry.sort_unstable();
+        self.carry.dedup();
+        Ok(())
+    }
+
     /// Memory the encoder keeps beside the protected memory: (digest bytes, cache bytes).
     pub fn overhead_bytes(&self) -> (usize, usize) {
         self.crew.overhead_bytes()

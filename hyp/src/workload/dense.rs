@@ -1,7 +1,7 @@
 //! `dense`: pages overwritten with fresh random data, FGBI's worst case: every block
 //! changes, nothing repeats, nothing compresses.
 
-use super::{PAGE, Rng, Workload, touch, WorkloadError, expect_words};
+use super::{PAGE, Rng, Workload, WorkloadError, expect_words, touch};
 
 /// Pages rewritten per epoch.
 const PAGES_PER_EPOCH: usize = 500;

@@ -2,7 +2,7 @@
 //! then copied, whole and in block-aligned pieces, into many other pages (message
 //! fan-out, buffer duplication, copied templates).
 
-use super::{PAGE, Region, Rng, Workload, layout, touch, WorkloadError, expect_words};
+use super::{PAGE, Region, Rng, Workload, WorkloadError, expect_words, layout, touch};
 
 /// The `dup` workload.
 pub struct Dup {

@@ -1,7 +1,7 @@
 //! `idle`: an idle machine. A timer tick updates one counter each epoch; now and then
 //! a housekeeping task touches a few words elsewhere.
 
-use super::{PAGE, Rng, Workload, write_at, WorkloadError, expect_words};
+use super::{PAGE, Rng, Workload, WorkloadError, expect_words, write_at};
 
 /// The `idle` workload.
 pub struct Idle {

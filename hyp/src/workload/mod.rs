@@ -30,7 +30,9 @@ pub enum WorkloadError {
     #[error("unknown workload {0:?}: use one of web, npb-ep, sys, dense, dup, idle, or all")]
     Unknown(String),
     /// A saved workload state does not fit the workload.
-    #[error("saved state of workload {name} is {got} words, expected {expected}: the state blob is not from this workload or version")]
+    #[error(
+        "saved state of workload {name} is {got} words, expected {expected}: the state blob is not from this workload or version"
+    )]
     State {
         /// Workload name.
         name: &'static str,
@@ -71,7 +73,11 @@ pub trait Workload: Send {
 }
 
 /// Checks that a saved state has `expected` words.
-pub(crate) fn expect_words(name: &'static str, words: &[u64], expected: usize) -> Result<(), WorkloadError> {
+pub(crate) fn expect_words(
+    name: &'static str,
+    words: &[u64],
+    expected: usize,
+) -> Result<(), WorkloadError> {
     if words.len() != expected {
         return Err(WorkloadError::State {
             name,
@@ -228,7 +234,10 @@ mod tests {
                 twin.step(&mut copy, &mut written);
             }
             assert!(memory == copy, "{name} diverged after restore");
-            assert!(twin.load(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]).is_err());
+            assert!(
+                twin.load(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16])
+                    .is_err()
+            );
         }
     }
 

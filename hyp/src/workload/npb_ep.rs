@@ -2,7 +2,7 @@
 //! each epoch rewrites a small batch buffer of fresh random doubles and updates a few
 //! accumulators (the annulus counts and the sums); nothing else moves.
 
-use super::{PAGE, Region, Rng, Workload, write_at, WorkloadError, expect_words};
+use super::{PAGE, Region, Rng, Workload, WorkloadError, expect_words, write_at};
 
 /// Pages of the batch buffer of random pairs.
 const BATCH_PAGES: usize = 16;
@@ -81,7 +81,12 @@ impl Workload for NpbEp {
 
     fn save(&self) -> Vec<u64> {
         let mut words = vec![self.rng.state()];
-        words.extend(self.q.iter().chain([&self.sx, &self.sy]).map(|v| v.to_bits()));
+        words.extend(
+            self.q
+                .iter()
+                .chain([&self.sx, &self.sy])
+                .map(|v| v.to_bits()),
+        );
         words
     }
 

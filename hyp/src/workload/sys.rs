@@ -2,7 +2,7 @@
 //! many pages (list links, reference counts), pages allocated from a pool (zeroed,
 //! then a header written), and pages copied (fork's copy-on-write, page cache reads).
 
-use super::{PAGE, Region, Rng, Workload, layout, touch, write_at, WorkloadError, expect_words};
+use super::{PAGE, Region, Rng, Workload, WorkloadError, expect_words, layout, touch, write_at};
 
 /// The `sys` workload.
 pub struct Sys {
