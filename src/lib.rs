@@ -5,8 +5,10 @@
 //! the whole primary-to-backup path; [`staging`] holds the dirty pages copied out
 //! during the pause. [`bench`] drives it over the synthetic workloads, every mode side
 //! by side, and proves after every epoch that the replica equals the checkpoint.
+//! [`capi`] is the C API over the replicator, declared by `include/fgbi.h`.
 
 pub mod bench;
+pub mod capi;
 pub mod local;
 pub mod replicator;
 pub mod staging;
