@@ -1,7 +1,9 @@
 //! The C example, built with the system C compiler against the libfgbi.so cargo just
 //! built, run, and checked: its live and replicated results agree, every checkpoint
-//! verified, and the restart record names the last iteration.
+//! verified, and the restart record names the last iteration. Also: the header
+//! compiles as C++, and the Fortran binding (examples/fortran) builds and runs.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -25,6 +27,35 @@ fn library_dir() -> PathBuf {
 /// Whether `program` runs at all.
 fn available(program: &str) -> bool {
     Command::new(program).arg("--version").output().is_ok()
+}
+
+/// Whether `compiler` is installed (`package` provides it) and the kernel can track
+/// dirty pages; says loudly which is missing.
+fn ready(compiler: &str, package: &str) -> bool {
+    if !available(compiler) {
+        eprintln!("SKIPPED: no `{compiler}` on PATH; install {package} to run this test");
+        return false;
+    }
+    DirtyTracker::probe()
+        .map_err(|e| eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}"))
+        .is_ok()
+}
+
+/// Compiles `source` (a path in the repository) with `compiler` and `flags`, linked
+/// against the libfgbi.so built with this test, into `name` in the test's scratch
+/// directory; the program's path.
+fn build(compiler: &str, flags: &[&OsStr], source: &str, name: &str) -> PathBuf {
+    let lib = library_dir();
+    let program = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    run(Command::new(compiler)
+        .args(flags)
+        .arg("-o")
+        .arg(&program)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(source))
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lfgbi"));
+    program
 }
 
 /// Runs `command`, failing the test with its output unless it succeeds; its stdout.
@@ -53,28 +84,14 @@ fn field<'a>(report: &'a str, key: &str) -> Vec<&'a str> {
 
 #[test]
 fn the_c_heat_solver_restarts_from_an_exact_replica() {
-    if !available("cc") {
-        eprintln!("SKIPPED: no C compiler `cc` on PATH; install gcc to build examples/heat");
+    if !ready("cc", "gcc") {
         return;
     }
-    if let Err(e) = DirtyTracker::probe() {
-        eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}");
-        return;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lib = library_dir();
-    let heat = Path::new(env!("CARGO_TARGET_TMPDIR")).join("heat");
-    run(Command::new("cc")
-        .args(["-O2", "-std=c99"])
-        .args(WARNINGS)
-        .arg("-I")
-        .arg(root.join("include"))
-        .arg("-o")
-        .arg(&heat)
-        .arg(root.join("examples/heat/heat.c"))
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .args(["-lfgbi", "-pthread"]));
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
+    let mut flags: Vec<&OsStr> = ["-O2", "-std=c99", "-pthread"].map(OsStr::new).into();
+    flags.extend(WARNINGS.map(OsStr::new));
+    flags.extend([OsStr::new("-I"), include.as_os_str()]);
+    let heat = build("cc", &flags, "examples/heat/heat.c", "heat");
 
     let report = run(Command::new(&heat).args(["192", &ITERATIONS.to_string(), "2", "2"]));
     let live = field(&report, "checksum live");
@@ -109,4 +126,23 @@ fn the_header_compiles_as_cpp() {
         .args(WARNINGS)
         .args(["-x", "c++"])
         .arg(header));
+}
+
+#[test]
+fn the_fortran_binding_round_trips() {
+    if !ready("gfortran", "gfortran") {
+        return;
+    }
+    // -J: where the module file goes.
+    let mut flags = ["-std=f2008", "-Wall", "-Werror", "-J"]
+        .map(OsStr::new)
+        .to_vec();
+    flags.push(env!("CARGO_TARGET_TMPDIR").as_ref());
+    let relax = build("gfortran", &flags, "examples/fortran/relax.f90", "relax");
+    let report = run(&mut Command::new(&relax));
+    assert_eq!(
+        field(&report, "epochs")[1..],
+        ["mismatches", "0", "replica", "equals", "live", "T"],
+        "{report}"
+    );
 }
