@@ -207,16 +207,27 @@ impl Safepoint {
     /// Runs `f`, which must not touch protected memory, counting this thread as
     /// stopped meanwhile; parks afterwards if a stop is still in progress.
     pub fn outside<R>(&self, f: impl FnOnce() -> R) -> R {
-        {
-            let mut state = self.shared.lock();
-            state.slots[self.id].quiet = true;
-            self.shared.changed.notify_all();
-        }
+        self.enter_outside();
         let result = f();
+        self.leave_outside();
+        result
+    }
+
+    /// Counts this thread as stopped until [`Safepoint::leave_outside`]; in between
+    /// it must not touch protected memory. [`Safepoint::outside`] is the same pair
+    /// around a closure; this split form serves callers that cannot pass one (the C
+    /// API).
+    pub fn enter_outside(&self) {
+        let mut state = self.shared.lock();
+        state.slots[self.id].quiet = true;
+        self.shared.changed.notify_all();
+    }
+
+    /// Ends [`Safepoint::enter_outside`]: parks first if a stop is in progress.
+    pub fn leave_outside(&self) {
         let state = self.shared.lock();
         let mut state = self.shared.wait_while_requested(state);
         state.slots[self.id].quiet = false;
-        result
     }
 }
 

@@ -1,0 +1,677 @@
+//! The C API declared by `include/fgbi.h`, over [`crate::replicator`].
+//!
+//! A handle given to C is the address of an object this module keeps in a registry of
+//! live handles. Every call but [`fgbi_safepoint_pass`] looks its handles up there,
+//! so an unknown, freed or mistyped handle is an error rather than undefined
+//! behaviour; `fgbi_safepoint_pass`, which must take no lock, dereferences its handle
+//! directly. Every entry point catches panics, checks its pointers for NULL, returns a
+//! [`Status`] and, on failure, leaves a message for [`fgbi_last_error`].
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::panic::{self, AssertUnwindSafe};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use fgbi_engine::{Geometry, PAGE_SIZE};
+use fgbi_hyp::process::{ProcessHandle, layout};
+use fgbi_hyp::protected::HypError;
+use fgbi_hyp::safepoint::{Safepoint, SafepointError};
+use fgbi_hyp::tracking::TrackingError;
+use thiserror::Error;
+
+use crate::local::ReplicationError;
+use crate::replicator::{ReplicaView, Replicator, ReplicatorOptions, Summary};
+
+/// What a call returns: `enum fgbi_status` in the header.
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Success.
+    Ok = 0,
+    /// A required pointer argument was NULL.
+    Null = -1,
+    /// An argument is out of range: region sizes, options, a region index.
+    Invalid = -2,
+    /// A handle is unknown, already freed, or of another kind.
+    Handle = -3,
+    /// A call out of order: finishing twice, leaving a wait never entered.
+    State = -4,
+    /// The kernel lacks dirty tracking (it needs Linux 6.7 or later).
+    Unsupported = -5,
+    /// The process may not use userfaultfd.
+    Permission = -6,
+    /// Dirty tracking failed on a kernel that supports it.
+    Tracking = -7,
+    /// Memory could not be mapped or the epoch thread could not be started.
+    Resources = -8,
+    /// An application thread did not reach a safepoint within the stop timeout.
+    Safepoint = -9,
+    /// The replica refused an epoch or the epoch thread failed: a bug in fgbi.
+    Replication = -10,
+    /// fgbi panicked: a bug in fgbi.
+    Panic = -11,
+}
+
+/// Why a call failed; its message, prefixed with the call's name, is what
+/// [`fgbi_last_error`] returns.
+#[derive(Debug, Error)]
+enum Error {
+    #[error("argument `{0}` is NULL: pass a valid pointer")]
+    Null(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "argument `{arg}` ({addr:#x}) is not a live {kind}: pass what {origin} returned, and \
+         not after freeing it"
+    )]
+    Handle {
+        arg: &'static str,
+        addr: usize,
+        kind: &'static str,
+        origin: &'static str,
+    },
+    #[error("{0}")]
+    State(&'static str),
+    #[error(
+        "threads {missing:?} did not reach a safepoint within {timeout:?}: call \
+         fgbi_safepoint_pass more often, wrap blocking waits in \
+         fgbi_safepoint_enter_outside / fgbi_safepoint_leave_outside, and call \
+         fgbi_safepoint_free before a thread exits or calls fgbi_finish"
+    )]
+    Stalled {
+        missing: Vec<String>,
+        timeout: Duration,
+    },
+    #[error(transparent)]
+    Replication(ReplicationError),
+    #[error("fgbi panicked ({0}): this is a bug in fgbi, please report it")]
+    Panic(String),
+}
+
+impl From<ReplicationError> for Error {
+    fn from(e: ReplicationError) -> Self {
+        match e {
+            ReplicationError::Hyp(HypError::Safepoint(SafepointError::Timeout {
+                missing,
+                timeout,
+            })) => Error::Stalled { missing, timeout },
+            e => Error::Replication(e),
+        }
+    }
+}
+
+impl Error {
+    fn status(&self) -> Status {
+        match self {
+            Error::Null(_) => Status::Null,
+            Error::Invalid(_) => Status::Invalid,
+            Error::Handle { .. } => Status::Handle,
+            Error::State(_) => Status::State,
+            Error::Stalled { .. } => Status::Safepoint,
+            Error::Panic(_) => Status::Panic,
+            Error::Replication(e) => match e {
+                ReplicationError::Hyp(HypError::Tracking(TrackingError::PermissionDenied(_))) => {
+                    Status::Permission
+                }
+                ReplicationError::Hyp(HypError::Tracking(
+                    TrackingError::NoUserfaultfd(_)
+                    | TrackingError::MissingFeatures { .. }
+                    | TrackingError::NoPagemapScan,
+                )) => Status::Unsupported,
+                ReplicationError::Hyp(HypError::Tracking(_)) => Status::Tracking,
+                ReplicationError::Hyp(HypError::Memory(_))
+                | ReplicationError::Memory(_)
+                | ReplicationError::Thread(_) => Status::Resources,
+                ReplicationError::Geometry(_) => Status::Invalid,
+                _ => Status::Replication,
+            },
+        }
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::default();
+}
+
+/// Runs the body of entry point `name`, catching panics: its status, and on failure
+/// the message for [`fgbi_last_error`].
+fn call(name: &str, body: impl FnOnce() -> Result<(), Error>) -> c_int {
+    let result = panic::catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned());
+        Err(Error::Panic(what.unwrap_or_else(|| "no message".into())))
+    });
+    match result {
+        Ok(()) => Status::Ok as c_int,
+        Err(e) => {
+            let message = format!("{name}: {e}").replace('\0', "\\0");
+            LAST_ERROR.set(CString::new(message).unwrap_or_default());
+            e.status() as c_int
+        }
+    }
+}
+
+/// `ptr` if it is not NULL, else the error naming argument `arg`.
+fn required<T>(ptr: *const T, arg: &'static str) -> Result<NonNull<T>, Error> {
+    NonNull::new(ptr.cast_mut()).ok_or(Error::Null(arg))
+}
+
+/// An object C holds by address.
+trait Handle: Any + Send + Sync {
+    /// Its type in the header.
+    const KIND: &'static str;
+    /// The call that returns it.
+    const ORIGIN: &'static str;
+}
+
+type Registry = BTreeMap<usize, Arc<dyn Any + Send + Sync>>;
+
+static HANDLES: Mutex<Registry> = Mutex::new(BTreeMap::new());
+
+fn handles() -> MutexGuard<'static, Registry> {
+    // Every critical section is one map operation, which a panic cannot leave half done.
+    HANDLES.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Keeps `object` alive until it is released and returns its handle.
+fn publish<T: Handle>(object: T) -> *mut T {
+    let object = Arc::new(object);
+    let handle = Arc::as_ptr(&object).cast_mut();
+    handles().insert(handle.addr(), object);
+    handle
+}
+
+/// The live object behind `handle` (argument `arg`); with `release`, also forgets it,
+/// so it is freed once the caller drops it.
+fn lookup<T: Handle>(handle: *const T, arg: &'static str, release: bool) -> Result<Arc<T>, Error> {
+    let addr = required(handle, arg)?.addr().get();
+    let mut handles = handles();
+    let object = match handles.get(&addr) {
+        Some(object) if object.is::<T>() && release => handles.remove(&addr),
+        Some(object) => Some(Arc::clone(object)),
+        None => None,
+    };
+    object
+        .and_then(|object| object.downcast::<T>().ok())
+        .ok_or(Error::Handle {
+            arg,
+            addr,
+            kind: T::KIND,
+            origin: T::ORIGIN,
+        })
+}
+
+/// How to protect: `struct fgbi_options` in the header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FgbiOptions {
+    /// Milliseconds between checkpoints, at least 1.
+    pub epoch_ms: u64,
+    /// Block size in bytes: a power of two from 32 to 4096.
+    pub block_size: u64,
+    /// Milliseconds the application's threads have to reach a safepoint, at least 1.
+    pub stop_timeout_ms: u64,
+    /// Compare the replica with the checkpoint every this many epochs (0: only the
+    /// final checkpoint, which is always compared).
+    pub verify_every: u64,
+    /// Bytes of page cache for run deltas.
+    pub cache_bytes: u64,
+}
+
+impl From<&ReplicatorOptions> for FgbiOptions {
+    fn from(o: &ReplicatorOptions) -> Self {
+        Self {
+            epoch_ms: o.epoch.as_millis() as u64,
+            block_size: o.block_size as u64,
+            stop_timeout_ms: o.stop_timeout.as_millis() as u64,
+            verify_every: o.verify_every,
+            cache_bytes: o.cache_bytes as u64,
+        }
+    }
+}
+
+impl FgbiOptions {
+    fn to_replicator(self) -> Result<ReplicatorOptions, Error> {
+        if self.epoch_ms == 0 || self.stop_timeout_ms == 0 {
+            return Err(Error::Invalid(format!(
+                "epoch_ms ({}) and stop_timeout_ms ({}) must be at least 1: start from \
+                 fgbi_options_default",
+                self.epoch_ms, self.stop_timeout_ms
+            )));
+        }
+        let block_size = usize::try_from(self.block_size).unwrap_or(usize::MAX);
+        // The block size is checked here, before any memory is mapped.
+        Geometry::new(PAGE_SIZE as u64, block_size)
+            .map_err(|e| Error::Invalid(format!("block_size: {e}")))?;
+        Ok(ReplicatorOptions {
+            epoch: Duration::from_millis(self.epoch_ms),
+            block_size,
+            stop_timeout: Duration::from_millis(self.stop_timeout_ms),
+            verify_every: self.verify_every,
+            cache_bytes: usize::try_from(self.cache_bytes).map_err(|_| {
+                Error::Invalid(format!("cache_bytes ({}) exceeds size_t", self.cache_bytes))
+            })?,
+            ..ReplicatorOptions::default()
+        })
+    }
+}
+
+/// What protection did: `struct fgbi_summary` in the header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FgbiSummary {
+    /// Checkpoints taken, the final one included.
+    pub epochs: u64,
+    /// Checkpoints compared with the replica.
+    pub verified: u64,
+    /// Checkpoints whose replica differed (0 unless something is broken).
+    pub mismatches: u64,
+    /// Dirty pages replicated.
+    pub dirty_pages: u64,
+    /// Bytes encoded.
+    pub wire_bytes: u64,
+    /// Median pause per checkpoint (type II downtime), microseconds.
+    pub pause_us_p50: f64,
+    /// 99th percentile pause, microseconds.
+    pub pause_us_p99: f64,
+    /// Longest pause, microseconds.
+    pub pause_us_max: f64,
+}
+
+impl From<&Summary> for FgbiSummary {
+    fn from(s: &Summary) -> Self {
+        Self {
+            epochs: s.epochs,
+            verified: s.verified,
+            mismatches: s.mismatches,
+            dirty_pages: s.dirty_pages,
+            wire_bytes: s.wire_bytes,
+            pause_us_p50: s.pause_us.p50,
+            pause_us_p99: s.pause_us.p99,
+            pause_us_max: s.pause_us.max,
+        }
+    }
+}
+
+/// A protected process: `fgbi_process` in the header, opaque to C.
+pub struct FgbiProcess {
+    handle: ProcessHandle,
+    /// The epoch thread, until `fgbi_finish` takes it.
+    replicator: Mutex<Option<Replicator>>,
+}
+
+impl Handle for FgbiProcess {
+    const KIND: &'static str = "fgbi_process";
+    const ORIGIN: &'static str = "fgbi_protect";
+}
+
+/// One thread's safepoint: `fgbi_safepoint` in the header, opaque to C.
+pub struct FgbiSafepoint {
+    safepoint: Safepoint,
+    /// Between `fgbi_safepoint_enter_outside` and `fgbi_safepoint_leave_outside`.
+    outside: AtomicBool,
+}
+
+impl Handle for FgbiSafepoint {
+    const KIND: &'static str = "fgbi_safepoint";
+    const ORIGIN: &'static str = "fgbi_safepoint_register";
+}
+
+/// The replica left by `fgbi_finish`: `fgbi_replica` in the header, opaque to C.
+/// The lock makes it shareable; the memory it hands out does not move while the
+/// replica lives.
+pub struct FgbiReplica(Mutex<ReplicaView>);
+
+impl FgbiReplica {
+    fn view(&self) -> MutexGuard<'_, ReplicaView> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Handle for FgbiReplica {
+    const KIND: &'static str = "fgbi_replica";
+    const ORIGIN: &'static str = "fgbi_finish";
+}
+
+/// The message of this thread's last failed call, or "" if none failed. Valid until
+/// the next call on this thread fails; successful calls leave it alone.
+#[unsafe(no_mangle)]
+pub extern "C" fn fgbi_last_error() -> *const c_char {
+    panic::catch_unwind(|| LAST_ERROR.with_borrow(|message| message.as_ptr()))
+        .unwrap_or(c"fgbi_last_error: fgbi panicked: this is a bug in fgbi".as_ptr())
+}
+
+/// Fills `options` with the defaults.
+///
+/// # Safety
+///
+/// `options` is NULL or valid for writing one `fgbi_options`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_options_default(options: *mut FgbiOptions) -> c_int {
+    call("fgbi_options_default", || {
+        let out = required(options, "options")?;
+        // SAFETY: not NULL, and valid for writes per the contract.
+        unsafe { out.write(FgbiOptions::from(&ReplicatorOptions::default())) };
+        Ok(())
+    })
+}
+
+/// Protects `count` regions of `sizes[i]` bytes and starts checkpointing them every
+/// epoch; `options` NULL means the defaults. On success `*process` is the handle.
+///
+/// # Safety
+///
+/// `sizes` is NULL or points to `count` readable `size_t`; `options` is NULL or points
+/// to a readable `fgbi_options`; `process` is NULL or valid for writing a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_protect(
+    sizes: *const usize,
+    count: usize,
+    options: *const FgbiOptions,
+    process: *mut *mut FgbiProcess,
+) -> c_int {
+    call("fgbi_protect", || {
+        let out = required(process, "process")?;
+        let sizes = required(sizes, "sizes")?;
+        // SAFETY: not NULL, and `count` readable elements per the contract.
+        let sizes = unsafe { std::slice::from_raw_parts(sizes.as_ptr(), count) };
+        // SAFETY: NULL or readable per the contract; every bit pattern is valid.
+        let options = match unsafe { options.as_ref() } {
+            Some(options) => options.to_replicator()?,
+            None => ReplicatorOptions::default(),
+        };
+        if let Err(HypError::Order(why)) = layout(sizes) {
+            return Err(Error::Invalid(format!(
+                "cannot protect regions of {sizes:?} bytes ({why}): pass at least one \
+                 size, none of them 0"
+            )));
+        }
+        let (handle, replicator) = Replicator::start(sizes, options)?;
+        let handle = publish(FgbiProcess {
+            handle,
+            replicator: Mutex::new(Some(replicator)),
+        });
+        // SAFETY: not NULL, and valid for writes per the contract.
+        unsafe { out.write(handle) };
+        Ok(())
+    })
+}
+
+/// Sets `*base` and `*len` to where protected region `index` lies: zero-filled at
+/// first, writable by the process's registered threads, valid until
+/// `fgbi_process_free`.
+///
+/// # Safety
+///
+/// `base` and `len` are NULL or valid for writing a pointer and a `size_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_region(
+    process: *const FgbiProcess,
+    index: usize,
+    base: *mut *mut c_void,
+    len: *mut usize,
+) -> c_int {
+    call("fgbi_region", || {
+        let (base, len) = (required(base, "base")?, required(len, "len")?);
+        let process = lookup(process, "process", false)?;
+        let (start, bytes) = process.handle.region(index).ok_or_else(|| {
+            Error::Invalid(format!(
+                "region {index} does not exist: the process has {} regions, numbered from 0",
+                process.handle.regions()
+            ))
+        })?;
+        // SAFETY: neither is NULL, and both are valid for writes per the contract.
+        unsafe {
+            base.write(start.cast());
+            len.write(bytes);
+        }
+        Ok(())
+    })
+}
+
+/// Registers the calling thread, under `name` (used in error messages), as a writer
+/// of protected memory. If a checkpoint is being taken, waits for it to end first.
+///
+/// # Safety
+///
+/// `name` is NULL or a NUL-terminated string; `safepoint` is NULL or valid for
+/// writing a pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_safepoint_register(
+    process: *const FgbiProcess,
+    name: *const c_char,
+    safepoint: *mut *mut FgbiSafepoint,
+) -> c_int {
+    call("fgbi_safepoint_register", || {
+        let out = required(safepoint, "safepoint")?;
+        let name = required(name, "name")?;
+        // SAFETY: not NULL, and NUL-terminated per the contract.
+        let name = unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy();
+        let process = lookup(process, "process", false)?;
+        let handle = publish(FgbiSafepoint {
+            safepoint: process.handle.register(&name),
+            outside: AtomicBool::new(false),
+        });
+        // SAFETY: not NULL, and valid for writes per the contract.
+        unsafe { out.write(handle) };
+        Ok(())
+    })
+}
+
+/// A consistent point of the calling thread: parks here while a checkpoint is taken.
+/// Costs one atomic load when none is pending, and does not validate the handle
+/// beyond NULL.
+///
+/// # Safety
+///
+/// `safepoint` is NULL or a handle from `fgbi_safepoint_register` not yet freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_safepoint_pass(safepoint: *const FgbiSafepoint) -> c_int {
+    call("fgbi_safepoint_pass", || {
+        let safepoint = required(safepoint, "safepoint")?;
+        // SAFETY: per the contract, a live handle: the address of an `FgbiSafepoint`
+        // the registry keeps alive until `fgbi_safepoint_free`.
+        unsafe { safepoint.as_ref() }.safepoint.pass();
+        Ok(())
+    })
+}
+
+/// Starts a wait outside protected memory (a blocking receive, a barrier): until
+/// `fgbi_safepoint_leave_outside`, the thread counts as stopped and must not touch
+/// protected memory nor pass its safepoint.
+#[unsafe(no_mangle)]
+pub extern "C" fn fgbi_safepoint_enter_outside(safepoint: *const FgbiSafepoint) -> c_int {
+    call("fgbi_safepoint_enter_outside", || {
+        step_outside(safepoint, true)
+    })
+}
+
+/// Ends the wait begun by `fgbi_safepoint_enter_outside`; parks first if a checkpoint
+/// is being taken.
+#[unsafe(no_mangle)]
+pub extern "C" fn fgbi_safepoint_leave_outside(safepoint: *const FgbiSafepoint) -> c_int {
+    call("fgbi_safepoint_leave_outside", || {
+        step_outside(safepoint, false)
+    })
+}
+
+/// Moves the thread of `safepoint` outside protected memory, or back in.
+fn step_outside(safepoint: *const FgbiSafepoint, outside: bool) -> Result<(), Error> {
+    let safepoint = lookup(safepoint, "safepoint", false)?;
+    if safepoint.outside.swap(outside, Ordering::Relaxed) == outside {
+        return Err(Error::State(if outside {
+            "the thread is already outside: call fgbi_safepoint_leave_outside first"
+        } else {
+            "the thread is not outside: call fgbi_safepoint_enter_outside first"
+        }));
+    }
+    if outside {
+        safepoint.safepoint.enter_outside();
+    } else {
+        safepoint.safepoint.leave_outside();
+    }
+    Ok(())
+}
+
+/// Unregisters the thread: call it before the thread exits or calls `fgbi_finish`.
+#[unsafe(no_mangle)]
+pub extern "C" fn fgbi_safepoint_free(safepoint: *mut FgbiSafepoint) -> c_int {
+    call("fgbi_safepoint_free", || {
+        lookup(safepoint, "safepoint", true).map(drop)
+    })
+}
+
+/// Sets the restart record (`len` bytes at `data`; `data` may be NULL if `len` is 0)
+/// that travels with the next checkpoints. Call it where the thread's state is
+/// consistent, just before passing its safepoint.
+///
+/// # Safety
+///
+/// `data` is NULL or points to `len` readable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_set_state(
+    process: *const FgbiProcess,
+    data: *const c_void,
+    len: usize,
+) -> c_int {
+    call("fgbi_set_state", || {
+        let process = lookup(process, "process", false)?;
+        let record = if len == 0 {
+            &[][..]
+        } else {
+            let data = required(data.cast::<u8>(), "data")?;
+            // SAFETY: not NULL, and `len` readable bytes per the contract.
+            unsafe { std::slice::from_raw_parts(data.as_ptr(), len) }
+        };
+        process.handle.set_state(record);
+        Ok(())
+    })
+}
+
+/// Takes a final, verified checkpoint, stops checkpointing, and returns what
+/// protection did in `*summary` and the replica in `*replica`. Every registered
+/// thread must have freed its safepoint, or be outside, so the final stop completes.
+/// The process's regions stay readable until `fgbi_process_free`.
+///
+/// # Safety
+///
+/// `summary` and `replica` are NULL or valid for writing an `fgbi_summary` and a
+/// pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_finish(
+    process: *const FgbiProcess,
+    summary: *mut FgbiSummary,
+    replica: *mut *mut FgbiReplica,
+) -> c_int {
+    call("fgbi_finish", || {
+        let (summary, replica) = (required(summary, "summary")?, required(replica, "replica")?);
+        let process = lookup(process, "process", false)?;
+        let replicator = process
+            .replicator
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or(Error::State(
+                "protection has already finished: call fgbi_finish once per process",
+            ))?;
+        let done = replicator.finish()?;
+        // SAFETY: not NULL, and valid for writes per the contract.
+        unsafe { summary.write(FgbiSummary::from(&done)) };
+        let handle = publish(FgbiReplica(Mutex::new(done.replica)));
+        // SAFETY: not NULL, and valid for writes per the contract.
+        unsafe { replica.write(handle) };
+        Ok(())
+    })
+}
+
+/// Frees the process and unmaps its regions. If `fgbi_finish` was not called, stops
+/// checkpointing first (a final checkpoint, whose summary and replica are discarded,
+/// and whose failure is returned; the process is freed regardless).
+#[unsafe(no_mangle)]
+pub extern "C" fn fgbi_process_free(process: *mut FgbiProcess) -> c_int {
+    call("fgbi_process_free", || {
+        let process = lookup(process, "process", true)?;
+        let running = process
+            .replicator
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match running {
+            Some(replicator) => replicator.finish().map(drop).map_err(Error::from),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Sets `*base` and `*len` to the replica of region `index`, valid until
+/// `fgbi_replica_free`.
+///
+/// # Safety
+///
+/// `base` and `len` are NULL or valid for writing a pointer and a `size_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_replica_region(
+    replica: *const FgbiReplica,
+    index: usize,
+    base: *mut *const c_void,
+    len: *mut usize,
+) -> c_int {
+    call("fgbi_replica_region", || {
+        let (base, len) = (required(base, "base")?, required(len, "len")?);
+        let replica = lookup(replica, "replica", false)?;
+        let view = replica.view();
+        let region = view.region(index).ok_or_else(|| {
+            Error::Invalid(format!(
+                "the replica has no region {index}: it has {}, numbered from 0",
+                view.regions()
+            ))
+        })?;
+        // SAFETY: neither is NULL, and both are valid for writes per the contract.
+        unsafe {
+            base.write(region.as_ptr().cast());
+            len.write(region.len());
+        }
+        Ok(())
+    })
+}
+
+/// Sets `*data` and `*len` to the restart record committed with the final
+/// checkpoint, valid until `fgbi_replica_free`.
+///
+/// # Safety
+///
+/// `data` and `len` are NULL or valid for writing a pointer and a `size_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_replica_state(
+    replica: *const FgbiReplica,
+    data: *mut *const c_void,
+    len: *mut usize,
+) -> c_int {
+    call("fgbi_replica_state", || {
+        let (data, len) = (required(data, "data")?, required(len, "len")?);
+        let replica = lookup(replica, "replica", false)?;
+        let view = replica.view();
+        let state = view.state();
+        // SAFETY: neither is NULL, and both are valid for writes per the contract.
+        unsafe {
+            data.write(state.as_ptr().cast());
+            len.write(state.len());
+        }
+        Ok(())
+    })
+}
+
+/// Frees the replica.
+#[unsafe(no_mangle)]
+pub extern "C" fn fgbi_replica_free(replica: *mut FgbiReplica) -> c_int {
+    call("fgbi_replica_free", || {
+        lookup(replica, "replica", true).map(drop)
+    })
+}
