@@ -1,6 +1,7 @@
 //! The `fgbi` command line.
 
 mod bench_cmd;
+mod replicate_cmd;
 mod size;
 
 use std::process::ExitCode;
@@ -20,12 +21,22 @@ enum Command {
     /// Runs every encoding mode over the same workloads, side by side, and verifies the
     /// replica after every epoch.
     Bench(bench_cmd::BenchArgs),
+    /// Protects a synthetic workload and replicates it to a backup.
+    Primary(replicate_cmd::PrimaryArgs),
+    /// Holds the replica, and fails over when the primary dies.
+    Backup(replicate_cmd::BackupArgs),
+    /// Runs a backup and a primary as two processes, kills the primary, and reports
+    /// type I and type II downtime.
+    Demo(replicate_cmd::DemoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Primary(args) => replicate_cmd::primary(args),
+        Command::Backup(args) => replicate_cmd::backup(args),
+        Command::Demo(args) => replicate_cmd::demo(args),
     };
     match result {
         Ok(code) => code,

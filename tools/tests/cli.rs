@@ -87,3 +87,31 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn demo_kills_the_primary_and_the_backup_takes_over_from_its_checkpoint() {
+    let (code, stdout, stderr) = fgbi(&["demo", "--epochs", "12", "--mem", "16M"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("digest equals the primary's checkpoint"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("type I downtime"), "{stdout}");
+    assert!(stdout.contains("running epochs="), "{stdout}");
+}
+
+#[test]
+fn replication_commands_refuse_bad_keys_and_addresses_clearly() {
+    let (code, _, stderr) = fgbi(&[
+        "backup",
+        "--listen",
+        "127.0.0.1:0",
+        "--key",
+        "/nonexistent/fgbi.key",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("/nonexistent/fgbi.key"), "{stderr}");
+    let (code, _, stderr) = fgbi(&["primary", "--backup", "nowhere", "--key", "k"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
