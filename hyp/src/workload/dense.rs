@@ -1,7 +1,7 @@
 //! `dense`: pages overwritten with fresh random data, FGBI's worst case: every block
 //! changes, nothing repeats, nothing compresses.
 
-use super::{PAGE, Rng, Workload, WorkloadError, expect_words, touch};
+use super::{PAGE, Rng, Workload, WorkloadError, load_rng, touch};
 
 /// Pages rewritten per epoch.
 const PAGES_PER_EPOCH: usize = 500;
@@ -42,8 +42,7 @@ impl Workload for Dense {
     }
 
     fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
-        expect_words(self.name(), words, 1)?;
-        self.rng = Rng::new(words[0]);
+        self.rng = load_rng(self.name(), words, 1)?;
         Ok(())
     }
 }

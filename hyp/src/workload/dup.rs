@@ -2,7 +2,7 @@
 //! then copied, whole and in block-aligned pieces, into many other pages (message
 //! fan-out, buffer duplication, copied templates).
 
-use super::{PAGE, Region, Rng, Workload, WorkloadError, expect_words, layout, touch};
+use super::{PAGE, Region, Rng, Workload, WorkloadError, layout, load_rng, touch};
 
 /// The `dup` workload.
 pub struct Dup {
@@ -69,8 +69,7 @@ impl Workload for Dup {
     }
 
     fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
-        expect_words(self.name(), words, 1)?;
-        self.rng = Rng::new(words[0]);
+        self.rng = load_rng(self.name(), words, 1)?;
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! `idle`: an idle machine. A timer tick updates one counter each epoch; now and then
 //! a housekeeping task touches a few words elsewhere.
 
-use super::{PAGE, Rng, Workload, WorkloadError, expect_words, write_at};
+use super::{PAGE, Rng, Workload, WorkloadError, load_rng, write_at};
 
 /// The `idle` workload.
 pub struct Idle {
@@ -47,8 +47,7 @@ impl Workload for Idle {
     }
 
     fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
-        expect_words(self.name(), words, 2)?;
-        self.rng = Rng::new(words[0]);
+        self.rng = load_rng(self.name(), words, 2)?;
         self.ticks = words[1];
         Ok(())
     }

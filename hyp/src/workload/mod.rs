@@ -72,6 +72,16 @@ pub trait Workload: Send {
     fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError>;
 }
 
+/// The generator of a saved state of `expected` words, whose first word it is.
+pub(crate) fn load_rng(
+    name: &'static str,
+    words: &[u64],
+    expected: usize,
+) -> Result<Rng, WorkloadError> {
+    expect_words(name, words, expected)?;
+    Ok(Rng::new(words[0]))
+}
+
 /// Checks that a saved state has `expected` words.
 pub(crate) fn expect_words(
     name: &'static str,

@@ -2,7 +2,7 @@
 //! each epoch rewrites a small batch buffer of fresh random doubles and updates a few
 //! accumulators (the annulus counts and the sums); nothing else moves.
 
-use super::{PAGE, Region, Rng, Workload, WorkloadError, expect_words, write_at};
+use super::{PAGE, Region, Rng, Workload, WorkloadError, load_rng, write_at};
 
 /// Pages of the batch buffer of random pairs.
 const BATCH_PAGES: usize = 16;
@@ -91,8 +91,7 @@ impl Workload for NpbEp {
     }
 
     fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
-        expect_words(self.name(), words, 13)?;
-        self.rng = Rng::new(words[0]);
+        self.rng = load_rng(self.name(), words, 13)?;
         for (q, w) in self.q.iter_mut().zip(&words[1..11]) {
             *q = f64::from_bits(*w);
         }

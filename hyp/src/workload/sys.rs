@@ -2,7 +2,7 @@
 //! many pages (list links, reference counts), pages allocated from a pool (zeroed,
 //! then a header written), and pages copied (fork's copy-on-write, page cache reads).
 
-use super::{PAGE, Region, Rng, Workload, WorkloadError, expect_words, layout, touch, write_at};
+use super::{PAGE, Region, Rng, Workload, WorkloadError, layout, load_rng, touch, write_at};
 
 /// The `sys` workload.
 pub struct Sys {
@@ -87,8 +87,7 @@ impl Workload for Sys {
     }
 
     fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
-        expect_words(self.name(), words, 1)?;
-        self.rng = Rng::new(words[0]);
+        self.rng = load_rng(self.name(), words, 1)?;
         Ok(())
     }
 }

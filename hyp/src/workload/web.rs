@@ -3,7 +3,7 @@
 //! buffers from a header and a chunk of a cached static file (popular files are sent
 //! many times per epoch).
 
-use super::{PAGE, Region, Rng, Workload, WorkloadError, expect_words, layout, touch, write_at};
+use super::{PAGE, Region, Rng, Workload, WorkloadError, layout, load_rng, touch, write_at};
 
 const OBJECT: usize = 256;
 const BUFFER: usize = 16 << 10;
@@ -106,8 +106,7 @@ impl Workload for Web {
     }
 
     fn load(&mut self, words: &[u64]) -> Result<(), WorkloadError> {
-        expect_words(self.name(), words, 2)?;
-        self.rng = Rng::new(words[0]);
+        self.rng = load_rng(self.name(), words, 2)?;
         self.log_at = usize::try_from(words[1])
             .unwrap_or(usize::MAX)
             .min(self.log.len());
