@@ -50,31 +50,26 @@ fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs) {
     assert_eq!(restored.guest_stop(), None);
 }
 
+/// The counter guest, ringing the doorbell every 16 iterations.
+const COUNTER: GuestArgs = GuestArgs {
+    seed: 0,
+    arg0: 16,
+    arg1: 0,
+};
+
 #[test]
 fn a_counter_guest_is_replicated_and_fails_over_with_classic_dirty_logging() {
-    let args = GuestArgs {
-        arg0: 16,
-        ..GuestArgs::default()
-    };
-    replicate(DirtyTracking::Classic, Program::Counter, args);
+    replicate(DirtyTracking::Classic, Program::Counter, COUNTER);
 }
 
 #[test]
 fn a_counter_guest_is_replicated_and_fails_over_with_manual_protect() {
-    let args = GuestArgs {
-        arg0: 16,
-        ..GuestArgs::default()
-    };
-    replicate(DirtyTracking::ManualProtect, Program::Counter, args);
+    replicate(DirtyTracking::ManualProtect, Program::Counter, COUNTER);
 }
 
 #[test]
 fn a_counter_guest_is_replicated_and_fails_over_with_the_dirty_ring() {
-    let args = GuestArgs {
-        arg0: 16,
-        ..GuestArgs::default()
-    };
-    replicate(DirtyTracking::Ring, Program::Counter, args);
+    replicate(DirtyTracking::Ring, Program::Counter, COUNTER);
 }
 
 #[test]

@@ -326,3 +326,65 @@ fn a_damaged_state_blob_is_refused_and_a_guest_fault_is_reported() {
     let err = restored.wait_progress(saved + 10, WAIT).unwrap_err();
     assert!(matches!(err, KvmError::Guest(GuestStop::Fault(1))), "{err}");
 }
+
+/// Set in the child process of [`a_checkpoint_restores_in_another_process`]: the
+/// directory holding the checkpoint to restore.
+const CHILD_DIR: &str = "FGBI_KVM_RESTORE_DIR";
+
+#[test]
+fn a_checkpoint_restores_in_another_process() {
+    if !available(DirtyTracking::Ring) {
+        return;
+    }
+    let mut config = VmConfig::new(Program::Counter, 8 << 20, DirtyTracking::Ring);
+    config.args.arg0 = 1;
+    if let Some(dir) = std::env::var_os(CHILD_DIR) {
+        // The child: restore the parent's checkpoint and run on.
+        let dir = std::path::PathBuf::from(dir);
+        let image = std::fs::read(dir.join("memory")).unwrap();
+        let blob = std::fs::read(dir.join("state")).unwrap();
+        let (mut vm, _) = KvmVm::restore(config, &image, &blob).unwrap();
+        let saved = fgbi_hyp::kvm::guest::read_u64(&image, fgbi_hyp::kvm::guest::STATUS);
+        vm.wait_progress(saved + 3000, WAIT).unwrap();
+        vm.stop().unwrap();
+        check_pattern(vm.memory(), vm.status_iterations());
+        eprintln!(
+            "child: restored at {saved}, ran to {}",
+            vm.status_iterations()
+        );
+        return;
+    }
+    let mut vm = KvmVm::new(config).unwrap();
+    vm.wait_progress(5000, WAIT).unwrap();
+    vm.stop().unwrap();
+    let mut blob = Vec::new();
+    vm.capture_state(&mut blob).unwrap();
+    let dir = std::env::temp_dir().join(format!("fgbi-kvm-restore-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("memory"), vm.memory()).unwrap();
+    std::fs::write(dir.join("state"), &blob).unwrap();
+    drop(vm);
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_checkpoint_restores_in_another_process",
+            "--nocapture",
+        ])
+        .env(CHILD_DIR, &dir)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the child failed:\n{stderr}");
+    assert!(
+        stderr.contains("child: restored at"),
+        "the child did not restore:\n{stderr}"
+    );
+    eprintln!(
+        "{}",
+        stderr
+            .lines()
+            .find(|l| l.contains("child:"))
+            .unwrap_or_default()
+    );
+}

@@ -61,7 +61,7 @@ impl DirtyTracking {
 
 impl fmt::Display for DirtyTracking {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 

@@ -77,6 +77,18 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Control> {
         self.control.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Waits for a change, at most `timeout`.
+    fn wait<'a>(
+        &self,
+        control: MutexGuard<'a, Control>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Control> {
+        self.changed
+            .wait_timeout(control, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
 }
 
 /// The signal that kicks a vCPU out of `KVM_RUN`.
@@ -114,6 +126,8 @@ impl VcpuThread {
         let signal = kick_signal()?;
         let vcpu = Arc::new(Mutex::new(vcpu));
         let immediate_exit = ImmediateExit::new(Arc::clone(&vcpu));
+        // The first KVM_RUN returns at once: the thread parks before any guest code.
+        immediate_exit.set(true);
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
                 want: Want::Park,
@@ -155,12 +169,7 @@ impl VcpuThread {
         }
         while !control.parked {
             self.kick()?;
-            control = self
-                .shared
-                .changed
-                .wait_timeout(control, KICK_RETRY)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            control = self.shared.wait(control, KICK_RETRY);
         }
         Ok(started.elapsed())
     }
@@ -208,12 +217,7 @@ impl VcpuThread {
                     waited: timeout,
                 });
             }
-            control = self
-                .shared
-                .changed
-                .wait_timeout(control, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            control = self.shared.wait(control, left);
         }
     }
 
