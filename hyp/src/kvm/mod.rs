@@ -8,7 +8,8 @@
 //! - [`dirty`]: the three dirty tracking methods;
 //! - [`state`]: machine state capture, restore and its encoding;
 //! - [`guest`]: the guest memory layout, the guest programs and the CPU setup;
-//! - `sys`: the raw ioctls kvm-ioctls lacks, with every `unsafe` block.
+//! - `sys`: the raw ioctls kvm-ioctls lacks, with their `unsafe` blocks (the only other
+//!   one registers guest memory in `vm.rs`).
 //!
 //! On PVM hosts (nested KVM without VT-x/AMD-V, such as the development machines)
 //! only user-mode (CPL3) guest code runs natively; kernel-mode (CPL0) code is
