@@ -1,7 +1,8 @@
 //! The KVM interfaces kvm-ioctls 0.25 does not wrap, with safe APIs above them:
 //! `KVM_CLEAR_DIRTY_LOG`, the per-vCPU dirty ring (its mapping, harvest and
 //! `KVM_RESET_DIRTY_RINGS`), and the `immediate_exit` byte of a vCPU's `kvm_run` page
-//! written from another thread. Every `unsafe` block of the VMM's own code lives here.
+//! written from another thread. All of the VMM's `unsafe` code is here, except the one
+//! block in `vm.rs` that calls [`set_memory`].
 
 use std::io;
 use std::os::fd::AsRawFd;
