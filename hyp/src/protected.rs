@@ -7,6 +7,7 @@
 
 use thiserror::Error;
 
+use crate::kvm::KvmError;
 use crate::memory::MemoryError;
 use crate::safepoint::SafepointError;
 use crate::tracking::TrackingError;
@@ -27,6 +28,9 @@ pub enum HypError {
     /// The kernel's dirty tracking failed.
     #[error(transparent)]
     Tracking(#[from] TrackingError),
+    /// A KVM micro-VM failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
     /// The kernel's dirty pages and the program's own record of its writes disagree.
     #[error(
         "dirty tracking check failed: the kernel missed {missed} written page(s) (first: {first_missed:?}) and reported {extra} page(s) never written (first: {first_extra:?})"

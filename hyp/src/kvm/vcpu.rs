@@ -1,0 +1,364 @@
+//! The vCPU thread and how the VMM stops and resumes it.
+//!
+//! The vCPU runs `KVM_RUN` in a loop on its own thread, handling port I/O exits
+//! itself (the console and doorbell devices) and, with ring tracking, ring-full exits.
+//! To stop it the VMM asks for a park, sets the vCPU's `immediate_exit` byte and sends
+//! the thread a signal whose handler does nothing: a `KVM_RUN` in progress returns
+//! `EINTR` because of the signal, one about to start returns `EINTR` because of the
+//! byte, and either way KVM first completes the I/O the vCPU last exited for. The
+//! thread parks only after such an `EINTR`, so a parked vCPU's state is always
+//! consistent for capture. This is how firecracker and cloud-hypervisor kick vCPUs.
+
+use std::os::raw::c_int;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use super::KvmError;
+use super::dirty::SharedRing;
+use super::guest::{PORT_CONSOLE, PORT_DOORBELL, PORT_FAULT};
+use super::state::DeviceState;
+use super::sys::ImmediateExit;
+
+/// Console bytes kept (the most recent).
+const CONSOLE_MAX: usize = 64 << 10;
+/// How long a stop waits for the vCPU before kicking it again.
+const KICK_RETRY: Duration = Duration::from_millis(20);
+
+/// Why the guest stopped for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestStop {
+    /// The guest reported an inconsistency on the fault port (a code of guest.h).
+    Fault(u32),
+    /// KVM_RUN returned an exit the VMM does not handle (triple fault, MMIO to
+    /// unbacked memory, an emulation failure...).
+    Exit(String),
+    /// KVM_RUN failed.
+    RunFailed(String),
+}
+
+impl std::fmt::Display for GuestStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestStop::Fault(code) => write!(f, "the guest reported fault code {code}"),
+            GuestStop::Exit(exit) => write!(f, "the guest exited with {exit}"),
+            GuestStop::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),
+        }
+    }
+}
+
+/// What the VMM wants the vCPU thread to do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Park,
+    Exit,
+}
+
+/// State shared by the vCPU thread and the VMM, under one lock.
+struct Control {
+    want: Want,
+    parked: bool,
+    stop: Option<GuestStop>,
+    devices: DeviceState,
+}
+
+struct Shared {
+    control: Mutex<Control>,
+    /// Signalled when `want`, `parked` or the doorbell changes.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for a change, at most `timeout`.
+    fn wait<'a>(
+        &self,
+        control: MutexGuard<'a, Control>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Control> {
+        self.changed
+            .wait_timeout(control, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+}
+
+/// The signal that kicks a vCPU out of `KVM_RUN`.
+fn kick_signal() -> Result<c_int, KvmError> {
+    extern "C" fn nothing(_: c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    static REGISTERED: OnceLock<Result<c_int, String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let signal = SIGRTMIN();
+            register_signal_handler(signal, nothing)
+                .map(|()| signal)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(KvmError::Signal)
+}
+
+/// A vCPU running on its own thread.
+pub struct VcpuThread {
+    vcpu: Arc<Mutex<VcpuFd>>,
+    shared: Arc<Shared>,
+    immediate_exit: ImmediateExit,
+    thread: Option<JoinHandle<()>>,
+    signal: c_int,
+}
+
+impl VcpuThread {
+    /// Starts a thread for `vcpu`, parked; [`VcpuThread::resume`] lets it run.
+    pub fn spawn(
+        vcpu: VcpuFd,
+        vm: Arc<VmFd>,
+        ring: Option<SharedRing>,
+        devices: DeviceState,
+    ) -> Result<Self, KvmError> {
+        let signal = kick_signal()?;
+        let vcpu = Arc::new(Mutex::new(vcpu));
+        let immediate_exit = ImmediateExit::new(Arc::clone(&vcpu));
+        // The first KVM_RUN returns at once: the thread parks before any guest code.
+        immediate_exit.set(true);
+        let shared = Arc::new(Shared {
+            control: Mutex::new(Control {
+                want: Want::Park,
+                parked: false,
+                stop: None,
+                devices,
+            }),
+            changed: Condvar::new(),
+        });
+        let runner = Runner {
+            vcpu: Arc::clone(&vcpu),
+            shared: Arc::clone(&shared),
+            immediate_exit: ImmediateExit::new(Arc::clone(&vcpu)),
+            vm,
+            ring,
+        };
+        let thread = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || runner.run())
+            .map_err(KvmError::Thread)?;
+        let mut this = Self {
+            vcpu,
+            shared,
+            immediate_exit,
+            thread: Some(thread),
+            signal,
+        };
+        this.stop()?;
+        Ok(this)
+    }
+
+    /// Stops the vCPU and waits until it is parked outside `KVM_RUN`; returns how
+    /// long that took.
+    pub fn stop(&mut self) -> Result<Duration, KvmError> {
+        let started = Instant::now();
+        let mut control = self.shared.lock();
+        if control.want == Want::Run {
+            control.want = Want::Park;
+        }
+        while !control.parked {
+            self.kick()?;
+            control = self.shared.wait(control, KICK_RETRY);
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Lets a parked vCPU run again.
+    pub fn resume(&mut self) {
+        let mut control = self.shared.lock();
+        control.want = Want::Run;
+        self.shared.changed.notify_all();
+    }
+
+    /// The parked vCPU, for state ioctls. `None` while it runs.
+    pub fn parked(&self) -> Option<MutexGuard<'_, VcpuFd>> {
+        let parked = self.shared.lock().parked;
+        parked.then(|| self.vcpu.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The devices' state.
+    pub fn devices(&self) -> DeviceState {
+        self.shared.lock().devices.clone()
+    }
+
+    /// Why the guest stopped for good, if it did.
+    pub fn guest_stop(&self) -> Option<GuestStop> {
+        self.shared.lock().stop.clone()
+    }
+
+    /// Waits until the doorbell reports at least `target` iterations, or the guest
+    /// stops, or `timeout` passes; returns the progress reached.
+    pub fn wait_progress(&self, target: u64, timeout: Duration) -> Result<u64, KvmError> {
+        let deadline = Instant::now() + timeout;
+        let mut control = self.shared.lock();
+        loop {
+            if let Some(stop) = &control.stop {
+                return Err(KvmError::Guest(stop.clone()));
+            }
+            if control.devices.progress >= target {
+                return Ok(control.devices.progress);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(KvmError::Timeout {
+                    target,
+                    reached: control.devices.progress,
+                    waited: timeout,
+                });
+            }
+            control = self.shared.wait(control, left);
+        }
+    }
+
+    /// Interrupts `KVM_RUN`, now or at its next entry.
+    fn kick(&self) -> Result<(), KvmError> {
+        self.immediate_exit.set(true);
+        match &self.thread {
+            Some(thread) => thread
+                .kill(self.signal)
+                .map_err(|e| KvmError::Signal(e.to_string())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for VcpuThread {
+    fn drop(&mut self) {
+        self.shared.lock().want = Want::Exit;
+        self.shared.changed.notify_all();
+        // A failed kick leaves the thread to notice at its next exit.
+        let _ = self.kick();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The vCPU thread's side.
+struct Runner {
+    vcpu: Arc<Mutex<VcpuFd>>,
+    shared: Arc<Shared>,
+    immediate_exit: ImmediateExit,
+    vm: Arc<VmFd>,
+    ring: Option<SharedRing>,
+}
+
+/// What one exit asks of the loop.
+enum Next {
+    Run,
+    Stop(GuestStop),
+}
+
+impl Runner {
+    fn run(self) {
+        let mut vcpu = self.vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let next = match vcpu.run() {
+                Ok(exit) => self.handle(exit),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.immediate_exit.set(false);
+                    drop(vcpu);
+                    if !self.park() {
+                        return;
+                    }
+                    vcpu = self.vcpu.lock().unwrap_or_else(|e| e.into_inner());
+                    Next::Run
+                }
+                Err(e) => Next::Stop(GuestStop::RunFailed(e.to_string())),
+            };
+            if let Next::Stop(stop) = next {
+                let mut control = self.shared.lock();
+                control.stop.get_or_insert(stop);
+                self.shared.changed.notify_all();
+                // The next KVM_RUN completes the exit and returns at once: the vCPU
+                // then parks for good, consistent.
+                self.immediate_exit.set(true);
+            }
+        }
+    }
+
+    /// Parks if the VMM asked for it or the guest stopped; returns false when the
+    /// thread must end. Called only after KVM_RUN returned EINTR.
+    fn park(&self) -> bool {
+        let mut control = self.shared.lock();
+        while control.want != Want::Exit && (control.want == Want::Park || control.stop.is_some()) {
+            if !control.parked {
+                control.parked = true;
+                self.shared.changed.notify_all();
+            }
+            control = self
+                .shared
+                .changed
+                .wait(control)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        control.parked = false;
+        control.want != Want::Exit
+    }
+
+    fn handle(&self, exit: VcpuExit<'_>) -> Next {
+        match exit {
+            VcpuExit::IoOut(port, data) => self.port_out(port, data),
+            VcpuExit::IoIn(_, data) => {
+                // Nothing is readable: an open bus reads as all ones.
+                data.fill(0xff);
+                Next::Run
+            }
+            VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => match &self.ring {
+                Some(ring) => match ring
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .collect(&self.vm)
+                {
+                    Ok(()) => Next::Run,
+                    Err(e) => Next::Stop(GuestStop::RunFailed(e.to_string())),
+                },
+                None => Next::Stop(GuestStop::Exit(
+                    "a dirty-ring-full exit without a ring".into(),
+                )),
+            },
+            other => Next::Stop(GuestStop::Exit(format!("{other:?}"))),
+        }
+    }
+
+    fn port_out(&self, port: u16, data: &[u8]) -> Next {
+        let mut value = [0u8; 4];
+        let n = data.len().min(4);
+        value[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(value);
+        let mut control = self.shared.lock();
+        let devices = &mut control.devices;
+        match port {
+            PORT_CONSOLE => {
+                if devices.console.len() >= CONSOLE_MAX {
+                    devices.console.drain(..CONSOLE_MAX / 2);
+                }
+                devices.console.extend_from_slice(data);
+                Next::Run
+            }
+            PORT_DOORBELL => {
+                // The guest reports the low 32 bits; progress only moves forward.
+                let delta = value.wrapping_sub(devices.progress as u32);
+                devices.progress += u64::from(delta);
+                self.shared.changed.notify_all();
+                Next::Run
+            }
+            PORT_FAULT => {
+                devices.fault = value;
+                Next::Stop(GuestStop::Fault(value))
+            }
+            _ => Next::Run,
+        }
+    }
+}

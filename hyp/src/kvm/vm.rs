@@ -1,0 +1,392 @@
+//! The VM: one memory slot over a [`Region`], an optional in-kernel irqchip, one vCPU
+//! on its own thread, a guest program; created fresh or restored from a checkpoint,
+//! and driven through [`Protected`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+
+use super::dirty::{DirtyLog, DirtyTracking, SLOT};
+use super::guest::{self, GuestArgs, Privilege, Program};
+use super::state::{self, DeviceState, MachineState, RestoreReport};
+use super::vcpu::{GuestStop, VcpuThread};
+use super::{KvmError, sys};
+use crate::memory::{Backing, Region};
+use crate::protected::{HypError, Protected};
+use crate::workload::PAGE;
+
+/// What VM to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest memory in bytes: a multiple of 2 MiB from 4 MiB to 3 GiB.
+    pub mem_bytes: usize,
+    /// The guest program.
+    pub program: Program,
+    /// Its parameters.
+    pub args: GuestArgs,
+    /// The privilege level it runs at.
+    pub privilege: Privilege,
+    /// How dirty pages are found.
+    pub tracking: DirtyTracking,
+    /// The dirty ring's size in bytes (ring tracking): a power of two of at least
+    /// 4096; by default as large as KVM allows, up to 1 MiB.
+    pub ring_bytes: Option<u32>,
+    /// Whether to create an in-kernel irqchip (PIC, IOAPIC, LAPIC); its LAPIC state
+    /// is then part of the checkpoint.
+    pub irqchip: bool,
+}
+
+impl VmConfig {
+    /// `program` in `mem_bytes` of memory at CPL3, tracked by `tracking`, with an
+    /// irqchip and default arguments.
+    pub fn new(program: Program, mem_bytes: usize, tracking: DirtyTracking) -> Self {
+        Self {
+            mem_bytes,
+            program,
+            args: GuestArgs::default(),
+            privilege: Privilege::User,
+            tracking,
+            ring_bytes: None,
+            irqchip: true,
+        }
+    }
+}
+
+/// How long the parts of the last pause took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PauseTimes {
+    /// From asking the vCPU to stop until it was parked.
+    pub stop: Duration,
+    /// The dirty harvest (KVM's part).
+    pub harvest: Duration,
+    /// Capturing and encoding the machine state.
+    pub state: Duration,
+    /// Pages the last harvest reported.
+    pub dirty_pages: usize,
+}
+
+/// A KVM micro-VM running one guest program on one vCPU.
+pub struct KvmVm {
+    // Fields drop in order: the vCPU thread ends before the VM and its memory go.
+    vcpu: VcpuThread,
+    dirty: DirtyLog,
+    vm: Arc<VmFd>,
+    _kvm: Kvm,
+    config: VmConfig,
+    msrs: Vec<u32>,
+    /// Pages the VMM wrote into guest memory since the last harvest (KVM logs only
+    /// the guest's writes).
+    host_writes: Vec<u64>,
+    stopped: bool,
+    round: u64,
+    times: PauseTimes,
+    memory: Region,
+}
+
+/// A VM with memory and a vCPU, not yet running.
+struct Parts {
+    kvm: Kvm,
+    vm: VmFd,
+    dirty: DirtyLog,
+    vcpu: kvm_ioctls::VcpuFd,
+    ring: Option<super::dirty::SharedRing>,
+    msrs: Vec<u32>,
+    xsave_size: usize,
+    memory: Region,
+}
+
+impl Parts {
+    fn new(config: &VmConfig) -> Result<Self, KvmError> {
+        guest::check_size(config.mem_bytes).map_err(KvmError::Config)?;
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| KvmError::ioctl("KVM_CREATE_VM", e))?;
+        // The ring must be enabled before any vCPU exists.
+        let mut dirty = DirtyLog::enable(&vm, config.tracking, config.ring_bytes)?;
+        if !vm.check_extension(Cap::Xsave) {
+            return Err(KvmError::Unsupported("KVM_CAP_XSAVE"));
+        }
+        let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+        if xsave_size > size_of::<kvm_bindings::kvm_xsave>() {
+            return Err(KvmError::Unsupported("an XSAVE area of at most 4096 bytes"));
+        }
+        vm.set_tss_address(guest::KVM_TSS)
+            .map_err(|e| KvmError::ioctl("KVM_SET_TSS_ADDR", e))?;
+        if config.irqchip {
+            vm.create_irq_chip()
+                .map_err(|e| KvmError::ioctl("KVM_CREATE_IRQCHIP", e))?;
+        }
+        let mut memory = Region::new(config.mem_bytes)?;
+        // SAFETY: `memory` is a private anonymous mapping that `KvmVm` owns and drops
+        // only after the VM (field order in `KvmVm`).
+        unsafe {
+            sys::set_memory(
+                &vm,
+                SLOT,
+                memory.as_mut_ptr(),
+                memory.len(),
+                KVM_MEM_LOG_DIRTY_PAGES,
+            )
+        }
+        .map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| KvmError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        // Without it KVM refuses EFER.LME.
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(|e| KvmError::ioctl("KVM_SET_CPUID2", e))?;
+        let ring = dirty.attach(&vcpu)?;
+        let msrs = kvm
+            .get_msr_index_list()
+            .map_err(|e| KvmError::ioctl("KVM_GET_MSR_INDEX_LIST", e))?
+            .as_slice()
+            .to_vec();
+        Ok(Self {
+            kvm,
+            vm,
+            dirty,
+            vcpu,
+            ring,
+            msrs,
+            xsave_size,
+            memory,
+        })
+    }
+
+    /// Starts the vCPU thread and lets the guest run.
+    fn start(
+        self,
+        config: VmConfig,
+        devices: DeviceState,
+        host_writes: Vec<u64>,
+    ) -> Result<KvmVm, KvmError> {
+        let vm = Arc::new(self.vm);
+        let mut vcpu = VcpuThread::spawn(self.vcpu, Arc::clone(&vm), self.ring, devices)?;
+        vcpu.resume();
+        Ok(KvmVm {
+            vcpu,
+            dirty: self.dirty,
+            vm,
+            _kvm: self.kvm,
+            config,
+            msrs: self.msrs,
+            host_writes,
+            stopped: false,
+            round: 0,
+            times: PauseTimes::default(),
+            memory: self.memory,
+        })
+    }
+}
+
+impl KvmVm {
+    /// Builds a VM, loads the program and its page tables, and starts the guest. The
+    /// first harvest reports every page the VMM wrote to boot it.
+    pub fn new(config: VmConfig) -> Result<Self, KvmError> {
+        let mut parts = Parts::new(&config)?;
+        let mut host_writes = Vec::new();
+        guest::write_boot(
+            &mut parts.memory,
+            config.program,
+            config.args,
+            &mut host_writes,
+        )
+        .map_err(KvmError::Config)?;
+        let mut sregs = parts
+            .vcpu
+            .get_sregs()
+            .map_err(|e| KvmError::ioctl("KVM_GET_SREGS", e))?;
+        guest::set_long_mode(&mut sregs, config.privilege);
+        parts
+            .vcpu
+            .set_sregs(&sregs)
+            .map_err(|e| KvmError::ioctl("KVM_SET_SREGS", e))?;
+        let (rip, rsp, rflags) = guest::entry();
+        let regs = kvm_bindings::kvm_regs {
+            rip,
+            rsp,
+            rflags,
+            ..Default::default()
+        };
+        parts
+            .vcpu
+            .set_regs(&regs)
+            .map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
+        parts.start(config, DeviceState::default(), host_writes)
+    }
+
+    /// Builds a VM from a checkpoint: guest memory `image` and the state blob
+    /// `blob` that [`Protected::capture_state`] produced, and lets the guest continue.
+    /// `config` must describe the same memory size and privilege; its program and
+    /// arguments are already in `image`. The first harvest reports every page.
+    pub fn restore(
+        config: VmConfig,
+        image: &[u8],
+        blob: &[u8],
+    ) -> Result<(Self, RestoreReport), KvmError> {
+        let state = MachineState::decode(blob)?;
+        if state.mem_bytes != config.mem_bytes as u64 || image.len() != config.mem_bytes {
+            return Err(KvmError::Config(format!(
+                "restoring {} bytes of memory with a state of {} bytes into a VM of {}: use the checkpoint's memory size",
+                image.len(),
+                state.mem_bytes,
+                config.mem_bytes
+            )));
+        }
+        if state.privilege != config.privilege {
+            return Err(KvmError::Config(format!(
+                "the checkpoint ran at {:?}, the VM is configured for {:?}",
+                state.privilege, config.privilege
+            )));
+        }
+        if state.lapic.is_some() != config.irqchip {
+            return Err(KvmError::Config(
+                "the checkpoint and the VM differ in having an in-kernel irqchip".into(),
+            ));
+        }
+        let mut parts = Parts::new(&config)?;
+        parts.memory.copy_from_slice(image);
+        let report = state::restore(&parts.vcpu, &parts.vm, &state, parts.xsave_size)?;
+        let all = (0..(config.mem_bytes / PAGE) as u64).collect();
+        Ok((parts.start(config, state.devices, all)?, report))
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// What backs guest memory.
+    pub fn backing(&self) -> Backing {
+        self.memory.backing()
+    }
+
+    /// The guest's iteration count as last reported on the doorbell.
+    pub fn progress(&self) -> u64 {
+        self.vcpu.devices().progress
+    }
+
+    /// Waits until the guest reports at least `target` iterations; fails if the guest
+    /// stops for good or `timeout` passes first.
+    pub fn wait_progress(&self, target: u64, timeout: Duration) -> Result<u64, KvmError> {
+        self.vcpu.wait_progress(target, timeout)
+    }
+
+    /// The guest's console output so far (the most recent 64 KiB).
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.vcpu.devices().console).into_owned()
+    }
+
+    /// Why the guest stopped for good, if it did.
+    pub fn guest_stop(&self) -> Option<GuestStop> {
+        self.vcpu.guest_stop()
+    }
+
+    /// The iteration count in the guest's status page (exact while stopped).
+    pub fn status_iterations(&self) -> u64 {
+        guest::read_u64(&self.memory, guest::STATUS)
+    }
+
+    /// How long the parts of the last pause took.
+    pub fn pause_times(&self) -> PauseTimes {
+        self.times
+    }
+
+    /// Touch program only, while stopped: asks the guest to write one word into each
+    /// of the data pages `pages` (indices from the start of the data area) once
+    /// resumed; it rings the doorbell with the returned round number when done.
+    pub fn post_round(&mut self, pages: &[u32]) -> Result<u64, KvmError> {
+        if self.config.program != Program::Touch {
+            return Err(KvmError::Order(
+                "post_round: only the touch program takes rounds",
+            ));
+        }
+        if !self.stopped {
+            return Err(KvmError::Order("post_round: stop the VM first"));
+        }
+        self.round += 1;
+        guest::write_round(&mut self.memory, self.round, pages, &mut self.host_writes)
+            .map_err(KvmError::Config)?;
+        Ok(self.round)
+    }
+
+    /// The guest page number of data page `page`.
+    pub fn data_page(page: u32) -> u64 {
+        guest::DATA / PAGE as u64 + u64::from(page)
+    }
+
+    fn require_stopped(&self, what: &'static str) -> Result<(), HypError> {
+        match self.stopped {
+            true => Ok(()),
+            false => Err(HypError::Order(what)),
+        }
+    }
+}
+
+impl Protected for KvmVm {
+    fn mem_bytes(&self) -> u64 {
+        self.memory.len() as u64
+    }
+
+    fn stop(&mut self) -> Result<(), HypError> {
+        if !self.stopped {
+            self.times.stop = self.vcpu.stop()?;
+            self.stopped = true;
+        }
+        Ok(())
+    }
+
+    fn harvest(&mut self, dirty: &mut Vec<u64>) -> Result<(), HypError> {
+        self.require_stopped("harvest while running")?;
+        let started = Instant::now();
+        let first = dirty.len();
+        self.dirty.harvest(&self.vm, self.memory.len(), dirty)?;
+        self.times.harvest = started.elapsed();
+        self.times.dirty_pages = dirty.len() - first;
+        dirty.append(&mut self.host_writes);
+        Ok(())
+    }
+
+    fn capture_state(&mut self, out: &mut Vec<u8>) -> Result<(), HypError> {
+        self.require_stopped("capture_state while running")?;
+        let started = Instant::now();
+        let devices = self.vcpu.devices();
+        let vcpu = self
+            .vcpu
+            .parked()
+            .ok_or(KvmError::Order("capture_state: the vCPU is not parked"))?;
+        let state = state::capture(
+            &vcpu,
+            &self.vm,
+            &mut self.msrs,
+            self.config.irqchip,
+            self.memory.len() as u64,
+            self.config.privilege,
+            devices,
+        )?;
+        drop(vcpu);
+        state.encode(out);
+        self.times.state = started.elapsed();
+        Ok(())
+    }
+
+    fn memory(&self) -> &[u8] {
+        &self.memory
+    }
+
+    fn resume(&mut self) -> Result<(), HypError> {
+        self.require_stopped("resume while running")?;
+        self.vcpu.resume();
+        self.stopped = false;
+        match self.vcpu.guest_stop() {
+            Some(stop) => Err(KvmError::Guest(stop).into()),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! KVM micro-VMs on the host's /dev/kvm: guests run and report, dirty tracking by
+//! each method matches ground truth, and a restored VM continues exactly. Each test
+//! probes first and prints `SKIPPED: <reason>` when KVM or a capability is missing.
+
+use std::time::{Duration, Instant};
+
+use fgbi_hyp::kvm::guest::{DATA, data_pages};
+use fgbi_hyp::kvm::{
+    DirtyTracking, GuestStop, KvmError, KvmVm, Privilege, Program, VmConfig, probe,
+};
+use fgbi_hyp::protected::{HypError, Protected};
+use fgbi_hyp::workload::{PAGE, Rng};
+
+const MEM: usize = 32 << 20;
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Whether the host can run `tracking`; says so loudly when it cannot.
+fn available(tracking: DirtyTracking) -> bool {
+    match probe(tracking) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            false
+        }
+    }
+}
+
+/// Stops, harvests and resumes; returns the sorted, deduplicated dirty pages.
+fn harvest(vm: &mut KvmVm) -> Vec<u64> {
+    vm.stop().unwrap();
+    let mut dirty = Vec::new();
+    vm.harvest(&mut dirty).unwrap();
+    vm.resume().unwrap();
+    dirty.sort_unstable();
+    dirty.dedup();
+    dirty
+}
+
+/// Runs until `more` further doorbell iterations have been reported.
+fn run_for(vm: &KvmVm, more: u64) -> u64 {
+    let target = vm.progress() + more;
+    vm.wait_progress(target, WAIT).unwrap()
+}
+
+#[test]
+fn a_guest_runs_at_cpl3_reports_progress_and_console_and_stops_and_resumes() {
+    if !available(DirtyTracking::Classic) {
+        return;
+    }
+    let mut config = VmConfig::new(Program::Counter, MEM, DirtyTracking::Classic);
+    config.args.arg0 = 16;
+    let mut vm = KvmVm::new(config).unwrap();
+    run_for(&vm, 1000);
+    assert_eq!(vm.console(), "counter: start\n");
+    let mut stops = Vec::new();
+    for _ in 0..20 {
+        vm.stop().unwrap();
+        let at_stop = vm.progress();
+        let iterations = vm.status_iterations();
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(vm.progress(), at_stop, "a stopped guest makes no progress");
+        assert_eq!(vm.status_iterations(), iterations);
+        stops.push(vm.pause_times().stop);
+        vm.resume().unwrap();
+        run_for(&vm, 16);
+    }
+    stops.sort_unstable();
+    eprintln!(
+        "stop latency over 20 stops: median {:?}, max {:?}",
+        stops[10], stops[19]
+    );
+    assert!(vm.guest_stop().is_none());
+}
+
+#[test]
+fn harvest_and_capture_refuse_a_running_guest() {
+    if !available(DirtyTracking::Classic) {
+        return;
+    }
+    let mut vm = KvmVm::new(VmConfig::new(Program::Touch, MEM, DirtyTracking::Classic)).unwrap();
+    let mut dirty = Vec::new();
+    assert!(matches!(vm.harvest(&mut dirty), Err(HypError::Order(_))));
+    let mut blob = Vec::new();
+    assert!(matches!(
+        vm.capture_state(&mut blob),
+        Err(HypError::Order(_))
+    ));
+    assert!(matches!(vm.post_round(&[1]), Err(KvmError::Order(_))));
+    let err = KvmVm::new(VmConfig::new(
+        Program::Touch,
+        3 << 20,
+        DirtyTracking::Classic,
+    ))
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("multiple of 2 MiB"), "{err}");
+}
+
+/// One touch round: the guest writes `pages`; the harvest must report each of them,
+/// and nothing else outside the VMM's system area below the data area.
+fn check_round(vm: &mut KvmVm, pages: &[u32]) -> Duration {
+    vm.stop().unwrap();
+    let round = vm.post_round(pages).unwrap();
+    let mut dirty = Vec::new();
+    // What the VMM wrote to post the round, and anything left from before.
+    vm.harvest(&mut dirty).unwrap();
+    vm.resume().unwrap();
+    vm.wait_progress(round, WAIT).unwrap();
+    vm.stop().unwrap();
+    dirty.clear();
+    vm.harvest(&mut dirty).unwrap();
+    let took = vm.pause_times().harvest;
+    vm.resume().unwrap();
+    dirty.sort_unstable();
+    dirty.dedup();
+    let mut written: Vec<u64> = pages.iter().map(|&p| KvmVm::data_page(p)).collect();
+    written.sort_unstable();
+    written.dedup();
+    let missed: Vec<u64> = written
+        .iter()
+        .filter(|p| dirty.binary_search(p).is_err())
+        .copied()
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "missed {} pages, first {:?}",
+        missed.len(),
+        missed.first()
+    );
+    let first_data = DATA / PAGE as u64;
+    let extra: Vec<u64> = dirty
+        .iter()
+        .filter(|&&p| p >= first_data && written.binary_search(&p).is_err())
+        .copied()
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "reported {} data pages never written: {extra:?}",
+        extra.len()
+    );
+    took
+}
+
+fn ground_truth(tracking: DirtyTracking, ring_bytes: Option<u32>) {
+    if !available(tracking) {
+        return;
+    }
+    let mut config = VmConfig::new(Program::Touch, MEM, tracking);
+    config.ring_bytes = ring_bytes;
+    let mut vm = KvmVm::new(config).unwrap();
+    harvest(&mut vm);
+    let data = data_pages(MEM) as u32;
+    let mut rng = Rng::new(11);
+    let mut sizes = vec![1, 0, 37, 1000, data as usize];
+    sizes.extend((0..5).map(|_| rng.below(u64::from(data)) as usize));
+    for n in sizes {
+        let pages: Vec<u32> = (0..n).map(|_| rng.below(u64::from(data)) as u32).collect();
+        let took = check_round(&mut vm, &pages);
+        eprintln!("{tracking} (ring {ring_bytes:?}): {n} pages written, harvest {took:?}");
+    }
+    assert!(vm.guest_stop().is_none());
+}
+
+#[test]
+fn classic_dirty_log_reports_every_written_page() {
+    ground_truth(DirtyTracking::Classic, None);
+}
+
+#[test]
+fn manual_protect_reports_every_written_page() {
+    ground_truth(DirtyTracking::ManualProtect, None);
+}
+
+#[test]
+fn the_dirty_ring_reports_every_written_page() {
+    ground_truth(DirtyTracking::Ring, None);
+}
+
+#[test]
+fn a_full_dirty_ring_is_collected_by_the_vcpu_thread_and_nothing_is_lost() {
+    // 4 KiB: 256 entries, far fewer than the pages of a round.
+    ground_truth(DirtyTracking::Ring, Some(4096));
+}
+
+#[test]
+fn web_and_dense_guests_write_like_their_workloads() {
+    if !available(DirtyTracking::Classic) {
+        return;
+    }
+    let first_data = DATA / PAGE as u64;
+    let mut web = VmConfig::new(Program::Web, MEM, DirtyTracking::Classic);
+    web.args = fgbi_hyp::kvm::GuestArgs {
+        seed: 3,
+        arg0: 64,
+        arg1: 1,
+    };
+    let mut vm = KvmVm::new(web).unwrap();
+    run_for(&vm, 10);
+    harvest(&mut vm);
+    run_for(&vm, 20);
+    let dirty = harvest(&mut vm);
+    let data = dirty.iter().filter(|&&p| p >= first_data).count();
+    // 64 scattered records per iteration over 7680 data pages: mostly distinct pages.
+    assert!(data > 20 * 64 / 2, "web dirtied only {data} data pages");
+    assert_eq!(vm.console(), "web: start\n");
+
+    let mut dense = VmConfig::new(Program::Dense, MEM, DirtyTracking::Classic);
+    dense.args.arg0 = 300;
+    let mut vm = KvmVm::new(dense).unwrap();
+    run_for(&vm, 10);
+    harvest(&mut vm);
+    run_for(&vm, 10);
+    let dirty = harvest(&mut vm);
+    let data: Vec<u64> = dirty.into_iter().filter(|&p| p >= first_data).collect();
+    let hot: Vec<u64> = (first_data..first_data + 300).collect();
+    assert_eq!(data, hot, "dense rewrites exactly its hot pages");
+}
+
+/// The counter guest's pattern (counter.c).
+fn pattern(n: u64, word: u64) -> u64 {
+    (n.wrapping_mul(0x9E3779B97F4A7C15)) ^ (word.wrapping_mul(0xD6E8FEB86659FD93)) ^ word
+}
+
+/// Checks, from the host, that every data page holds the pattern of the last
+/// iteration that wrote it, given the guest completed `iterations`.
+fn check_pattern(memory: &[u8], iterations: u64) {
+    let pages = data_pages(memory.len());
+    for page in 0..pages.min(iterations) {
+        // The last n <= iterations with (n - 1) % pages == page.
+        let n = iterations - (iterations - 1 - page) % pages;
+        let at = DATA as usize + page as usize * PAGE;
+        for word in 0..512u64 {
+            let got = u64::from_le_bytes(memory[at + word as usize * 8..][..8].try_into().unwrap());
+            assert_eq!(
+                got,
+                pattern(n, word),
+                "page {page} word {word} after {iterations}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_restored_vm_continues_the_counter_and_pattern_with_no_gap() {
+    if !available(DirtyTracking::Classic) {
+        return;
+    }
+    for privilege in [Privilege::User, Privilege::Kernel] {
+        let mut config = VmConfig::new(Program::Counter, 8 << 20, DirtyTracking::Classic);
+        config.privilege = privilege;
+        config.args.arg0 = 1;
+        let mut vm = KvmVm::new(config).unwrap();
+        // More than one pass over the 1536 data pages at CPL3, so the guest checks
+        // old contents; a few iterations of emulated CPL0 code.
+        let target = match privilege {
+            Privilege::User => 4000,
+            Privilege::Kernel => 20,
+        };
+        let started = Instant::now();
+        vm.wait_progress(target, Duration::from_secs(120)).unwrap();
+        eprintln!(
+            "{privilege:?}: {target} iterations in {:?}",
+            started.elapsed()
+        );
+        vm.stop().unwrap();
+        let saved = vm.status_iterations();
+        check_pattern(vm.memory(), saved);
+        let mut blob = Vec::new();
+        let started = Instant::now();
+        vm.capture_state(&mut blob).unwrap();
+        let capture = started.elapsed();
+        let image = vm.memory().to_vec();
+        drop(vm);
+
+        let started = Instant::now();
+        let (mut restored, report) = KvmVm::restore(config, &image, &blob).unwrap();
+        eprintln!(
+            "{privilege:?}: state blob {} bytes, capture {capture:?}, restore {:?}, skipped MSRs {:x?}",
+            blob.len(),
+            started.elapsed(),
+            report.skipped_msrs
+        );
+        assert_eq!(
+            restored.console(),
+            "counter: start\n",
+            "the console is device state"
+        );
+        // The guest checks every page it rewrites and its counter against a register:
+        // a gap or a bad byte stops it with a fault.
+        let more = match privilege {
+            Privilege::User => 3000,
+            Privilege::Kernel => 5,
+        };
+        restored
+            .wait_progress(saved + more, Duration::from_secs(120))
+            .unwrap();
+        restored.stop().unwrap();
+        let now = restored.status_iterations();
+        assert!(now >= saved + more);
+        check_pattern(restored.memory(), now);
+        assert_eq!(restored.guest_stop(), None);
+    }
+}
+
+#[test]
+fn a_damaged_state_blob_is_refused_and_a_guest_fault_is_reported() {
+    if !available(DirtyTracking::Classic) {
+        return;
+    }
+    let config = VmConfig::new(Program::Counter, 8 << 20, DirtyTracking::Classic);
+    let mut vm = KvmVm::new(config).unwrap();
+    run_for(&vm, 2000);
+    vm.stop().unwrap();
+    let mut blob = Vec::new();
+    vm.capture_state(&mut blob).unwrap();
+    let mut image = vm.memory().to_vec();
+    let mut damaged = blob.clone();
+    damaged[40] ^= 0x10;
+    let err = KvmVm::restore(config, &image, &damaged).err().unwrap();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    // Corrupt a data page the guest will check on its next pass: it must notice.
+    let saved = vm.status_iterations();
+    let next_page = saved % data_pages(image.len());
+    image[DATA as usize + next_page as usize * PAGE + 8] ^= 1;
+    let (restored, _) = KvmVm::restore(config, &image, &blob).unwrap();
+    let err = restored.wait_progress(saved + 10, WAIT).unwrap_err();
+    assert!(matches!(err, KvmError::Guest(GuestStop::Fault(1))), "{err}");
+}
+
+/// Set in the child process of [`a_checkpoint_restores_in_another_process`]: the
+/// directory holding the checkpoint to restore.
+const CHILD_DIR: &str = "FGBI_KVM_RESTORE_DIR";
+
+#[test]
+fn a_checkpoint_restores_in_another_process() {
+    if !available(DirtyTracking::Ring) {
+        return;
+    }
+    let mut config = VmConfig::new(Program::Counter, 8 << 20, DirtyTracking::Ring);
+    config.args.arg0 = 1;
+    if let Some(dir) = std::env::var_os(CHILD_DIR) {
+        // The child: restore the parent's checkpoint and run on.
+        let dir = std::path::PathBuf::from(dir);
+        let image = std::fs::read(dir.join("memory")).unwrap();
+        let blob = std::fs::read(dir.join("state")).unwrap();
+        let (mut vm, _) = KvmVm::restore(config, &image, &blob).unwrap();
+        let saved = fgbi_hyp::kvm::guest::read_u64(&image, fgbi_hyp::kvm::guest::STATUS);
+        vm.wait_progress(saved + 3000, WAIT).unwrap();
+        vm.stop().unwrap();
+        check_pattern(vm.memory(), vm.status_iterations());
+        eprintln!(
+            "child: restored at {saved}, ran to {}",
+            vm.status_iterations()
+        );
+        return;
+    }
+    let mut vm = KvmVm::new(config).unwrap();
+    vm.wait_progress(5000, WAIT).unwrap();
+    vm.stop().unwrap();
+    let mut blob = Vec::new();
+    vm.capture_state(&mut blob).unwrap();
+    let dir = std::env::temp_dir().join(format!("fgbi-kvm-restore-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("memory"), vm.memory()).unwrap();
+    std::fs::write(dir.join("state"), &blob).unwrap();
+    drop(vm);
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_checkpoint_restores_in_another_process",
+            "--nocapture",
+        ])
+        .env(CHILD_DIR, &dir)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the child failed:\n{stderr}");
+    assert!(
+        stderr.contains("child: restored at"),
+        "the child did not restore:\n{stderr}"
+    );
+    eprintln!(
+        "{}",
+        stderr
+            .lines()
+            .find(|l| l.contains("child:"))
+            .unwrap_or_default()
+    );
+}

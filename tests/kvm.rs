@@ -1,0 +1,85 @@
+//! A running KVM guest replicated epoch by epoch to an in-process replica, by each
+//! dirty tracking method, every epoch verified; then failover: a VM restored from
+//! the replica continues the guest exactly. Skips, loudly, without KVM.
+
+use std::time::Duration;
+
+use fgbi::local::LocalReplication;
+use fgbi_engine::{EncoderConfig, Geometry, Mode};
+use fgbi_hyp::kvm::{DirtyTracking, GuestArgs, KvmVm, Program, VmConfig, probe};
+
+const MEM: usize = 16 << 20;
+const EPOCHS: u64 = 30;
+
+fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs) {
+    if let Err(e) = probe(tracking) {
+        eprintln!("SKIPPED: {e}");
+        return;
+    }
+    let mut config = VmConfig::new(program, MEM, tracking);
+    config.args = args;
+    let mut vm = KvmVm::new(config).unwrap();
+    let geometry = Geometry::new(MEM as u64, 64).unwrap();
+    let mut replication = LocalReplication::new(EncoderConfig::new(geometry, Mode::Fgbi)).unwrap();
+    let mut pauses = Vec::new();
+    let mut dirty = 0;
+    for epoch in 1..=EPOCHS {
+        let report = replication.checkpoint(&mut vm, true).unwrap();
+        assert_eq!(report.epoch, epoch);
+        assert_eq!(report.verified, Some(true), "{tracking} epoch {epoch}");
+        pauses.push(report.pause);
+        dirty += report.dirty_pages;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    pauses.sort_unstable();
+    eprintln!(
+        "{tracking} {}: {EPOCHS} epochs verified, {dirty} dirty pages, pause median {:?} max {:?}",
+        program.name(),
+        pauses[pauses.len() / 2],
+        pauses[pauses.len() - 1]
+    );
+
+    // Failover: the replica's memory and state make a VM that carries on.
+    let progress = vm.progress();
+    drop(vm);
+    let (restored, _) = KvmVm::restore(config, replication.replica(), replication.state()).unwrap();
+    assert!(restored.progress() <= progress);
+    restored
+        .wait_progress(restored.progress() + 100, Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(restored.guest_stop(), None);
+}
+
+/// The counter guest, ringing the doorbell every 16 iterations.
+const COUNTER: GuestArgs = GuestArgs {
+    seed: 0,
+    arg0: 16,
+    arg1: 0,
+};
+
+#[test]
+fn a_counter_guest_is_replicated_and_fails_over_with_classic_dirty_logging() {
+    replicate(DirtyTracking::Classic, Program::Counter, COUNTER);
+}
+
+#[test]
+fn a_counter_guest_is_replicated_and_fails_over_with_manual_protect() {
+    replicate(DirtyTracking::ManualProtect, Program::Counter, COUNTER);
+}
+
+#[test]
+fn a_counter_guest_is_replicated_and_fails_over_with_the_dirty_ring() {
+    replicate(DirtyTracking::Ring, Program::Counter, COUNTER);
+}
+
+#[test]
+fn a_web_guest_is_replicated_by_every_method() {
+    let args = GuestArgs {
+        seed: 9,
+        arg0: 32,
+        arg1: 1,
+    };
+    for tracking in DirtyTracking::ALL {
+        replicate(tracking, Program::Web, args);
+    }
+}
