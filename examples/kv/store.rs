@@ -322,7 +322,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Store<B> {
             .as_mut()
             .get_mut(8 * Field::FreeHeads as usize..arena_start as usize)
         {
-            Some(rest) => rest.fill(0),
+            // Zero only pages that hold something: writing zeros over zeros would
+            // dirty pages (and replicate them) for nothing.
+            Some(rest) => rest
+                .chunks_mut(4096)
+                .filter(|page| page.iter().any(|&b| b != 0))
+                .for_each(|page| page.fill(0)),
             None => return corrupt("the table does not fit the region"),
         }
         Ok(())
