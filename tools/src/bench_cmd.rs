@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use fgbi::bench::{self, BenchConfig, RunResult};
+use fgbi::bench::{self, BenchConfig, RunResult, TRACE_PREFIX};
 use fgbi_engine::Mode;
 use fgbi_engine::stats::PAGE_ENCODINGS;
 use fgbi_hyp::synthetic::Tracking;
@@ -18,6 +18,10 @@ pub struct BenchArgs {
     /// Workload: web, npb-ep, sys, dense, dup, idle, or all.
     #[arg(long, default_value = "all")]
     workload: String,
+    /// Replay this trace (recorded by `fgbi record`) instead of a synthetic workload;
+    /// memory is the trace's size and --mem is ignored.
+    #[arg(long, conflicts_with = "workload")]
+    trace: Option<PathBuf>,
     /// Comma-separated modes: remus, llm, xbzrle, fgbi.
     #[arg(long, default_value = "remus,llm,xbzrle,fgbi", value_delimiter = ',')]
     modes: Vec<Mode>,
@@ -63,7 +67,9 @@ pub struct BenchArgs {
 
 /// Runs the bench and prints the table; fails if any run did not verify.
 pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
-    let workloads = if args.workload == "all" {
+    let workloads = if let Some(trace) = &args.trace {
+        vec![format!("{TRACE_PREFIX}{}", trace.display())]
+    } else if args.workload == "all" {
         NAMES.iter().map(|s| s.to_string()).collect()
     } else {
         vec![args.workload.clone()]
@@ -89,9 +95,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     if args.check_tracking && args.tracking != Tracking::Kernel {
         return Err("--check-tracking compares kernel tracking with the workload: use it with --tracking kernel".into());
     }
+    let memory = match &args.trace {
+        Some(_) => "memory sized by the trace".to_string(),
+        None => format!("{} MiB memory", config.mem_bytes >> 20),
+    };
     println!(
-        "fgbi bench: {} MiB memory, {}-byte blocks, {} epochs, {} worker(s), {} MiB cache, seed {}",
-        config.mem_bytes >> 20,
+        "fgbi bench: {memory}, {}-byte blocks, {} epochs, {} worker(s), {} MiB cache, seed {}",
         config.block_size,
         config.epochs,
         config.workers,

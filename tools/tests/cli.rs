@@ -65,6 +65,30 @@ fn bench_prints_a_table_and_writes_json() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A trace of mawk building strings, recorded with `fgbi record` (docs/operating.md).
+fn recorded_trace() -> String {
+    format!(
+        "{}/../tests/data/mawk-strings.fgbt",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+#[test]
+fn bench_replays_a_recorded_trace_in_every_mode() {
+    let trace = recorded_trace();
+    let (code, stdout, stderr) = fgbi(&["bench", "--trace", &trace, "--epochs", "14"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("memory sized by the trace"), "{stdout}");
+    assert!(stdout.contains("every run verified"), "{stdout}");
+    for mode in ["remus", "llm", "xbzrle", "fgbi"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with("trace:") && l.contains(&format!(" {mode} ")))
+            .unwrap_or_else(|| panic!("no {mode} row: {stdout}"));
+        assert!(row.contains("true"), "{row}");
+    }
+}
+
 #[test]
 fn bad_flags_get_a_clear_error_and_no_panic() {
     for (args, expect) in [
@@ -80,6 +104,15 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
             "memory size",
         ),
         (vec!["bench", "--epochs", "0"], "--epochs"),
+        (
+            vec!["bench", "--trace", "/nonexistent/x.fgbt", "--epochs", "1"],
+            "cannot open trace",
+        ),
+        (vec!["bench", "--trace", "Cargo.toml"], "not an fgbi trace"),
+        (
+            vec!["record", "--pid", "0", "-o", "/tmp/fgbi-never.fgbt"],
+            "invalid process id",
+        ),
     ] {
         let (code, _, stderr) = fgbi(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
