@@ -90,6 +90,53 @@ fn bench_replays_a_recorded_trace_in_every_mode() {
 }
 
 #[test]
+fn bench_writes_csv_and_prints_markdown() {
+    let dir = std::env::temp_dir().join(format!("fgbi-cli-csv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("out.csv");
+    let (code, stdout, stderr) = fgbi(&[
+        "bench",
+        "--workload",
+        "dup",
+        "--modes",
+        "remus,fgbi",
+        "--epochs",
+        "2",
+        "--mem",
+        "8M",
+        "--cache",
+        "1M",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--markdown",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    for (line, mode) in lines[1..].iter().zip(["remus", "fgbi"]) {
+        let fields: Vec<&str> = line.split(',').collect();
+        assert_eq!(fields.len(), header.len(), "{line}");
+        assert_eq!(fields[column("workload")], "dup");
+        assert_eq!(fields[column("mode")], mode);
+        assert_eq!(fields[column("verified")], "true");
+        assert_eq!(fields[column("mem_bytes")], (8 << 20).to_string());
+    }
+    let markdown: Vec<&str> = stdout.lines().filter(|l| l.starts_with('|')).collect();
+    assert_eq!(markdown.len(), 4, "{stdout}");
+    assert!(
+        markdown[0].starts_with("| workload | mode | dirty |"),
+        "{stdout}"
+    );
+    assert!(markdown[1].starts_with("|---|---|"), "{stdout}");
+    assert!(markdown[2].starts_with("| dup | remus |"), "{stdout}");
+    assert!(markdown[3].starts_with("| dup | fgbi |") && markdown[3].contains("| true |"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn bad_flags_get_a_clear_error_and_no_panic() {
     for (args, expect) in [
         (vec!["bench", "--block", "48"], "power of two"),
