@@ -272,7 +272,7 @@ impl Recorder {
             let memory = &mut self.current[slot.base * PAGE..];
             let mut cursor = slot.start;
             for &(s, e) in &mappings {
-                let (a, b) = (s.max(slot.start), e.min(slot.end));
+                let (a, b) = (s.max(cursor), e.min(slot.end));
                 if a >= b {
                     continue;
                 }

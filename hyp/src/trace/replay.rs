@@ -30,10 +30,12 @@ impl TraceReplay {
             return;
         };
         for (page, bytes) in epoch.iter() {
-            let at = page as usize * PAGE;
             // The reader checked every page against the trace's size; memory smaller
             // than the trace (a caller's mistake) drops the pages beyond it.
-            if let Some(dst) = memory.get_mut(at..at + PAGE) {
+            let range = (page as usize)
+                .checked_mul(PAGE)
+                .map(|at| at..at.saturating_add(PAGE));
+            if let Some(dst) = range.and_then(|r| memory.get_mut(r)) {
                 dst.copy_from_slice(bytes);
                 written.push(page);
             }
