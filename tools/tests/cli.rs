@@ -14,26 +14,38 @@ fn fgbi(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[test]
-fn bench_prints_a_table_and_writes_json() {
-    let dir = std::env::temp_dir().join(format!("fgbi-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("out.json");
-    let (code, stdout, stderr) = fgbi(&[
+/// A small bench of `workload` in remus and fgbi modes (8 MiB, 1 MiB cache), with
+/// `extra` flags.
+fn small_bench(workload: &str, epochs: &str, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
         "bench",
         "--workload",
-        "sys",
+        workload,
         "--modes",
         "remus,fgbi",
         "--epochs",
-        "3",
+        epochs,
         "--mem",
         "8M",
         "--cache",
         "1M",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    fgbi(&args)
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fgbi-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn bench_prints_a_table_and_writes_json() {
+    let dir = scratch("json");
+    let json = dir.join("out.json");
+    let (code, stdout, stderr) = small_bench("sys", "3", &["--json", json.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("every run verified"), "{stdout}");
     let text = std::fs::read_to_string(&json).unwrap();
@@ -91,25 +103,10 @@ fn bench_replays_a_recorded_trace_in_every_mode() {
 
 #[test]
 fn bench_writes_csv_and_prints_markdown() {
-    let dir = std::env::temp_dir().join(format!("fgbi-cli-csv-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("csv");
     let csv = dir.join("out.csv");
-    let (code, stdout, stderr) = fgbi(&[
-        "bench",
-        "--workload",
-        "dup",
-        "--modes",
-        "remus,fgbi",
-        "--epochs",
-        "2",
-        "--mem",
-        "8M",
-        "--cache",
-        "1M",
-        "--csv",
-        csv.to_str().unwrap(),
-        "--markdown",
-    ]);
+    let (code, stdout, stderr) =
+        small_bench("dup", "2", &["--csv", csv.to_str().unwrap(), "--markdown"]);
     assert_eq!(code, 0, "{stderr}");
     let text = std::fs::read_to_string(&csv).unwrap();
     let lines: Vec<&str> = text.lines().collect();
