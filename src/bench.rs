@@ -3,29 +3,37 @@
 //! For each workload and mode: populate memory and sync it (not counted), then run
 //! `epochs` epochs of writes; each epoch is encoded, applied to a separate replica,
 //! acknowledged, and the replica's digest compared with the primary's.
+//!
+//! A workload named `trace:PATH` replays the trace recorded at PATH (`fgbi record`)
+//! over memory of the trace's size; `mem_bytes` applies to the synthetic workloads.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use fgbi_engine::{EncodeError, EncoderConfig, Geometry, GeometryError, Mode};
 use fgbi_hyp::memory::MemoryError;
 use fgbi_hyp::protected::HypError;
 use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
+use fgbi_hyp::trace::{Trace, TraceError, TraceReplay};
 use fgbi_hyp::workload::{self, WorkloadError};
 use serde::Serialize;
 
 use crate::local::{LocalReplication, ReplicationError};
 use thiserror::Error;
 
+/// The prefix of a workload name that replays a recorded trace: `trace:PATH`.
+pub const TRACE_PREFIX: &str = "trace:";
+
 /// What a bench run covers.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
-    /// Workload names.
+    /// Workload names: synthetic ones, or `trace:PATH` for a recorded trace.
     pub workloads: Vec<String>,
     /// Modes, run in this order on each workload.
     pub modes: Vec<Mode>,
     /// Measured epochs per run (after the initial sync).
     pub epochs: usize,
-    /// Protected memory, bytes.
+    /// Protected memory of the synthetic workloads, bytes (a trace brings its own).
     pub mem_bytes: u64,
     /// Block size, bytes.
     pub block_size: usize,
@@ -68,6 +76,15 @@ pub enum BenchError {
     /// The protected workload failed.
     #[error(transparent)]
     Hyp(#[from] HypError),
+    /// A recorded trace could not be read.
+    #[error("{path}: {source}")]
+    Trace {
+        /// The trace's path.
+        path: String,
+        /// Why.
+        #[source]
+        source: TraceError,
+    },
     /// Memory size does not fit this machine's address space.
     #[error("memory size {0} does not fit in this machine's address space")]
     Memory(u64),
@@ -167,18 +184,64 @@ impl Percentiles {
     }
 }
 
+/// Where a run's writes come from.
+enum Source {
+    /// A synthetic workload, by name.
+    Synthetic(String),
+    /// A recorded trace.
+    Trace(Arc<Trace>),
+}
+
+impl Source {
+    /// The source `name` stands for, and the geometry it runs in; fails on a bad name
+    /// or trace before any work.
+    fn new(name: &str, config: &BenchConfig) -> Result<(Self, Geometry), BenchError> {
+        if let Some(path) = name.strip_prefix(TRACE_PREFIX) {
+            let trace = Trace::open(path).map_err(|source| BenchError::Trace {
+                path: path.to_string(),
+                source,
+            })?;
+            let geometry = Geometry::new(trace.mem_bytes(), config.block_size)?;
+            return Ok((Self::Trace(Arc::new(trace)), geometry));
+        }
+        let geometry = Geometry::new(config.mem_bytes, config.block_size)?;
+        workload::by_name(name, mem_usize(geometry)?, config.seed)?;
+        Ok((Self::Synthetic(name.to_string()), geometry))
+    }
+
+    fn machine(&self, config: &BenchConfig, mem: usize) -> Result<SyntheticMachine, BenchError> {
+        Ok(match self {
+            Self::Synthetic(name) => SyntheticMachine::new(
+                name,
+                mem,
+                config.seed,
+                config.tracking,
+                config.check_tracking,
+            )?,
+            Self::Trace(trace) => SyntheticMachine::with_workload(
+                Box::new(TraceReplay::new(trace.clone())),
+                mem,
+                config.tracking,
+                config.check_tracking,
+            )?,
+        })
+    }
+}
+
+fn mem_usize(geometry: Geometry) -> Result<usize, BenchError> {
+    usize::try_from(geometry.mem_bytes()).map_err(|_| BenchError::Memory(geometry.mem_bytes()))
+}
+
 /// Runs every workload under every mode; calls `report` as each run finishes.
 pub fn run(
     config: &BenchConfig,
     mut report: impl FnMut(&RunResult),
 ) -> Result<Vec<RunResult>, BenchError> {
-    let geometry = Geometry::new(config.mem_bytes, config.block_size)?;
     let mut results = Vec::new();
     for name in &config.workloads {
-        // Fail on a bad name before any work.
-        workload::by_name(name, geometry.mem_bytes() as usize, config.seed)?;
+        let (source, geometry) = Source::new(name, config)?;
         for &mode in &config.modes {
-            let result = run_one(config, geometry, name, mode)?;
+            let result = run_one(config, geometry, name, &source, mode)?;
             report(&result);
             results.push(result);
         }
@@ -190,17 +253,10 @@ fn run_one(
     config: &BenchConfig,
     geometry: Geometry,
     name: &str,
+    source: &Source,
     mode: Mode,
 ) -> Result<RunResult, BenchError> {
-    let mem = usize::try_from(geometry.mem_bytes())
-        .map_err(|_| BenchError::Memory(geometry.mem_bytes()))?;
-    let mut machine = SyntheticMachine::new(
-        name,
-        mem,
-        config.seed,
-        config.tracking,
-        config.check_tracking,
-    )?;
+    let mut machine = source.machine(config, mem_usize(geometry)?)?;
     let mut encoder_config = EncoderConfig::new(geometry, mode);
     encoder_config.workers = config.workers;
     encoder_config.pin_workers = config.pin_workers;

@@ -20,5 +20,6 @@ pub mod process;
 pub mod protected;
 pub mod safepoint;
 pub mod synthetic;
+pub mod trace;
 pub mod tracking;
 pub mod workload;

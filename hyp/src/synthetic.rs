@@ -82,8 +82,19 @@ impl SyntheticMachine {
         tracking: Tracking,
         check: bool,
     ) -> Result<Self, HypError> {
+        let workload = workload::by_name(name, mem_bytes, seed)?;
+        Self::with_workload(workload, mem_bytes, tracking, check)
+    }
+
+    /// Like [`SyntheticMachine::new`], running `workload` (a synthetic one, or a
+    /// recorded trace's replay) over `mem_bytes` of fresh memory.
+    pub fn with_workload(
+        mut workload: Box<dyn Workload>,
+        mem_bytes: usize,
+        tracking: Tracking,
+        check: bool,
+    ) -> Result<Self, HypError> {
         let mut memory = Region::new(mem_bytes)?;
-        let mut workload = workload::by_name(name, mem_bytes, seed)?;
         // Tracking starts before the first write, so the initial contents are the
         // first harvest.
         let tracker = match tracking {

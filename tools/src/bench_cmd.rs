@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use fgbi::bench::{self, BenchConfig, RunResult};
+use fgbi::bench::{self, BenchConfig, RunResult, TRACE_PREFIX};
 use fgbi_engine::Mode;
 use fgbi_engine::stats::PAGE_ENCODINGS;
 use fgbi_hyp::synthetic::Tracking;
@@ -18,6 +18,10 @@ pub struct BenchArgs {
     /// Workload: web, npb-ep, sys, dense, dup, idle, or all.
     #[arg(long, default_value = "all")]
     workload: String,
+    /// Replay this trace (recorded by `fgbi record`) instead of a synthetic workload;
+    /// memory is the trace's size and --mem is ignored.
+    #[arg(long, conflicts_with = "workload")]
+    trace: Option<PathBuf>,
     /// Comma-separated modes: remus, llm, xbzrle, fgbi.
     #[arg(long, default_value = "remus,llm,xbzrle,fgbi", value_delimiter = ',')]
     modes: Vec<Mode>,
@@ -59,11 +63,38 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also write the results as CSV (one row per workload and mode) to this file.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Also print the table in Markdown after the runs.
+    #[arg(long)]
+    markdown: bool,
 }
+
+/// The table's columns, in the text and Markdown tables.
+const COLUMNS: [&str; 12] = [
+    "workload",
+    "mode",
+    "dirty",
+    "wire KiB",
+    "vs remus",
+    "enc GB/s",
+    "app GB/s",
+    "pause p50/99us",
+    "digest MiB",
+    "cache MiB",
+    "verified",
+    "chosen",
+];
+
+/// The CSV file's columns: [`RunResult`]'s fields, percentiles flattened.
+const CSV_COLUMNS: &str = "workload,mode,epochs,block_size,mem_bytes,workers,backing,tracking,dirty_pages,wire_bytes,sync_bytes,encode_seconds,apply_seconds,encode_us_p50,apply_us_p50,pause_us_p50,pause_us_p99,pause_us_max,verified,digest_bytes,cache_bytes";
 
 /// Runs the bench and prints the table; fails if any run did not verify.
 pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
-    let workloads = if args.workload == "all" {
+    let workloads = if let Some(trace) = &args.trace {
+        vec![format!("{TRACE_PREFIX}{}", trace.display())]
+    } else if args.workload == "all" {
         NAMES.iter().map(|s| s.to_string()).collect()
     } else {
         vec![args.workload.clone()]
@@ -89,9 +120,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     if args.check_tracking && args.tracking != Tracking::Kernel {
         return Err("--check-tracking compares kernel tracking with the workload: use it with --tracking kernel".into());
     }
+    let memory = match &args.trace {
+        Some(_) => "memory sized by the trace".to_string(),
+        None => format!("{} MiB memory", config.mem_bytes >> 20),
+    };
     println!(
-        "fgbi bench: {} MiB memory, {}-byte blocks, {} epochs, {} worker(s), {} MiB cache, seed {}",
-        config.mem_bytes >> 20,
+        "fgbi bench: {memory}, {}-byte blocks, {} epochs, {} worker(s), {} MiB cache, seed {}",
         config.block_size,
         config.epochs,
         config.workers,
@@ -99,20 +133,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         config.seed
     );
     let mut announced = false;
+    let [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11] = COLUMNS;
     println!(
-        "{:<8} {:<7} {:>9} {:>10} {:>8} {:>8} {:>8} {:>13} {:>9} {:>9}  {:<8} chosen",
-        "workload",
-        "mode",
-        "dirty",
-        "wire KiB",
-        "vs remus",
-        "enc GB/s",
-        "app GB/s",
-        "pause p50/99us",
-        "digest MiB",
-        "cache MiB",
-        "verified"
+        "{c0:<8} {c1:<7} {c2:>9} {c3:>10} {c4:>8} {c5:>8} {c6:>8} {c7:>13} {c8:>9} {c9:>9}  {c10:<8} {c11}"
     );
+    let mut rows = Vec::new();
     let mut remus: Option<(String, u64)> = None;
     let results = bench::run(&config, |r| {
         if r.mode == "remus" {
@@ -129,7 +154,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
             .as_ref()
             .filter(|(workload, _)| *workload == r.workload)
             .map(|(_, bytes)| *bytes);
-        print_row(r, baseline);
+        let row = cells(r, baseline);
+        print_row(&row);
+        rows.push(row);
     })
     .map_err(|e| e.to_string())?;
     if let Some(path) = &args.json {
@@ -137,6 +164,20 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
         std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("results written to {}", path.display());
+    }
+    if let Some(path) = &args.csv {
+        std::fs::write(path, csv(&results))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("results written to {}", path.display());
+    }
+    if args.markdown {
+        println!();
+        println!("| {} |", COLUMNS.join(" | "));
+        println!("|{}", "---|".repeat(COLUMNS.len()));
+        for row in &rows {
+            let escaped: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
+            println!("| {} |", escaped.join(" | "));
+        }
     }
     if results.iter().all(|r| r.verified) {
         println!("every run verified: replica digest equal to the primary's after every epoch");
@@ -147,7 +188,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     }
 }
 
-fn print_row(r: &RunResult, remus_bytes: Option<u64>) {
+/// One run's cells, in [`COLUMNS`] order; `remus_bytes` is the same workload's Remus
+/// wire bytes, if it ran.
+fn cells(r: &RunResult, remus_bytes: Option<u64>) -> [String; 12] {
     let vs_remus = match remus_bytes {
         Some(b) if b > 0 => format!("{:.1}%", r.wire_bytes as f64 * 100.0 / b as f64),
         _ => "-".into(),
@@ -165,19 +208,79 @@ fn print_row(r: &RunResult, remus_bytes: Option<u64>) {
         .take(3)
         .map(|(k, v)| format!("{k} {:.0}%", *v as f64 * 100.0 / total as f64))
         .collect();
-    println!(
-        "{:<8} {:<7} {:>9} {:>10.0} {:>8} {:>8.2} {:>8.2} {:>13} {:>9.1} {:>9.1}  {:<8} {}",
-        r.workload,
-        r.mode,
-        r.dirty_pages,
-        r.wire_bytes as f64 / 1024.0,
+    [
+        r.workload.clone(),
+        r.mode.clone(),
+        r.dirty_pages.to_string(),
+        format!("{:.0}", r.wire_bytes as f64 / 1024.0),
         vs_remus,
-        r.encode_gbps(),
-        r.apply_gbps(),
+        format!("{:.2}", r.encode_gbps()),
+        format!("{:.2}", r.apply_gbps()),
         format!("{:.0}/{:.0}", r.pause_us.p50, r.pause_us.p99),
-        r.digest_bytes as f64 / 1_048_576.0,
-        r.cache_bytes as f64 / 1_048_576.0,
-        r.verified,
-        chosen.join(", ")
+        format!("{:.1}", r.digest_bytes as f64 / 1_048_576.0),
+        format!("{:.1}", r.cache_bytes as f64 / 1_048_576.0),
+        r.verified.to_string(),
+        chosen.join(", "),
+    ]
+}
+
+fn print_row(row: &[String; 12]) {
+    let [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11] = row;
+    println!(
+        "{c0:<8} {c1:<7} {c2:>9} {c3:>10} {c4:>8} {c5:>8} {c6:>8} {c7:>13} {c8:>9} {c9:>9}  {c10:<8} {c11}"
     );
+}
+
+/// The results as CSV: a header line, then one line per run ([`CSV_COLUMNS`]).
+fn csv(results: &[RunResult]) -> String {
+    let mut out = format!("{CSV_COLUMNS}\n");
+    for r in results {
+        let fields = [
+            csv_field(&r.workload),
+            csv_field(&r.mode),
+            r.epochs.to_string(),
+            r.block_size.to_string(),
+            r.mem_bytes.to_string(),
+            r.workers.to_string(),
+            r.backing.to_string(),
+            r.tracking.to_string(),
+            r.dirty_pages.to_string(),
+            r.wire_bytes.to_string(),
+            r.sync_bytes.to_string(),
+            r.encode_seconds.to_string(),
+            r.apply_seconds.to_string(),
+            r.encode_us_p50.to_string(),
+            r.apply_us_p50.to_string(),
+            r.pause_us.p50.to_string(),
+            r.pause_us.p99.to_string(),
+            r.pause_us.max.to_string(),
+            r.verified.to_string(),
+            r.digest_bytes.to_string(),
+            r.cache_bytes.to_string(),
+        ];
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// A CSV field, quoted if it holds a comma, quote or line break (RFC 4180).
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_field;
+
+    #[test]
+    fn csv_fields_with_separators_are_quoted() {
+        assert_eq!(csv_field("trace:a.fgbt"), "trace:a.fgbt");
+        assert_eq!(csv_field("trace:a,b"), "\"trace:a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
 }

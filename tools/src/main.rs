@@ -1,6 +1,7 @@
 //! The `fgbi` command line.
 
 mod bench_cmd;
+mod record_cmd;
 mod replicate_cmd;
 mod size;
 
@@ -21,6 +22,9 @@ enum Command {
     /// Runs every encoding mode over the same workloads, side by side, and verifies the
     /// replica after every epoch.
     Bench(bench_cmd::BenchArgs),
+    /// Records a running process's memory, epoch by epoch, into a trace file that
+    /// `fgbi bench --trace` replays.
+    Record(record_cmd::RecordArgs),
     /// Protects a synthetic workload and replicates it to a backup.
     Primary(replicate_cmd::PrimaryArgs),
     /// Holds the replica, and fails over when the primary dies.
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Record(args) => record_cmd::run(args),
         Command::Primary(args) => replicate_cmd::primary(args),
         Command::Backup(args) => replicate_cmd::backup(args),
         Command::Demo(args) => replicate_cmd::demo(args),

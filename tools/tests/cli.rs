@@ -14,26 +14,38 @@ fn fgbi(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[test]
-fn bench_prints_a_table_and_writes_json() {
-    let dir = std::env::temp_dir().join(format!("fgbi-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("out.json");
-    let (code, stdout, stderr) = fgbi(&[
+/// A small bench of `workload` in remus and fgbi modes (8 MiB, 1 MiB cache), with
+/// `extra` flags.
+fn small_bench(workload: &str, epochs: &str, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
         "bench",
         "--workload",
-        "sys",
+        workload,
         "--modes",
         "remus,fgbi",
         "--epochs",
-        "3",
+        epochs,
         "--mem",
         "8M",
         "--cache",
         "1M",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    fgbi(&args)
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fgbi-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn bench_prints_a_table_and_writes_json() {
+    let dir = scratch("json");
+    let json = dir.join("out.json");
+    let (code, stdout, stderr) = small_bench("sys", "3", &["--json", json.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("every run verified"), "{stdout}");
     let text = std::fs::read_to_string(&json).unwrap();
@@ -65,6 +77,62 @@ fn bench_prints_a_table_and_writes_json() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A trace of mawk building strings, recorded with `fgbi record` (docs/operating.md).
+fn recorded_trace() -> String {
+    format!(
+        "{}/../tests/data/mawk-strings.fgbt",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+#[test]
+fn bench_replays_a_recorded_trace_in_every_mode() {
+    let trace = recorded_trace();
+    let (code, stdout, stderr) = fgbi(&["bench", "--trace", &trace, "--epochs", "14"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("memory sized by the trace"), "{stdout}");
+    assert!(stdout.contains("every run verified"), "{stdout}");
+    for mode in ["remus", "llm", "xbzrle", "fgbi"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with("trace:") && l.contains(&format!(" {mode} ")))
+            .unwrap_or_else(|| panic!("no {mode} row: {stdout}"));
+        assert!(row.contains("true"), "{row}");
+    }
+}
+
+#[test]
+fn bench_writes_csv_and_prints_markdown() {
+    let dir = scratch("csv");
+    let csv = dir.join("out.csv");
+    let (code, stdout, stderr) =
+        small_bench("dup", "2", &["--csv", csv.to_str().unwrap(), "--markdown"]);
+    assert_eq!(code, 0, "{stderr}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    for (line, mode) in lines[1..].iter().zip(["remus", "fgbi"]) {
+        let fields: Vec<&str> = line.split(',').collect();
+        assert_eq!(fields.len(), header.len(), "{line}");
+        assert_eq!(fields[column("workload")], "dup");
+        assert_eq!(fields[column("mode")], mode);
+        assert_eq!(fields[column("verified")], "true");
+        assert_eq!(fields[column("mem_bytes")], (8 << 20).to_string());
+    }
+    let markdown: Vec<&str> = stdout.lines().filter(|l| l.starts_with('|')).collect();
+    assert_eq!(markdown.len(), 4, "{stdout}");
+    assert!(
+        markdown[0].starts_with("| workload | mode | dirty |"),
+        "{stdout}"
+    );
+    assert!(markdown[1].starts_with("|---|---|"), "{stdout}");
+    assert!(markdown[2].starts_with("| dup | remus |"), "{stdout}");
+    assert!(markdown[3].starts_with("| dup | fgbi |") && markdown[3].contains("| true |"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn bad_flags_get_a_clear_error_and_no_panic() {
     for (args, expect) in [
@@ -80,6 +148,15 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
             "memory size",
         ),
         (vec!["bench", "--epochs", "0"], "--epochs"),
+        (
+            vec!["bench", "--trace", "/nonexistent/x.fgbt", "--epochs", "1"],
+            "cannot open trace",
+        ),
+        (vec!["bench", "--trace", "Cargo.toml"], "not an fgbi trace"),
+        (
+            vec!["record", "--pid", "0", "-o", "/tmp/fgbi-never.fgbt"],
+            "invalid process id",
+        ),
     ] {
         let (code, _, stderr) = fgbi(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
