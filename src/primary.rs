@@ -125,7 +125,7 @@ pub fn run<P: Protected + ?Sized>(
         let Some(primary) = link.as_mut() else {
             encoder.lose(epoch)?;
             link = try_reconnect(options, key);
-            synced = link.is_none();
+            synced = false;
             continue;
         };
         let sent = primary.send_epoch(&encoded);
