@@ -112,3 +112,99 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() {
+    use fgbi_engine::Applier;
+    use fgbi_hyp::memory::Region;
+    use fgbi_transport::{Backup, ReceiveRegion};
+
+    let dir = std::env::temp_dir().join(format!("fgbi-resync-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_path = key_file(&dir);
+    let mem = 8usize << 20;
+    let geometry = Geometry::new(mem as u64, 64).unwrap();
+    let mut encoder = EncoderConfig::new(geometry, Mode::Fgbi);
+    encoder.cache_bytes = 1 << 20;
+    let transport = TransportConfig::new(geometry, Implementation::Std);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (backup_encoder, backup_transport) = (encoder.clone(), transport.clone());
+    let backup_key = PresharedKey::from_file(&key_path).unwrap();
+    let backup = std::thread::spawn(move || {
+        // The first backup commits five epochs, then dies.
+        {
+            let pages = geometry.pages() as usize;
+            let mut region = ReceiveRegion::for_epochs(&backup_encoder, pages, 4096, 2).unwrap();
+            let (stream, _) = listener.accept().unwrap();
+            let mut applier = Applier::new(geometry);
+            let mut replica = Region::new(mem).unwrap();
+            let mut link =
+                Backup::accept(stream, &mut region, &backup_transport, &backup_key, 0).unwrap();
+            for _ in 0..5 {
+                link.serve_one(&mut applier, &mut replica).unwrap();
+            }
+        }
+        // A new, empty backup takes its place.
+        let options = BackupOptions {
+            encoder: backup_encoder,
+            transport: backup_transport,
+            slots: 2,
+            max_state: 4096,
+        };
+        backup::run(
+            &listener,
+            &options,
+            &backup_key,
+            |replica, state| SyntheticMachine::restore(replica, state, Tracking::Kernel),
+            |machine| machine.run(),
+            |_| {},
+        )
+    });
+    let key = PresharedKey::from_file(&key_path).unwrap();
+    let mut machine = SyntheticMachine::new("sys", mem, 4, Tracking::Kernel, false).unwrap();
+    let options = PrimaryOptions {
+        encoder,
+        transport,
+        backup: address,
+        epoch: Duration::from_millis(5),
+        epochs: Some(15),
+        connect_timeout: Duration::from_secs(5),
+        digests: true,
+    };
+    let (mut digests, mut unprotected, mut connections) = (std::collections::HashMap::new(), 0, 0);
+    primary::run(
+        &mut machine,
+        |m| m.run().map_err(Into::into),
+        &options,
+        &key,
+        |e| match e {
+            PrimaryEvent::Sent {
+                epoch,
+                digest: Some(d),
+                ..
+            } => {
+                digests.insert(epoch, d);
+            }
+            PrimaryEvent::Unprotected => unprotected += 1,
+            PrimaryEvent::Connected(_) => connections += 1,
+            _ => {}
+        },
+    )
+    .unwrap();
+    assert!(unprotected >= 1, "the first backup's death was noticed");
+    assert_eq!(connections, 2, "the primary reconnected");
+    let (report, restored) = backup.join().unwrap().unwrap();
+    assert_eq!(report.epoch, 15);
+    assert_eq!(
+        Some(&report.digest),
+        digests.get(&15),
+        "the re-synced replica = checkpoint 15"
+    );
+    machine.run().unwrap();
+    assert_eq!(
+        memory_digest(restored.memory()),
+        memory_digest(machine.memory())
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
