@@ -8,7 +8,7 @@ use fgbi_engine::{AppliedEpoch, Applier, ApplyError};
 use crate::config::{Implementation, Liveness, TransportConfig};
 use crate::control::{Control, Inbound, NackReason, mid_epoch};
 use crate::error::TransportError;
-use crate::handshake::{self, Offer, PROTOCOL_VERSION, PresharedKey, Role};
+use crate::handshake::{self, Offer, PresharedKey, Role};
 use crate::heartbeat::Outbound;
 use crate::region::ReceiveRegion;
 use crate::uring::UringReceiver;
@@ -120,15 +120,13 @@ impl<'r> Backup<'r> {
         stream
             .set_nodelay(true)
             .map_err(io("disabling Nagle's algorithm"))?;
-        let offer = Offer {
-            version: PROTOCOL_VERSION,
-            role: Role::Backup,
-            mem_bytes: config.geometry.mem_bytes(),
-            block_size: config.geometry.block_size() as u32,
-            slots: slots as u32,
-            slot_bytes: slot_bytes as u64,
+        let offer = Offer::ours(
+            Role::Backup,
+            &config.geometry,
+            slots as u32,
+            slot_bytes as u64,
             committed,
-        };
+        );
         handshake::accept(&mut stream, &offer, key, config.handshake_timeout)?;
         let reader = stream.try_clone().map_err(io("cloning the socket"))?;
         let writer = stream.try_clone().map_err(io("cloning the socket"))?;

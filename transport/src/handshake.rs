@@ -232,6 +232,26 @@ pub struct Offer {
 }
 
 impl Offer {
+    /// This build's offer in `role` for `geometry`; the backup fills in its slots and
+    /// committed epoch, the primary leaves them 0.
+    pub fn ours(
+        role: Role,
+        geometry: &fgbi_engine::Geometry,
+        slots: u32,
+        slot_bytes: u64,
+        committed: u64,
+    ) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            role,
+            mem_bytes: geometry.mem_bytes(),
+            block_size: geometry.block_size() as u32,
+            slots,
+            slot_bytes,
+            committed,
+        }
+    }
+
     fn hello(&self, nonce: &[u8; 32]) -> [u8; MESSAGE_BYTES] {
         let mut m = message(KIND_HELLO, self.role.code());
         m[4..6].copy_from_slice(&self.version.to_le_bytes());

@@ -10,7 +10,7 @@ use fgbi_engine::EncodedEpoch;
 use crate::config::{Implementation, Liveness, TransportConfig};
 use crate::control::{Control, Inbound, NackReason};
 use crate::error::TransportError;
-use crate::handshake::{self, Offer, PROTOCOL_VERSION, PresharedKey, Role};
+use crate::handshake::{self, Offer, PresharedKey, Role};
 use crate::heartbeat::Outbound;
 use crate::uring::UringSender;
 
@@ -65,15 +65,7 @@ impl Primary {
         stream
             .set_nodelay(true)
             .map_err(io("disabling Nagle's algorithm"))?;
-        let offer = Offer {
-            version: PROTOCOL_VERSION,
-            role: Role::Primary,
-            mem_bytes: config.geometry.mem_bytes(),
-            block_size: config.geometry.block_size() as u32,
-            slots: 0,
-            slot_bytes: 0,
-            committed: 0,
-        };
+        let offer = Offer::ours(Role::Primary, &config.geometry, 0, 0, 0);
         let backup = handshake::connect(&mut stream, &offer, key, config.handshake_timeout)?;
         let writer = stream.try_clone().map_err(io("cloning the socket"))?;
         Ok(Self {
