@@ -387,7 +387,7 @@ pub unsafe extern "C" fn fgbi_protect(
             Some(options) => options.to_replicator()?,
             None => ReplicatorOptions::default(),
         };
-        if let Err(HypError::Order(why)) = layout(sizes) {
+        if let Err(HypError::Layout(why)) = layout(sizes) {
             return Err(Error::Invalid(format!(
                 "cannot protect regions of {sizes:?} bytes ({why}): pass at least one \
                  size, none of them 0"

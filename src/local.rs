@@ -29,6 +29,11 @@ pub enum ReplicationError {
     /// The geometry is invalid.
     #[error(transparent)]
     Geometry(#[from] fgbi_engine::GeometryError),
+    /// The epoch thread panicked: a bug; the replica is at its last committed epoch.
+    #[error(
+        "the epoch thread panicked (a bug: please report it); the replica stays at its last committed epoch"
+    )]
+    EpochThreadPanicked,
     /// A thread could not be started.
     #[error("cannot start the epoch thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
 use fgbi_hyp::process::{ProcessHandle, ProcessMemory, RegionLayout, protect};
-use fgbi_hyp::protected::{HypError, Protected};
+use fgbi_hyp::protected::Protected;
 
 use crate::bench::Percentiles;
 use crate::local::{LocalReplication, ReplicationError};
@@ -127,7 +127,7 @@ impl Replicator {
         self.stop.store(true, Ordering::Release);
         self.thread
             .join()
-            .map_err(|_| ReplicationError::Hyp(HypError::Order("the epoch thread panicked")))?
+            .map_err(|_| ReplicationError::EpochThreadPanicked)?
     }
 }
 

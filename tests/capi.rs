@@ -55,9 +55,7 @@ fn protect(sizes: &[usize], options: &FgbiOptions) -> Result<*mut FgbiProcess, c
 
 /// Whether the kernel can track dirty pages; says so loudly if not.
 fn tracking() -> bool {
-    DirtyTracker::probe()
-        .map_err(|e| eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}"))
-        .is_ok()
+    fgbi_hyp::feature::available("kernel dirty tracking", DirtyTracker::probe())
 }
 
 #[test]

@@ -32,13 +32,18 @@ fn available(program: &str) -> bool {
 /// Whether `compiler` is installed (`package` provides it) and the kernel can track
 /// dirty pages; says loudly which is missing.
 fn ready(compiler: &str, package: &str) -> bool {
-    if !available(compiler) {
-        eprintln!("SKIPPED: no `{compiler}` on PATH; install {package} to run this test");
-        return false;
-    }
-    DirtyTracker::probe()
-        .map_err(|e| eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}"))
-        .is_ok()
+    installed(compiler, package)
+        && fgbi_hyp::feature::available("kernel dirty tracking", DirtyTracker::probe())
+}
+
+/// Whether `compiler` (from `package`) is on PATH; says loudly when it is not.
+fn installed(compiler: &str, package: &str) -> bool {
+    let on_path = if available(compiler) {
+        Ok(())
+    } else {
+        Err(format!("not on PATH; install {package} to run this test"))
+    };
+    fgbi_hyp::feature::available(compiler, on_path)
 }
 
 /// Compiles `source` (a path in the repository) with `compiler` and `flags`, linked
@@ -116,8 +121,7 @@ fn the_c_heat_solver_restarts_from_an_exact_replica() {
 
 #[test]
 fn the_header_compiles_as_cpp() {
-    if !available("c++") {
-        eprintln!("SKIPPED: no C++ compiler `c++` on PATH; install g++ to check include/fgbi.h");
+    if !installed("c++", "g++") {
         return;
     }
     let header = Path::new(env!("CARGO_MANIFEST_DIR")).join("include/fgbi.h");

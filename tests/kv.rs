@@ -42,8 +42,7 @@ struct Server {
 impl Server {
     /// Starts the service with `extra` flags, or says why not (no kernel tracking).
     fn start(extra: &[&str]) -> Option<Self> {
-        if let Err(e) = DirtyTracker::probe() {
-            eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}");
+        if !fgbi_hyp::feature::available("kernel dirty tracking", DirtyTracker::probe()) {
             return None;
         }
         let mut child = Command::new(example_binary())
@@ -357,10 +356,12 @@ fn on_path(program: &str) -> bool {
 
 #[test]
 fn redis_benchmark_and_redis_cli_drive_it_unmodified() {
-    if !on_path("redis-benchmark") || !on_path("redis-cli") {
-        eprintln!(
-            "SKIPPED: redis-benchmark or redis-cli is not on PATH; install Debian's redis-tools (.ci/run does)"
-        );
+    let tools = if on_path("redis-benchmark") && on_path("redis-cli") {
+        Ok(())
+    } else {
+        Err("not on PATH; install Debian's redis-tools (.ci/run does)")
+    };
+    if !fgbi_hyp::feature::available("redis-benchmark and redis-cli", tools) {
         return;
     }
     let Some(server) = Server::start(&["--mem", "64M"]) else {

@@ -12,8 +12,7 @@ const MEM: usize = 16 << 20;
 const EPOCHS: u64 = 30;
 
 fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs) {
-    if let Err(e) = probe(tracking) {
-        eprintln!("SKIPPED: {e}");
+    if !fgbi_hyp::feature::available("KVM", probe(tracking)) {
         return;
     }
     let mut config = VmConfig::new(program, MEM, tracking);

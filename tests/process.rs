@@ -14,8 +14,7 @@ use fgbi_hyp::workload::Rng;
 
 #[test]
 fn checkpoints_of_a_running_multithreaded_application_are_exact() {
-    if let Err(e) = DirtyTracker::probe() {
-        eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}");
+    if !fgbi_hyp::feature::available("kernel dirty tracking", DirtyTracker::probe()) {
         return;
     }
     let (handle, mut memory) = protect(&[3 << 20, 5 << 20], Duration::from_secs(5)).unwrap();
@@ -74,8 +73,7 @@ fn checkpoints_of_a_running_multithreaded_application_are_exact() {
 
 #[test]
 fn a_thread_that_never_reaches_a_safepoint_fails_the_checkpoint_clearly() {
-    if let Err(e) = DirtyTracker::probe() {
-        eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}");
+    if !fgbi_hyp::feature::available("kernel dirty tracking", DirtyTracker::probe()) {
         return;
     }
     let (handle, mut memory) = protect(&[1 << 20], Duration::from_millis(30)).unwrap();
@@ -93,8 +91,7 @@ fn a_thread_that_never_reaches_a_safepoint_fails_the_checkpoint_clearly() {
 #[test]
 fn the_replicator_checkpoints_continuously_and_hands_back_the_replica() {
     use fgbi::replicator::{Replicator, ReplicatorOptions};
-    if let Err(e) = DirtyTracker::probe() {
-        eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}");
+    if !fgbi_hyp::feature::available("kernel dirty tracking", DirtyTracker::probe()) {
         return;
     }
     let options = ReplicatorOptions {

@@ -32,18 +32,16 @@ pub fn layout(sizes: &[usize]) -> Result<(Vec<RegionLayout>, usize), HypError> {
     let mut out = Vec::with_capacity(sizes.len());
     for &len in sizes {
         if len == 0 {
-            return Err(HypError::Order("a protected region must not be empty"));
+            return Err(HypError::Layout("a protected region is empty"));
         }
         out.push(RegionLayout { offset, len });
         offset = len
             .checked_next_multiple_of(HUGE_PAGE)
             .and_then(|l| offset.checked_add(l))
-            .ok_or(HypError::Order(
-                "protected regions exceed the address space",
-            ))?;
+            .ok_or(HypError::Layout("the regions exceed the address space"))?;
     }
     if out.is_empty() {
-        return Err(HypError::Order("protect at least one region"));
+        return Err(HypError::Layout("no region was asked for"));
     }
     Ok((out, offset))
 }

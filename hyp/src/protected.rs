@@ -45,6 +45,16 @@ pub enum HypError {
         /// The first of them.
         first_extra: Option<u64>,
     },
+    /// The regions asked for cannot be laid out.
+    #[error(
+        "{0}: protect one or more regions of at least one byte each, together within the address space"
+    )]
+    Layout(&'static str),
+    /// A state blob cannot be restored.
+    #[error(
+        "{0}: restore only from the state blob committed with the replica's epoch, by the same fgbi version"
+    )]
+    State(&'static str),
     /// An operation was called out of order (e.g. harvest while running).
     #[error("{0}: the replication loop must stop before harvesting and resume after")]
     Order(&'static str),

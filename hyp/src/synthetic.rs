@@ -118,7 +118,7 @@ impl SyntheticMachine {
     /// the epoch that memory was committed with, ready to continue exactly where the
     /// primary's checkpoint stood.
     pub fn restore(memory: Region, state: &[u8], tracking: Tracking) -> Result<Self, HypError> {
-        let bad = || HypError::Order("the state blob is not a synthetic machine's state");
+        let bad = || HypError::State("the state blob is not a synthetic machine's state");
         let rest = state.strip_prefix(STATE_MAGIC).ok_or_else(bad)?;
         let end = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
         let name = std::str::from_utf8(&rest[..end]).map_err(|_| bad())?;
@@ -247,8 +247,7 @@ mod tests {
 
     #[test]
     fn kernel_tracking_agrees_with_every_workload() {
-        if let Err(e) = DirtyTracker::probe() {
-            eprintln!("SKIPPED: kernel dirty tracking unavailable: {e}");
+        if !crate::feature::available("kernel dirty tracking", DirtyTracker::probe()) {
             return;
         }
         for name in workload::NAMES {

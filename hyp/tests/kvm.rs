@@ -16,13 +16,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Whether the host can run `tracking`; says so loudly when it cannot.
 fn available(tracking: DirtyTracking) -> bool {
-    match probe(tracking) {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            false
-        }
-    }
+    fgbi_hyp::feature::available("KVM", probe(tracking))
 }
 
 /// Stops, harvests and resumes; returns the sorted, deduplicated dirty pages.
@@ -222,19 +216,24 @@ fn pattern(n: u64, word: u64) -> u64 {
 }
 
 /// Checks, from the host, that every data page holds the pattern of the last
-/// iteration that wrote it, given the guest completed `iterations`.
+/// iteration that wrote it, given the guest completed `iterations`. The guest writes
+/// a page before it counts the iteration, so a stop can fall inside iteration
+/// `iterations + 1`: each word of that iteration's page may already hold its new
+/// pattern.
 fn check_pattern(memory: &[u8], iterations: u64) {
     let pages = data_pages(memory.len());
+    let next = iterations + 1;
+    let next_page = (next - 1) % pages;
     for page in 0..pages.min(iterations) {
         // The last n <= iterations with (n - 1) % pages == page.
         let n = iterations - (iterations - 1 - page) % pages;
         let at = DATA as usize + page as usize * PAGE;
         for word in 0..512u64 {
             let got = u64::from_le_bytes(memory[at + word as usize * 8..][..8].try_into().unwrap());
-            assert_eq!(
-                got,
-                pattern(n, word),
-                "page {page} word {word} after {iterations}"
+            let in_progress = page == next_page && got == pattern(next, word);
+            assert!(
+                got == pattern(n, word) || in_progress,
+                "page {page} word {word} after {iterations}: {got:#x}"
             );
         }
     }

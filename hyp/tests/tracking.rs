@@ -13,13 +13,7 @@ use fgbi_hyp::workload::{PAGE, Rng};
 
 /// Whether the kernel can track; says loudly why not.
 fn kernel_supports_tracking(test: &str) -> bool {
-    match DirtyTracker::probe() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED: {test}: {e}");
-            false
-        }
-    }
+    fgbi_hyp::feature::available(test, DirtyTracker::probe())
 }
 
 fn harvest(tracker: &mut DirtyTracker) -> Vec<u64> {

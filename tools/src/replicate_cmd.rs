@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 use fgbi::backup::{self, BackupOptions};
+use fgbi::bench::Percentiles;
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
 use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
@@ -330,13 +331,7 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         .unwrap_or_default()
         .to_string();
     let matches = digests.get(&epoch) == Some(&replica_digest);
-    pauses.sort_by(f64::total_cmp);
-    let pct = |q: f64| {
-        pauses
-            .get(((pauses.len() as f64 * q) as usize).min(pauses.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let pause = Percentiles::of(&mut pauses);
     println!(
         "fgbi demo: {} on {} MiB, primary killed (SIGKILL) after epoch {}",
         args.workload,
@@ -344,9 +339,10 @@ pub fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         args.epochs
     );
     println!(
-        "type II downtime (pause per checkpoint): p50 {:.0} us, p99 {:.0} us over {} checkpoints",
-        pct(0.5),
-        pct(0.99),
+        "type II downtime (pause per checkpoint): p50 {:.0} us, p99 {:.0} us, max {:.0} us over {} checkpoints",
+        pause.p50,
+        pause.p99,
+        pause.max,
         pauses.len()
     );
     println!(

@@ -39,13 +39,7 @@ pub fn geometry() -> Geometry {
 pub fn implementations() -> Vec<Implementation> {
     Implementation::ALL
         .into_iter()
-        .filter(|imp| match imp.available() {
-            Ok(()) => true,
-            Err(e) => {
-                eprintln!("SKIPPED: {} transport cannot run here: {e}", imp.as_str());
-                false
-            }
-        })
+        .filter(|imp| fgbi_hyp::feature::available(imp.as_str(), imp.available()))
         .collect()
 }
 
