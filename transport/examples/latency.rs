@@ -1,5 +1,5 @@
 //! Prints the p50 and p99 epoch round trip (send, commit, acknowledgement) of each
-//! implementation on loopback, for a 64 KiB and a 4 MiB epoch.
+//! implementation on loopback, for a 4 KiB, a 64 KiB and a 4 MiB epoch.
 //!
 //!     cargo run --release -p fgbi-transport --example latency [ROUND_TRIPS]
 
@@ -17,13 +17,14 @@ fn main() {
         .unwrap_or(2000);
     println!("| epoch | implementation | p50 us | p99 us | GB/s at p50 |");
     println!("|---|---|---|---|---|");
-    for (name, pages) in [("64 KiB", 16u64), ("4 MiB", 1024)] {
+    for (name, pages) in [("4 KiB", 1u64), ("64 KiB", 16), ("4 MiB", 1024)] {
         let mut epochs = support::Epochs::new(pages);
         let epoch = epochs
             .encoder
             .encode(&epochs.dirty, &epochs.memory, &[])
             .unwrap();
-        // Interleave the implementations so that both see the same machine state.
+        // Interleave the implementations, alternating which goes first, so that both
+        // see the same machine state.
         let mut links: Vec<_> = Implementation::ALL
             .into_iter()
             .filter(|imp| match imp.available() {
@@ -42,6 +43,7 @@ fn main() {
             })
             .collect();
         for round in 0..trips + trips / 10 {
+            links.rotate_left(1);
             for (_, primary, samples) in &mut links {
                 let start = Instant::now();
                 support::round_trip(primary, &epoch);
@@ -51,6 +53,7 @@ fn main() {
                 }
             }
         }
+        links.sort_by_key(|(imp, ..)| imp.as_str());
         for (imp, _, samples) in &mut links {
             samples.sort_unstable();
             let p50 = samples[samples.len() / 2];

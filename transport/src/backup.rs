@@ -6,7 +6,7 @@ use std::ops::Range;
 use fgbi_engine::{AppliedEpoch, Applier, ApplyError};
 
 use crate::config::{Implementation, Liveness, TransportConfig};
-use crate::control::{Control, Inbound, NackReason, mid_epoch};
+use crate::control::{CONTROL_BYTES, Control, Inbound, NackReason};
 use crate::error::TransportError;
 use crate::handshake::{self, Offer, PresharedKey, Role};
 use crate::heartbeat::Outbound;
@@ -193,15 +193,24 @@ impl<'r> Backup<'r> {
         }
         let range = self.payload.slot_range(epoch, len as usize);
         let timeout = self.liveness.timeout;
-        match &mut self.payload {
-            Payload::Std(region) => self
-                .inbound
-                .read_exact(&mut region.bytes_mut()[range.clone()])?,
-            Payload::Uring { receiver, .. } => {
-                receiver.read_exact(&self.stream, range.clone(), &mut self.inbound, timeout)?
+        // The primary sends EPOCH, payload and COMMIT under one lock: the message
+        // right after the payload must be that COMMIT.
+        let commit = match &mut self.payload {
+            Payload::Std(region) => {
+                self.inbound
+                    .read_exact(&mut region.bytes_mut()[range.clone()])?;
+                let mut message = [0; CONTROL_BYTES];
+                self.inbound.read_exact(&mut message)?;
+                message
             }
-        }
-        match self.inbound.next_message(None).map_err(mid_epoch)? {
+            Payload::Uring { receiver, .. } => receiver.read_payload_and_message(
+                &self.stream,
+                range.clone(),
+                &mut self.inbound,
+                timeout,
+            )?,
+        };
+        match Control::decode(&commit)? {
             Control::Commit { epoch: c } if c == epoch => Ok((epoch, range)),
             other => Err(TransportError::Protocol(format!(
                 "expected the commit of epoch {epoch}, got {other:?}"

@@ -176,6 +176,15 @@ impl Inbound {
         (self.last_heard + self.liveness.timeout).saturating_duration_since(Instant::now())
     }
 
+    /// How long a wait for the peer may last before liveness is checked again: the
+    /// silence left, at most one heartbeat interval, and at least 1 ms (past the
+    /// limit, one last short wait still takes bytes that queued meanwhile).
+    pub(crate) fn wait_slice(&self) -> Duration {
+        self.silence_left()
+            .min(self.liveness.interval)
+            .max(Duration::from_millis(1))
+    }
+
     /// Reads at least one byte into `buf`, waiting no later than `deadline` (the
     /// caller's, with its timeout for the error) or the peer's silence limit.
     fn read_some(

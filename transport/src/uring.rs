@@ -2,17 +2,18 @@
 //!
 //! Two rules make the raw buffers sound:
 //!
-//! 1. **At most one operation is in flight, and no function returns before its
-//!    completion has been reaped.** When the wait for a completion times out or
-//!    fails, the socket is shut down (which completes any pending send or read at
-//!    once) and the completion is reaped anyway; if even that is impossible the
-//!    process aborts rather than return while the kernel may still touch a buffer.
-//!    So every buffer a submission points to (stack `msghdr`, iovecs, the epoch's
-//!    parts, a receive slot) outlives the operation.
-//! 2. **Registered memory is borrowed for the ring's whole life.** [`UringReceiver`]
-//!    holds the region's exclusive borrow for `'r` and owns the ring, so the
-//!    registration (dropped with the ring) ends before the borrow does, and no Rust
-//!    reference to the region exists while a read into it is in flight.
+//! 1. **No function returns before the completion of every operation it submitted
+//!    has been reaped.** When the wait for a send's completion times out or fails,
+//!    the socket is shut down (which completes the pending send at once) and the
+//!    completion is reaped anyway; a receive that times out is cancelled, which
+//!    completes it at once, and reaped. If even waiting is impossible the process
+//!    aborts rather than return while the kernel may still touch a buffer. So every
+//!    buffer a submission points to (stack `msghdr`, iovecs, the epoch's parts, a
+//!    receive slot, a control message) outlives the operation.
+//! 2. **The receive region is borrowed for the receiver's whole life.**
+//!    [`UringReceiver`] holds the region's exclusive borrow for `'r`, so no Rust
+//!    reference to the region exists while a receive into it is in flight, and the
+//!    received bytes are handed out only as slices borrowing the receiver.
 
 use std::io::{self, IoSlice};
 use std::marker::PhantomData;
@@ -24,11 +25,11 @@ use std::time::Duration;
 
 use io_uring::{IoUring, Probe, opcode, types};
 
-use crate::control::{Inbound, mid_epoch};
+use crate::control::{CONTROL_BYTES, Inbound, mid_epoch};
 use crate::error::TransportError;
 
-/// Largest registered buffer the kernel accepts; the region is registered in pieces.
-const PIECE_BYTES: usize = 1 << 30;
+/// Most payload bytes one receive asks for (its result must fit an `i32`).
+const MAX_RECV_BYTES: usize = 1 << 30;
 
 /// Most iovecs one `sendmsg` takes (IOV_MAX).
 const MAX_IOVECS: usize = 1024;
@@ -59,7 +60,10 @@ fn setup(what: &'static str, needs: &[(u8, &'static str)]) -> Result<IoUring, Tr
 }
 
 const SEND_OPS: [(u8, &str); 1] = [(opcode::SendMsg::CODE, "IORING_OP_SENDMSG")];
-const RECEIVE_OPS: [(u8, &str); 1] = [(opcode::ReadFixed::CODE, "IORING_OP_READ_FIXED")];
+const RECEIVE_OPS: [(u8, &str); 2] = [
+    (opcode::RecvMsg::CODE, "IORING_OP_RECVMSG"),
+    (opcode::AsyncCancel::CODE, "IORING_OP_ASYNC_CANCEL"),
+];
 
 /// Checks that a ring can be set up and runs every operation the transport submits.
 pub(crate) fn probe() -> Result<(), TransportError> {
@@ -67,40 +71,61 @@ pub(crate) fn probe() -> Result<(), TransportError> {
     setup("setting up an io_uring", &RECEIVE_OPS).map(drop)
 }
 
-/// Waits for the completion of the one operation in flight and returns its result.
-///
-/// On timeout (`wait`) or failure the socket is shut down and the completion reaped
-/// before returning, so nothing is in flight afterwards.
-fn complete(
-    ring: &mut IoUring,
-    stream: &TcpStream,
-    wait: Duration,
-    reported: Duration,
-) -> Result<i32, TransportError> {
-    let ts = types::Timespec::from(wait);
-    let args = types::SubmitArgs::new().timespec(&ts);
-    loop {
-        if let Some(cqe) = ring.completion().next() {
-            return Ok(cqe.result());
+/// The results of operations submitted together, indexed by their `user_data`.
+struct Completions<const N: usize> {
+    results: [i32; N],
+    reaped: usize,
+}
+
+impl<const N: usize> Completions<N> {
+    fn new() -> Self {
+        Self {
+            results: [0; N],
+            reaped: 0,
         }
-        match ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e) if is_retry(&e) => {}
-            Err(e) => {
-                if let Some(cqe) = ring.completion().next() {
-                    return Ok(cqe.result());
+    }
+
+    /// Takes every completion the ring holds.
+    fn take(&mut self, ring: &mut IoUring) {
+        for cqe in ring.completion() {
+            self.results[cqe.user_data() as usize] = cqe.result();
+            self.reaped += 1;
+        }
+    }
+
+    /// Waits up to `wait` until all `N` have completed.
+    fn wait(&mut self, ring: &mut IoUring, wait: Duration) -> io::Result<()> {
+        let ts = types::Timespec::from(wait);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        loop {
+            self.take(ring);
+            if self.reaped == N {
+                return Ok(());
+            }
+            match ring.submitter().submit_with_args(N - self.reaped, &args) {
+                Ok(_) => {}
+                Err(e) if is_retry(&e) => {}
+                Err(e) => {
+                    self.take(ring);
+                    return if self.reaped == N { Ok(()) } else { Err(e) };
                 }
-                // Completes the operation in flight promptly; the connection is over.
-                let _ = stream.shutdown(Shutdown::Both);
-                reap(ring);
-                return Err(if e.raw_os_error() == Some(libc::ETIME) {
-                    TransportError::PeerTimeout(reported)
-                } else {
-                    TransportError::Io {
-                        what: "waiting for an io_uring completion",
-                        source: e,
-                    }
-                });
+            }
+        }
+    }
+
+    /// Waits until all `N` have completed, however long it takes.
+    fn reap(&mut self, ring: &mut IoUring) {
+        loop {
+            self.take(ring);
+            if self.reaped == N {
+                return;
+            }
+            match ring.submitter().submit_and_wait(N - self.reaped) {
+                Ok(_) => {}
+                Err(e) if is_retry(&e) => {}
+                // The kernel may still write into or read from our buffers: returning
+                // would be unsound, and there is no way to wait any more.
+                Err(_) => std::process::abort(),
             }
         }
     }
@@ -113,20 +138,72 @@ fn is_retry(e: &io::Error) -> bool {
     )
 }
 
-/// Reaps the completion of the operation in flight, however long it takes.
-fn reap(ring: &mut IoUring) {
-    loop {
-        if ring.completion().next().is_some() {
-            return;
-        }
-        match ring.submitter().submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if is_retry(&e) => {}
-            // The kernel may still write into or read from our buffers: returning
-            // would be unsound, and there is no way to wait any more.
-            Err(_) => std::process::abort(),
+/// The error for a failed wait: `PeerTimeout(reported)` if it timed out.
+fn wait_error(e: io::Error, reported: Duration) -> TransportError {
+    if e.raw_os_error() == Some(libc::ETIME) {
+        TransportError::PeerTimeout(reported)
+    } else {
+        TransportError::Io {
+            what: "waiting for an io_uring completion",
+            source: e,
         }
     }
+}
+
+/// Waits up to `wait` for the completion of the one send in flight and returns its
+/// result. On timeout or failure the socket is shut down, which completes the send
+/// at once, and the completion is reaped before returning.
+fn complete_send(
+    ring: &mut IoUring,
+    stream: &TcpStream,
+    wait: Duration,
+    reported: Duration,
+) -> Result<i32, TransportError> {
+    let mut done = Completions::<1>::new();
+    if let Err(e) = done.wait(ring, wait) {
+        // Completes the send promptly; the connection is over.
+        let _ = stream.shutdown(Shutdown::Both);
+        done.reap(ring);
+        return Err(wait_error(e, reported));
+    }
+    Ok(done.results[0])
+}
+
+/// `user_data` of a receive, and of the cancellation that may follow it.
+const RECEIVE: u64 = 0;
+const CANCEL: u64 = 1;
+
+/// Waits up to `wait` for the completion of the one receive in flight (`RECEIVE`) and
+/// returns its result. If it does not come in time, the receive is cancelled: it then
+/// completes at once with the bytes it had received (or `-ECANCELED` if none), which
+/// is returned. On any other failure the socket is shut down and the completion
+/// reaped before returning.
+fn complete_receive(
+    ring: &mut IoUring,
+    stream: &TcpStream,
+    wait: Duration,
+    reported: Duration,
+) -> Result<i32, TransportError> {
+    let mut done = Completions::<1>::new();
+    match done.wait(ring, wait) {
+        Ok(()) => return Ok(done.results[0]),
+        Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+        Err(e) => {
+            let _ = stream.shutdown(Shutdown::Both);
+            done.reap(ring);
+            return Err(wait_error(e, reported));
+        }
+    }
+    let cancel = opcode::AsyncCancel::new(RECEIVE).build().user_data(CANCEL);
+    // SAFETY: a cancellation points to no buffer. The ring holds only the receive.
+    if unsafe { ring.submission().push(&cancel) }.is_err() {
+        let _ = stream.shutdown(Shutdown::Both);
+        done.reap(ring);
+        return Err(TransportError::PeerTimeout(reported));
+    }
+    let mut both = Completions::<2>::new();
+    both.reap(ring);
+    Ok(both.results[RECEIVE as usize])
 }
 
 /// An errno from a completion as an error of `what`.
@@ -180,7 +257,7 @@ impl UringSender {
             }
             let budget =
                 timeout + Duration::from_secs_f64(bytes as f64 / MIN_SEND_BYTES_PER_SEC as f64);
-            let res = complete(&mut self.ring, stream, budget, timeout)?;
+            let res = complete_send(&mut self.ring, stream, budget, timeout)?;
             if res < 0 {
                 return Err(errno("sending an epoch with io_uring", res, timeout));
             }
@@ -197,7 +274,8 @@ impl UringSender {
     }
 }
 
-/// Reads payloads with `ReadFixed` straight into the registered receive region.
+/// Receives payloads with `RecvMsg` (`MSG_WAITALL`) straight into the receive
+/// region, together with the control message that follows each.
 pub(crate) struct UringReceiver<'r> {
     ring: IoUring,
     base: NonNull<u8>,
@@ -206,78 +284,89 @@ pub(crate) struct UringReceiver<'r> {
 }
 
 impl<'r> UringReceiver<'r> {
-    /// Sets up a ring and registers `region` with it, in pieces of at most 1 GiB.
+    /// Sets up a small ring for receiving into `region`.
     pub(crate) fn new(region: &'r mut [u8]) -> Result<Self, TransportError> {
         let ring = setup("setting up the backup's io_uring", &RECEIVE_OPS)?;
-        let len = region.len();
-        let base = NonNull::from(region).cast::<u8>();
-        let iovecs: Vec<libc::iovec> = (0..len)
-            .step_by(PIECE_BYTES)
-            .map(|at| libc::iovec {
-                // `at < len`, so the pointer stays inside the region.
-                iov_base: base.as_ptr().wrapping_add(at).cast(),
-                iov_len: PIECE_BYTES.min(len - at),
-            })
-            .collect();
-        // SAFETY: the iovecs cover `region`, which is exclusively borrowed for 'r.
-        // The ring, and with it the registration, is owned by `Self` and dropped
-        // within 'r; the kernel writes into the region only for reads submitted by
-        // `read_exact`, each reaped before it returns (module rules 1 and 2).
-        unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(|source| {
-            TransportError::Uring {
-                what: "registering the receive region with io_uring",
-                source,
-            }
-        })?;
         Ok(Self {
             ring,
-            base,
-            len,
+            len: region.len(),
+            base: NonNull::from(region).cast::<u8>(),
             _region: PhantomData,
         })
     }
 
-    /// Reads exactly `range.len()` bytes from `stream` into `range` of the region.
-    pub(crate) fn read_exact(
+    /// Receives the `range.len()` payload bytes from `stream` into `range` of the
+    /// region, then the control message that follows them, which it returns.
+    ///
+    /// One `RecvMsg` with `MSG_WAITALL`, whose iovecs are the slot and the message,
+    /// takes both: the kernel keeps receiving until every byte is in, so an epoch
+    /// costs one system call here however it arrives. Liveness is checked every
+    /// heartbeat interval: a receive still incomplete then is cancelled (the bytes it
+    /// took count as hearing from the peer) and resubmitted for the rest.
+    pub(crate) fn read_payload_and_message(
         &mut self,
         stream: &TcpStream,
         range: Range<usize>,
         inbound: &mut Inbound,
         timeout: Duration,
-    ) -> Result<(), TransportError> {
-        if range.end > self.len || range.start > range.end {
+    ) -> Result<[u8; CONTROL_BYTES], TransportError> {
+        if range.end > self.len || range.start >= range.end {
             return Err(TransportError::Io {
                 what: "reading into the receive region",
-                source: io::Error::other("range outside the region"),
+                source: io::Error::other("range empty or outside the region"),
             });
         }
         let fd = types::Fd(stream.as_raw_fd());
+        let mut message = [0u8; CONTROL_BYTES];
         let mut at = range.start;
-        while at < range.end {
-            let piece = at / PIECE_BYTES;
-            let piece_end = ((piece + 1) * PIECE_BYTES).min(self.len);
-            let n = (range.end - at).min(piece_end - at);
-            // Bytes may have queued while this side was busy: always wait a little.
-            let wait = inbound.silence_left().max(Duration::from_millis(1));
-            // `at < self.len`, so the pointer stays inside the registered region.
-            let dest = self.base.as_ptr().wrapping_add(at);
-            let sqe = opcode::ReadFixed::new(fd, dest, n as u32, piece as u16).build();
-            // SAFETY: `dest..dest + n` lies inside registered piece `piece` (n stops
-            // at the piece's end, and pieces are at most 1 GiB so `n` fits u32). No
-            // Rust reference to the region exists while the read is in flight
-            // (`bytes` borrows `self`, which this `&mut self` excludes), and
-            // `complete` reaps the completion before returning (module rule 1).
-            let pushed = unsafe { self.ring.submission().push(&sqe) };
-            if pushed.is_err() {
+        let mut message_at = 0;
+        while message_at < CONTROL_BYTES {
+            let n = (range.end - at).min(MAX_RECV_BYTES);
+            let last = at + n == range.end;
+            let mut iovecs = [
+                libc::iovec {
+                    // `at <= self.len`, so the pointer stays inside (or one past) the region.
+                    iov_base: self.base.as_ptr().wrapping_add(at).cast(),
+                    iov_len: n,
+                },
+                libc::iovec {
+                    iov_base: message[message_at..].as_mut_ptr().cast(),
+                    iov_len: CONTROL_BYTES - message_at,
+                },
+            ];
+            // SAFETY: msghdr is a plain C struct of integers and pointers, for which
+            // all-zero is a valid value (no name, no control data, no flags).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iovecs.as_mut_ptr();
+            msg.msg_iovlen = if last { 2 } else { 1 };
+            let sqe = opcode::RecvMsg::new(fd, &mut msg)
+                .flags(libc::MSG_WAITALL as u32)
+                .build()
+                .user_data(RECEIVE);
+            // SAFETY: the entry points to `msg`, which points to `iovecs`: bytes
+            // `at..at + n` of the region (inside it: `range.end <= self.len`) and the
+            // rest of `message`. All of them live until `complete_receive` returns,
+            // and it returns only after the receive's completion was reaped (module
+            // rule 1); no Rust reference to the region exists meanwhile (rule 2).
+            // The ring is empty, so the push succeeds.
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
                 return Err(TransportError::Io {
-                    what: "queueing an io_uring read",
+                    what: "queueing an io_uring receive",
                     source: io::Error::other("submission queue full"),
                 });
             }
-            let res = complete(&mut self.ring, stream, wait, timeout).map_err(mid_epoch)?;
+            let wait = inbound.wait_slice();
+            let res = complete_receive(&mut self.ring, stream, wait, timeout).map_err(mid_epoch)?;
+            if res == -libc::ECANCELED {
+                // Nothing arrived during this wait.
+                if inbound.silence_left().is_zero() {
+                    return Err(TransportError::PeerTimeout(timeout));
+                }
+                continue;
+            }
             if res < 0 {
                 return Err(mid_epoch(errno(
-                    "reading an epoch with io_uring",
+                    "receiving an epoch with io_uring",
                     res,
                     timeout,
                 )));
@@ -286,17 +375,21 @@ impl<'r> UringReceiver<'r> {
                 return Err(TransportError::PeerClosed(" in the middle of an epoch"));
             }
             inbound.heard();
-            at += res as usize;
+            let res = res as usize;
+            let payload = res.min(range.end - at);
+            at += payload;
+            message_at += res - payload;
         }
-        Ok(())
+        Ok(message)
     }
 
     /// The received bytes in `range` (inside the region).
     pub(crate) fn bytes(&self, range: Range<usize>) -> &[u8] {
         let range = range.start.min(self.len)..range.end.min(self.len);
         // SAFETY: the range lies inside the region, which is borrowed for 'r and
-        // valid. No read is in flight (each is reaped before `read_exact` returns),
-        // and the returned slice borrows `self`, so none can start while it lives.
+        // valid. No receive is in flight (each is reaped before
+        // `read_payload_and_message` returns), and the returned slice borrows `self`,
+        // so none can start while it lives.
         unsafe {
             std::slice::from_raw_parts(
                 self.base.as_ptr().add(range.start),

@@ -2,6 +2,7 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fgbi_engine::{Encoder, EncoderConfig, Geometry, Mode};
@@ -15,8 +16,13 @@ pub fn geometry() -> Geometry {
 }
 
 fn key() -> PresharedKey {
-    let path =
-        std::env::temp_dir().join(format!("fgbi-transport-bench-{}.key", std::process::id()));
+    // Primary and backup threads read their keys at the same time: one file each.
+    static FILES: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "fgbi-transport-bench-{}-{}.key",
+        std::process::id(),
+        FILES.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::write(&path, [0x42u8; 32]).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let key = PresharedKey::from_file(&path).unwrap();
