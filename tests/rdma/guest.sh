@@ -1,0 +1,106 @@
+# The tests that run inside the Soft-RoCE guest (run by busybox sh from the guest's
+# /init, tests/rdma/init.sh, once rxe0 on veth0 = 10.0.0.1 and rxe1 on veth1 = 10.0.0.2
+# are up). Each test prints "FGBI-ROCE test NAME pass|fail|skip"; measured figures are
+# "FGBI-ROCE result KEY=VALUE" lines, which the host writes to its results file. The
+# exit status is the number of failed tests.
+#
+# To add a test: one `check` (one program) or `pair` (a server and its client) line at
+# the end. Every command runs under `timeout`; the guest runs under TCG emulation, so
+# allow generously.
+
+failures=0
+
+# Records the outcome of test $1 from exit status $2.
+outcome() {
+    if [ "$2" -eq 0 ]; then
+        echo "FGBI-ROCE test $1 pass"
+    else
+        echo "FGBI-ROCE test $1 fail status=$2"
+        failures=$((failures + 1))
+    fi
+}
+
+# check NAME SECONDS COMMAND...: runs COMMAND for at most SECONDS; passes if it exits 0.
+check() {
+    name=$1
+    seconds=$2
+    shift 2
+    echo "FGBI-ROCE test $name start"
+    timeout "$seconds" "$@"
+    outcome "$name" $?
+}
+
+# Waits (at most 20 s) until something listens on TCP port $1.
+wait_listen() {
+    hex=$(printf '%04X' "$1")
+    tries=0
+    until grep -qE ":$hex [0-9A-F]+:0000 0A" /proc/net/tcp /proc/net/tcp6 2>/dev/null; do
+        tries=$((tries + 1))
+        [ "$tries" -le 200 ] || return 1
+        sleep 0.1
+    done
+}
+
+# pair NAME PORT SECONDS "SERVER COMMAND" "CLIENT COMMAND": starts the server, waits
+# until it listens on PORT (clients do not retry), runs the client; passes if both exit
+# 0. The client's output is kept in /tmp/NAME.client.
+pair() {
+    name=$1
+    port=$2
+    seconds=$3
+    echo "FGBI-ROCE test $name start"
+    # shellcheck disable=SC2086 # the commands are word lists
+    timeout "$seconds" $4 >"/tmp/$name.server" 2>&1 &
+    server=$!
+    if ! wait_listen "$port"; then
+        kill "$server" 2>/dev/null
+        wait "$server"
+        cat "/tmp/$name.server"
+        echo "FGBI-ROCE test $name fail (the server never listened on port $port)"
+        failures=$((failures + 1))
+        return
+    fi
+    # shellcheck disable=SC2086
+    timeout "$seconds" $5 >"/tmp/$name.client" 2>&1
+    client_status=$?
+    wait "$server"
+    server_status=$?
+    echo "--- $name server:"
+    cat "/tmp/$name.server"
+    echo "--- $name client:"
+    cat "/tmp/$name.client"
+    [ "$client_status" -eq 0 ] || echo "FGBI-ROCE $name client exit $client_status"
+    [ "$server_status" -eq 0 ] || echo "FGBI-ROCE $name server exit $server_status"
+    outcome "$name" $((client_status | server_status))
+}
+
+# A verbs round trip between the two devices: RC queue pairs, 4 KiB messages,
+# contents checked (-c).
+pair rc-pingpong 18515 60 \
+    "ibv_rc_pingpong -d rxe1 -g 1 -c -n 200 -p 18515" \
+    "ibv_rc_pingpong -d rxe0 -g 1 -c -n 200 -p 18515 10.0.0.2"
+
+# The reference figure: RDMA WRITE bandwidth with 64 KiB messages for 3 s.
+pair ib-write-bw 18516 60 \
+    "ib_write_bw -d rxe1 -x 1 -s 65536 -D 3 -F --report_gbits -p 18516" \
+    "ib_write_bw -d rxe0 -x 1 -s 65536 -D 3 -F --report_gbits -p 18516 10.0.0.2"
+gbps=$(awk '$1 == 65536 && NF >= 5 {print $4}' /tmp/ib-write-bw.client)
+if [ -n "$gbps" ]; then
+    echo "FGBI-ROCE result ib_write_bw_gbps=$gbps"
+else
+    outcome ib-write-bw-figure 1
+fi
+
+# The project's binary runs here (its libraries were copied in).
+check fgbi-starts 60 /bin/fgbi --version
+
+# The project's RDMA tests, on the two devices.
+if [ -x /bin/rdma-tests ]; then
+    check rdma-tests 600 env FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
+        FGBI_RDMA_ADDR_A=10.0.0.1 FGBI_RDMA_ADDR_B=10.0.0.2 FGBI_REQUIRE_ALL=1 \
+        RUST_BACKTRACE=1 /bin/rdma-tests --test-threads=1
+else
+    echo "FGBI-ROCE test rdma-tests skip (no transport/tests/rdma.rs on the host)"
+fi
+
+exit "$failures"

@@ -1,0 +1,361 @@
+#!/usr/bin/env bash
+# Runs the project's RDMA tests on real verbs: Soft-RoCE (rdma_rxe) inside a QEMU
+# guest booted (TCG) from Debian's own kernel, because this machine kind's kernel has
+# no RDMA. Run as root on Debian 12:
+#
+#     tests/rdma/soft-roce.sh [--release]
+#
+# Builds the RDMA test binary and `fgbi` on the host, boots the guest with two rxe
+# devices on a veth pair, runs tests/rdma/guest.sh there, and exits 0 only if every
+# test in the guest passed. Downloads and the base initramfs are cached under
+# target/soft-roce/ (docs/rdma.md).
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: tests/rdma/soft-roce.sh [--release]
+
+  --release   build the test binary and fgbi with the release profile (default: debug)
+
+Environment:
+  FGBI_ROCE_CACHE      cache directory (default: target/soft-roce in the repository)
+  FGBI_ROCE_TIMEOUT    seconds the whole guest run may take (default: 900)
+EOF
+}
+
+profile=()
+for arg in "$@"; do
+    case "$arg" in
+        --release) profile=(--release) ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "soft-roce: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+here="$repo/tests/rdma"
+cache=${FGBI_ROCE_CACHE:-$repo/target/soft-roce}
+guest_timeout=${FGBI_ROCE_TIMEOUT:-900}
+debs="$cache/debs"
+base="$cache/base"
+run="$cache/run"
+results="$cache/results.txt"
+multiarch=usr/lib/x86_64-linux-gnu
+started=$SECONDS
+
+# Modules the guest loads (with everything they depend on): the netdev pair, Soft-RoCE,
+# and the RDMA connection manager for programs that connect through librdmacm.
+# rxe computes its ICRC with the kernel's "crc32" hash, which the kernel would ask
+# modprobe for; the guest has no modprobe, so it is loaded up front.
+guest_modules=(veth crc32_generic rdma_rxe rdma_ucm)
+# Packages unpacked for the guest; their libraries not installed on the host are
+# added by following their dependencies.
+guest_packages=(busybox-static rdma-core ibverbs-providers libibverbs1 librdmacm1 iproute2
+    ibverbs-utils perftest)
+# Programs copied into the guest (path inside the unpacked packages = path in the guest).
+guest_programs=(usr/bin/rdma usr/bin/ibv_devinfo usr/bin/ibv_rc_pingpong usr/bin/ib_write_bw)
+
+die() {
+    echo "soft-roce: FAILED: $*" >&2
+    exit 1
+}
+step() { echo "=== soft-roce: $* (+$((SECONDS - started)) s)"; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root: it installs packages with apt-get and builds device nodes"
+[ "$(uname -m)" = x86_64 ] || die "x86-64 only (the guest is Debian's amd64 kernel)"
+
+apt_updated=0
+# `apt-get update`, once per run, before the first install or download.
+apt_update() {
+    [ "$apt_updated" -eq 0 ] || return 0
+    timeout 300 apt-get update -qq || die "apt-get update failed (timed out after 300 s?)"
+    apt_updated=1
+}
+
+# Host tools: qemu-system-x86_64 boots the guest, cpio packs its initramfs.
+host_tools() {
+    local missing=()
+    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+    command -v cpio >/dev/null || missing+=(cpio)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    step "installing ${missing[*]}"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+}
+
+# --- the project's binaries (built before booting: the guest's vCPUs need the cores) ---
+
+# Prints the executable of the artifact named $1 of kind $2 in cargo's JSON messages.
+artifact() {
+    grep '"reason":"compiler-artifact"' |
+        grep "\"kind\":\[\"$2\"\][^}]*\"name\":\"$1\"" |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1
+}
+
+rdma_tests=""
+fgbi_bin=""
+build_project() {
+    step "building the RDMA test binary and fgbi (${profile[*]:-debug})"
+    local json="$run/cargo.json" err="$run/cargo.stderr"
+    if (cd "$repo" && cargo test "${profile[@]}" -p fgbi-transport --test rdma --no-run \
+        --message-format=json-render-diagnostics >"$json" 2> >(tee "$err" >&2)); then
+        rdma_tests=$(artifact rdma test <"$json")
+        [ -n "$rdma_tests" ] || die "cargo built the rdma test but named no executable (see $json)"
+    elif grep -qF "no test target named \`rdma\`" "$err"; then
+        echo "!!! soft-roce: SKIPPING the project's RDMA tests: fgbi-transport has no test" \
+            "target 'rdma' (transport/tests/rdma.rs) yet" >&2
+    else
+        die "cargo could not build the rdma test (errors above)"
+    fi
+    (cd "$repo" && cargo build "${profile[@]}" -p fgbi-tools --bin fgbi \
+        --message-format=json-render-diagnostics >"$json") || die "cargo could not build fgbi"
+    fgbi_bin=$(artifact fgbi bin <"$json")
+    [ -x "$fgbi_bin" ] || die "cargo built fgbi but named no executable (see $json)"
+}
+
+# --- the base initramfs: kernel modules, busybox, verbs libraries and tools ---
+
+# Downloads (into $debs) every package in $@ not downloaded yet.
+download() {
+    local missing=() p
+    for p in "$@"; do
+        compgen -G "$debs/${p}_*.deb" >/dev/null || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    apt_update
+    echo "downloading ${missing[*]}"
+    (cd "$debs" && timeout 600 apt-get download -q -o APT::Sandbox::User=root "${missing[@]}") ||
+        die "apt-get download ${missing[*]} failed"
+}
+
+# Prints the library packages $@ depend on, directly, that are not installed here.
+missing_lib_deps() {
+    apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
+        --no-enhances "$@" | awk '$1 ~ /Depends:$/ && $2 ~ /^lib/ {print $2}' | sort -u |
+        while read -r p; do
+            dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed' ||
+                echo "$p"
+        done
+}
+
+# The guest's packages and the library packages they need that the host lacks.
+resolve_packages() {
+    apt-cache show linux-image-amd64 >/dev/null 2>&1 || apt_update
+    kernel_pkg=$(apt-cache depends linux-image-amd64 | awk '$2 ~ /^linux-image-/ {print $2; exit}')
+    [ -n "$kernel_pkg" ] || die "apt-cache names no kernel for linux-image-amd64"
+    packages=("$kernel_pkg" "${guest_packages[@]}")
+    command -v depmod >/dev/null || packages+=(kmod)
+    local new=("${packages[@]}") more p
+    while [ ${#new[@]} -gt 0 ]; do
+        more=()
+        for p in $(missing_lib_deps "${new[@]}"); do
+            [[ " ${packages[*]} " == *" $p "* ]] || more+=("$p")
+        done
+        packages+=("${more[@]}")
+        new=("${more[@]}")
+    done
+}
+
+# Copies the program or library $1 (a host path) to $2 (a path in the guest) under the
+# staging root $3, with every library ldd lists that $3 does not hold yet. Libraries are
+# looked up in the unpacked packages $unpacked first, then on the host.
+copy_with_libs() {
+    local src=$1 dest=$2 stage=$3 line lib soname
+    mkdir -p "$stage/$(dirname "$dest")"
+    cp -L "$src" "$stage/$dest"
+    local libpath="$unpacked/$multiarch:$unpacked/lib/x86_64-linux-gnu:$base/root/$multiarch"
+    local listing
+    listing=$(LD_LIBRARY_PATH=$libpath ldd "$src") || die "ldd $src failed: $listing"
+    while read -r line; do
+        case "$line" in
+            *"=> not found"*) die "$src needs ${line%% *}, found neither in the guest's packages nor on the host" ;;
+            *"=> /"*)
+                soname=${line%% *}
+                lib=${line#*=> }
+                lib=${lib%% (*}
+                ;;
+            /*ld-linux*)
+                lib=${line%% (*}
+                soname=""
+                ;;
+            *) continue ;;
+        esac
+        if [ -z "$soname" ]; then
+            mkdir -p "$stage/lib64"
+            [ -e "$stage/lib64/$(basename "$lib")" ] || cp -L "$lib" "$stage/lib64/"
+        elif [ ! -e "$base/root/$multiarch/$soname" ] && [ ! -e "$stage/$multiarch/$soname" ]; then
+            mkdir -p "$stage/$multiarch"
+            cp -L "$lib" "$stage/$multiarch/$soname"
+        fi
+    done <<<"$listing"
+}
+
+# Packs the directory $1 as an uncompressed newc cpio archive into $2.
+pack() {
+    (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet) >"$2"
+}
+
+# Extracts the uncompressed ELF vmlinux from the bzImage $1 into $2 (it boots through
+# its PVH entry in about half the time); falls back to the bzImage itself.
+extract_vmlinux() {
+    local offset
+    # (Without pipefail: head and xz stop reading early, on purpose.)
+    offset=$(set +o pipefail; LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$1" | head -n 1 | cut -d: -f1)
+    if [ -n "$offset" ] &&
+        (set +o pipefail; tail -c +$((offset + 1)) "$1" | xz -dc --single-stream) >"$2" 2>/dev/null &&
+        [ "$(head -c 4 "$2" | od -An -c | tr -d ' ')" = '177ELF' ]; then
+        return 0
+    fi
+    echo "soft-roce: no xz-compressed ELF kernel in $1, booting the bzImage" >&2
+    cp "$1" "$2"
+}
+
+build_base() {
+    local stamp
+    stamp=$(sha256sum "$here/soft-roce.sh" | cut -d' ' -f1)
+    if [ -f "$base/initrd.cpio" ] && [ -f "$base/vmlinux" ] && [ "$(cat "$base/stamp" 2>/dev/null)" = "$stamp" ]; then
+        step "base initramfs cached ($base)"
+        return 0
+    fi
+    step "building the base initramfs"
+    mkdir -p "$debs"
+    resolve_packages
+    download "${packages[@]}"
+    rm -rf "$base" "$cache/unpacked"
+    unpacked="$cache/unpacked"
+    mkdir -p "$base/root" "$unpacked"
+    local p deb
+    for p in "${packages[@]}"; do
+        deb=$(compgen -G "$debs/${p}_*.deb" | tail -n 1)
+        dpkg -x "$deb" "$unpacked"
+    done
+    local kver
+    kver=$(find "$unpacked/lib/modules" -mindepth 1 -maxdepth 1 -printf "%f\n" 2>/dev/null | head -n 1 || true)
+    [ -f "$unpacked/boot/vmlinuz-$kver" ] || die "$kernel_pkg holds no kernel and modules"
+
+    # The package ships no modules.dep: depmod (the host's, or the downloaded kmod's).
+    local depmod
+    depmod=$(command -v depmod || true)
+    if [ -z "$depmod" ]; then
+        depmod="$unpacked/depmod"
+        ln -sf "$unpacked/bin/kmod" "$depmod"
+    fi
+    LD_LIBRARY_PATH="$unpacked/$multiarch:$unpacked/lib/x86_64-linux-gnu" "$depmod" -b "$unpacked" "$kver" ||
+        die "depmod failed for $kver"
+
+    # Modules in load order: each one's dependencies (modules.dep lists them so that the
+    # last is loaded first), then itself.
+    local root="$base/root" order=() m line deps i path
+    mkdir -p "$root/etc/fgbi"
+    for m in "${guest_modules[@]}"; do
+        line=$(grep -E "(^|/)$m\.ko:" "$unpacked/lib/modules/$kver/modules.dep") || die "no module $m in $kver"
+        read -r -a deps <<<"${line#*:}"
+        for ((i = ${#deps[@]} - 1; i >= -1; i--)); do
+            if [ "$i" -ge 0 ]; then path=${deps[i]}; else path=${line%%:*}; fi
+            [[ " ${order[*]} " == *" $path "* ]] && continue
+            order+=("$path")
+            mkdir -p "$root/lib/modules/$(dirname "$path")"
+            cp "$unpacked/lib/modules/$kver/$path" "$root/lib/modules/$path"
+        done
+    done
+    printf '%s\n' "${order[@]}" >"$root/etc/fgbi/modules"
+
+    mkdir -p "$root/bin" "$root/dev" "$root/proc" "$root/sys" "$root/tmp" "$root/etc/libibverbs.d" \
+        "$root/$multiarch/libibverbs"
+    mknod -m 600 "$root/dev/console" c 5 1
+    cp "$unpacked/bin/busybox" "$root/bin/busybox"
+    copy_with_libs "$unpacked/bin/ip" usr/sbin/ip "$root"
+    for p in "${guest_programs[@]}"; do
+        copy_with_libs "$unpacked/$p" "$p" "$root"
+    done
+    # Loaded at run time, so ldd does not list them: librdmacm for programs that connect
+    # through it, the rxe provider and the file that names it.
+    copy_with_libs "$unpacked/$multiarch/librdmacm.so.1" "$multiarch/librdmacm.so.1" "$root"
+    copy_with_libs "$unpacked/$multiarch/libibverbs/librxe-rdmav34.so" \
+        "$multiarch/libibverbs/librxe-rdmav34.so" "$root"
+    cp "$unpacked/etc/libibverbs.d/rxe.driver" "$root/etc/libibverbs.d/"
+
+    extract_vmlinux "$unpacked/boot/vmlinuz-$kver" "$base/vmlinux"
+    pack "$root" "$base/initrd.cpio"
+    echo "$stamp" >"$base/stamp"
+    rm -rf "$unpacked"
+    echo "base: kernel $kver, initramfs $(($(stat -c %s "$base/initrd.cpio") / 1024 / 1024)) MiB"
+}
+
+# --- this run's archive: /init, the test list, the project's binaries ---
+
+build_overlay() {
+    local stage="$run/overlay"
+    rm -rf "$stage"
+    mkdir -p "$stage/bin" "$stage/etc/fgbi"
+    install -m 755 "$here/init.sh" "$stage/init"
+    install -m 755 "$here/guest.sh" "$stage/etc/fgbi/guest.sh"
+    unpacked="$base/root"
+    [ -n "$rdma_tests" ] && copy_with_libs "$rdma_tests" bin/rdma-tests "$stage"
+    copy_with_libs "$fgbi_bin" bin/fgbi "$stage"
+    # Rust binaries unwind through libgcc_s, which ldd need not list; without it they exit 127.
+    local gcc_s
+    gcc_s=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ {print $NF; exit}')
+    [ -n "$gcc_s" ] || die "no libgcc_s.so.1 on the host (install libgcc-s1)"
+    [ -e "$stage/$multiarch/libgcc_s.so.1" ] || { mkdir -p "$stage/$multiarch" && cp -L "$gcc_s" "$stage/$multiarch/"; }
+    pack "$stage" "$run/overlay.cpio"
+    cat "$base/initrd.cpio" "$run/overlay.cpio" >"$run/initrd"
+}
+
+# --- boot, collect, judge ---
+
+boot() {
+    step "booting the guest (TCG; at most $guest_timeout s)"
+    local console="$run/console" status
+    # The console, without its carriage returns, to the terminal and a file.
+    timeout --kill-after=10 "$guest_timeout" qemu-system-x86_64 \
+        -accel tcg,thread=multi -cpu max -m 1G -smp 2 -nographic -no-reboot -nic none \
+        -kernel "$base/vmlinux" -initrd "$run/initrd" \
+        -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+        -append "console=ttyS0 quiet loglevel=3 panic=-1" </dev/null |
+        tr -d '\r' | tee "$console" && status=("${PIPESTATUS[@]}") || status=("${PIPESTATUS[@]}")
+    guest_rc=${status[0]}
+    [ "$guest_rc" -ne 124 ] || echo "soft-roce: the guest ran out of its $guest_timeout s" >&2
+    # The guest's marker lines, from where they start (the firmware's screen clearing
+    # may precede the first one on its line).
+    sed -n 's/.*\(FGBI-ROCE \)/\1/p' "$console" >"$run/markers"
+}
+
+judge() {
+    local markers="$run/markers" console="$run/console"
+    step "summary"
+    grep -q '^FGBI-ROCE guest-up' "$markers" ||
+        die "the guest never came up (QEMU exit $guest_rc; console in $console)"
+    local setup
+    setup=$(grep '^FGBI-ROCE setup-failed' "$markers" | head -n 1 | cut -d' ' -f3- || true)
+    [ -z "$setup" ] || die "guest setup failed: $setup (console in $console)"
+    sed -n 's/^FGBI-ROCE result //p' "$markers" >"$results"
+    echo "tests:"
+    sed -n 's/^FGBI-ROCE test \([^ ]* \(pass\|fail\|skip\).*\)/  \1/p' "$markers"
+    if [ -s "$results" ]; then
+        echo "results ($results):"
+        sed 's/^/  /' "$results"
+    fi
+    [ -n "$rdma_tests" ] || echo "!!! the project's RDMA tests were SKIPPED (no transport/tests/rdma.rs)"
+    local done_line failures
+    done_line=$(grep '^FGBI-ROCE done failures=' "$markers" | tail -n 1 || true)
+    [ -n "$done_line" ] ||
+        die "the guest stopped before finishing its tests (QEMU exit $guest_rc; console in $console)"
+    failures=${done_line##*=}
+    # isa-debug-exit: QEMU exits with (status << 1) | 1, the status being the failure count.
+    [ "$guest_rc" -eq $(((failures << 1) | 1)) ] ||
+        die "QEMU exit $guest_rc does not match the guest's report ($done_line)"
+    if [ "$failures" -ne 0 ] || grep -q '^FGBI-ROCE test [^ ]* fail' "$markers"; then
+        die "test(s) failed in the guest (console in $console)"
+    fi
+    echo "soft-roce: all guest tests passed in $((SECONDS - started)) s"
+}
+
+mkdir -p "$run"
+host_tools
+build_project
+build_base
+build_overlay
+boot
+judge
