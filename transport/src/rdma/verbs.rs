@@ -492,10 +492,16 @@ fn open(name: Option<&str>, port: u8) -> Result<Opened, TransportError> {
     // array (or NULL), freed below after every use of its entries.
     let list = unsafe { (lib.f.get_device_list)(&mut count) };
     if list.is_null() {
-        return Err(TransportError::RdmaUnavailable(format!(
-            "no RDMA devices: {} (load the driver, e.g. `rdma link add rxe0 type rxe netdev eth0` for Soft-RoCE)",
-            io::Error::last_os_error()
-        )));
+        let e = io::Error::last_os_error();
+        return Err(TransportError::RdmaUnavailable(
+            if e.raw_os_error() == Some(libc::ENOSYS) {
+                "this kernel has no RDMA support (no ib_uverbs)".into()
+            } else {
+                format!(
+                    "no RDMA devices ({e}): load the driver, e.g. `rdma link add rxe0 type rxe netdev eth0` for Soft-RoCE"
+                )
+            },
+        ));
     }
     let mut seen = Vec::new();
     let mut result = None;
