@@ -119,10 +119,12 @@ mod tests {
 
     #[test]
     fn slots_are_rounded_to_pages_and_sized_from_the_encoder_bound() {
-        let region = ReceiveRegion::new(3, 5000).unwrap();
+        let mut region = ReceiveRegion::new(3, 5000).unwrap();
         assert_eq!(region.slot_bytes(), 8192);
         assert_eq!(region.range(4, 100), 8192..8292);
         assert_eq!(region.bytes().len(), 3 * 8192);
+        assert_eq!(region.records_at(), 3 * 8192);
+        assert_eq!(region.ring_mut().len(), 3 * 8192 + 3 * RECORD_BYTES);
         let config = EncoderConfig::new(Geometry::new(16 << 20, 64).unwrap(), Mode::Fgbi);
         let region = ReceiveRegion::for_epochs(&config, 100, 64, 2).unwrap();
         assert!(region.slot_bytes() >= config.max_epoch_bytes(100, 64));
