@@ -97,7 +97,7 @@ check fgbi-starts 60 /bin/fgbi --version
 # The project's RDMA tests, on the two devices.
 if [ -x /bin/rdma-tests ]; then
     check rdma-tests 600 env FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
-        FGBI_RDMA_ADDR_A=10.0.0.1 FGBI_RDMA_ADDR_B=10.0.0.2 FGBI_REQUIRE_ALL=1 \
+        FGBI_RDMA_ADDR_A=10.0.0.1 FGBI_RDMA_ADDR_B=10.0.0.2 FGBI_REQUIRE_ALL=1 FGBI_RDMA_REQUIRED=1 \
         RUST_BACKTRACE=1 /bin/rdma-tests --test-threads=1
 else
     echo "FGBI-ROCE test rdma-tests skip (no transport/tests/rdma.rs on the host)"

@@ -4,6 +4,7 @@ mod bench_cmd;
 mod record_cmd;
 mod replicate_cmd;
 mod size;
+mod transport_arg;
 
 use std::process::ExitCode;
 

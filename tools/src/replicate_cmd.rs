@@ -15,9 +15,10 @@ use fgbi::bench::Percentiles;
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
 use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
-use fgbi_transport::{Implementation, Liveness, PresharedKey, TransportConfig};
+use fgbi_transport::{Liveness, PresharedKey, TransportConfig};
 
 use crate::size::parse_size;
+use crate::transport_arg::TransportArgs;
 
 /// Settings both sides must agree on.
 #[derive(Args, Debug, Clone)]
@@ -31,9 +32,8 @@ pub struct Shared {
     /// Pre-shared key file (at least 16 bytes, readable by its owner only).
     #[arg(long)]
     key: PathBuf,
-    /// Transport: uring, std, or auto (io_uring when the kernel allows it).
-    #[arg(long, default_value = "auto")]
-    transport: String,
+    #[command(flatten)]
+    link: TransportArgs,
     /// Heartbeat interval, milliseconds; a peer silent for four intervals is dead.
     #[arg(long, default_value_t = 25)]
     heartbeat_ms: u64,
@@ -43,24 +43,9 @@ impl Shared {
     fn configs(&self, mode: Mode) -> Result<(EncoderConfig, TransportConfig), String> {
         let block = usize::try_from(self.block).map_err(|_| "--block is too large".to_string())?;
         let geometry = Geometry::new(self.mem, block).map_err(|e| e.to_string())?;
-        let implementation = match self.transport.as_str() {
-            "uring" => Implementation::Uring,
-            "std" => Implementation::Std,
-            "auto" => {
-                if Implementation::Uring.available().is_ok() {
-                    Implementation::Uring
-                } else {
-                    Implementation::Std
-                }
-            }
-            other => {
-                return Err(format!(
-                    "unknown transport {other:?}: use uring, std or auto"
-                ));
-            }
-        };
-        implementation.available().map_err(|e| e.to_string())?;
+        let implementation = self.link.implementation()?;
         let mut transport = TransportConfig::new(geometry, implementation);
+        transport.rdma = self.link.rdma();
         let interval = Duration::from_millis(self.heartbeat_ms.max(1));
         transport.liveness = Liveness {
             interval,
@@ -226,7 +211,7 @@ pub struct DemoArgs {
     /// Committed epochs before the primary is killed.
     #[arg(long, default_value_t = 40)]
     epochs: u64,
-    /// Transport: uring, std or auto.
+    /// Transport: rdma, tcp, uring, std or auto (as for `fgbi primary`).
     #[arg(long, default_value = "auto")]
     transport: String,
 }

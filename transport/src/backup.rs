@@ -10,6 +10,7 @@ use crate::control::{CONTROL_BYTES, Control, Inbound, NackReason};
 use crate::error::TransportError;
 use crate::handshake::{self, Offer, PresharedKey, Role};
 use crate::heartbeat::Outbound;
+use crate::rdma::RdmaReceiver;
 use crate::region::ReceiveRegion;
 use crate::uring::UringReceiver;
 
@@ -44,6 +45,7 @@ enum Payload<'r> {
         slots: usize,
         slot_bytes: usize,
     },
+    Rdma(Box<RdmaReceiver<'r>>),
 }
 
 impl Payload<'_> {
@@ -56,6 +58,8 @@ impl Payload<'_> {
                 let start = (epoch % *slots as u64) as usize * slot_bytes;
                 start..start + len
             }
+            // The bytes are copied out of the ring before they are handed out.
+            Payload::Rdma(_) => 0..len,
         }
     }
 
@@ -63,6 +67,7 @@ impl Payload<'_> {
         match self {
             Payload::Std(region) => &region.bytes()[range],
             Payload::Uring { receiver, .. } => receiver.bytes(range),
+            Payload::Rdma(receiver) => receiver.taken(range.end),
         }
     }
 }
@@ -87,7 +92,14 @@ pub struct Backup<'r> {
 impl std::fmt::Debug for Backup<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backup")
-            .field("uring", &matches!(self.payload, Payload::Uring { .. }))
+            .field(
+                "implementation",
+                &match self.payload {
+                    Payload::Std(_) => "std",
+                    Payload::Uring { .. } => "io_uring",
+                    Payload::Rdma(_) => "rdma",
+                },
+            )
             .field("slot_bytes", &self.slot_bytes)
             .field("pending", &self.pending)
             .field("broken", &self.broken)
@@ -98,7 +110,8 @@ impl std::fmt::Debug for Backup<'_> {
 impl<'r> Backup<'r> {
     /// Runs the handshake on `stream` (accepted from a primary), announcing the
     /// replica's `committed` epoch, then starts heartbeats. No byte reaches `region`
-    /// before the primary has been authenticated.
+    /// before the primary has been authenticated; with RDMA, the ring's key is sent
+    /// to the primary only after that.
     pub fn accept(
         mut stream: TcpStream,
         region: &'r mut ReceiveRegion,
@@ -108,13 +121,16 @@ impl<'r> Backup<'r> {
     ) -> Result<Self, TransportError> {
         config.validate()?;
         let (slots, slot_bytes) = (region.slots(), region.slot_bytes());
-        let payload = match config.implementation {
+        let mut payload = match config.implementation {
             Implementation::Std => Payload::Std(region),
             Implementation::Uring => Payload::Uring {
                 receiver: Box::new(UringReceiver::new(region.bytes_mut())?),
                 slots,
                 slot_bytes,
             },
+            Implementation::Rdma => {
+                Payload::Rdma(Box::new(RdmaReceiver::new(region, &config.rdma)?))
+            }
         };
         let io = |what| move |source| TransportError::Io { what, source };
         stream
@@ -128,6 +144,9 @@ impl<'r> Backup<'r> {
             committed,
         );
         handshake::accept(&mut stream, &offer, key, config.handshake_timeout)?;
+        if let Payload::Rdma(receiver) = &mut payload {
+            receiver.link(&mut stream)?;
+        }
         let reader = stream.try_clone().map_err(io("cloning the socket"))?;
         let writer = stream.try_clone().map_err(io("cloning the socket"))?;
         Ok(Self {
@@ -169,6 +188,13 @@ impl<'r> Backup<'r> {
     }
 
     fn receive(&mut self) -> Result<(u64, Range<usize>), TransportError> {
+        if let Payload::Rdma(receiver) = &mut self.payload {
+            let (slot, epoch, len) =
+                receiver.wait_commit(&mut self.inbound, &self.stream, self.liveness)?;
+            check_declared(&self.outbound, epoch, len, self.slot_bytes)?;
+            receiver.take(slot, len as usize);
+            return Ok((epoch, 0..len as usize));
+        }
         let (epoch, len) = match self.inbound.next_message(None)? {
             Control::Epoch { epoch, len } => (epoch, len),
             other => {
@@ -177,20 +203,7 @@ impl<'r> Backup<'r> {
                 )));
             }
         };
-        if epoch == 0 {
-            return Err(TransportError::Protocol("epoch 0 declared".into()));
-        }
-        if len == 0 || len > self.slot_bytes as u64 {
-            // Best effort: the connection is being closed either way.
-            let _ = self.outbound.send(&Control::Nack {
-                epoch,
-                reason: NackReason::Invalid,
-            });
-            return Err(TransportError::Protocol(format!(
-                "epoch {epoch} declared {len} bytes, a slot holds 1 to {}",
-                self.slot_bytes
-            )));
-        }
+        check_declared(&self.outbound, epoch, len, self.slot_bytes)?;
         let range = self.payload.slot_range(epoch, len as usize);
         let timeout = self.liveness.timeout;
         // The primary sends EPOCH, payload and COMMIT under one lock: the message
@@ -209,6 +222,11 @@ impl<'r> Backup<'r> {
                 &mut self.inbound,
                 timeout,
             )?,
+            Payload::Rdma(_) => {
+                return Err(TransportError::Protocol(
+                    "an RDMA backup takes no payload from the TCP connection".into(),
+                ));
+            }
         };
         match Control::decode(&commit)? {
             Control::Commit { epoch: c } if c == epoch => Ok((epoch, range)),
@@ -268,4 +286,28 @@ impl<'r> Backup<'r> {
             }
         }
     }
+}
+
+/// Refuses epoch 0, and a declared length of 0 or more than a slot (with a NACK,
+/// before any payload byte is looked at); either breaks the connection.
+fn check_declared(
+    outbound: &Outbound,
+    epoch: u64,
+    len: u64,
+    slot_bytes: usize,
+) -> Result<(), TransportError> {
+    if epoch == 0 {
+        return Err(TransportError::Protocol("epoch 0 declared".into()));
+    }
+    if len == 0 || len > slot_bytes as u64 {
+        // Best effort: the connection is being closed either way.
+        let _ = outbound.send(&Control::Nack {
+            epoch,
+            reason: NackReason::Invalid,
+        });
+        return Err(TransportError::Protocol(format!(
+            "epoch {epoch} declared {len} bytes, a slot holds 1 to {slot_bytes}"
+        )));
+    }
+    Ok(())
 }

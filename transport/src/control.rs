@@ -93,6 +93,11 @@ impl Control {
             u64::from_le_bytes(b)
         };
         if field(24) != xxh3_64_with_seed(&m[..24], CHECKSUM_SEED) {
+            if m[..4] == crate::rdma::LINK_MAGIC {
+                return Err(TransportError::Protocol(
+                    "the peer uses the RDMA transport and this side TCP: start both sides with the same --transport".into(),
+                ));
+            }
             return Err(TransportError::Protocol(
                 "a control message failed its checksum".into(),
             ));
@@ -246,6 +251,46 @@ impl Inbound {
                     ));
                 }
             }
+        }
+    }
+
+    /// After the socket polled readable: takes what one read returns and the control
+    /// message it completes, if any (heartbeats are consumed, `None` returned).
+    pub(crate) fn read_ready(&mut self) -> Result<Option<Control>, TransportError> {
+        let mut buf = self.buf;
+        let read = self.stream.read(&mut buf[self.filled..]);
+        self.buf = buf;
+        match read {
+            Ok(0) => return Err(TransportError::PeerClosed("")),
+            Ok(n) => {
+                self.last_heard = Instant::now();
+                self.filled += n;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(TransportError::from_io(
+                    "reading from the peer",
+                    e,
+                    self.liveness.timeout,
+                ));
+            }
+        }
+        if self.filled < CONTROL_BYTES {
+            return Ok(None);
+        }
+        self.filled = 0;
+        match Control::decode(&self.buf)? {
+            Control::Heartbeat { .. } => self.count_heartbeat().map(|()| None),
+            message => Ok(Some(message)),
         }
     }
 

@@ -155,6 +155,30 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
+    /// RDMA cannot be used on this host.
+    #[error(
+        "RDMA unavailable: {0}; install rdma-core and ibverbs-providers (or the vendor's OFED), or use --transport tcp"
+    )]
+    RdmaUnavailable(String),
+    /// A verbs call failed.
+    #[error("{what} failed: {source}")]
+    Verbs {
+        /// What failed.
+        what: &'static str,
+        /// The error libibverbs reported.
+        #[source]
+        source: io::Error,
+    },
+    /// An RDMA work request completed with an error.
+    #[error(
+        "{what} failed: {status}: the peer died or its queue pair broke; the connection is closed"
+    )]
+    RdmaCompletion {
+        /// What completed.
+        what: &'static str,
+        /// libibverbs' text for the completion status.
+        status: String,
+    },
     /// A socket operation failed.
     #[error("{what} failed: {source}")]
     Io {

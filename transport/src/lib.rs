@@ -11,10 +11,12 @@
 //! Both sides send heartbeats, so each notices the other's death within
 //! [`Liveness::timeout`].
 //!
-//! Two implementations behind one API ([`Implementation`]): io_uring (one `SendMsg`
-//! submission per epoch; `ReadFixed` into the region registered as fixed buffers)
-//! and blocking std TCP (`writev`; `read` into the region). docs/transport.md has the
-//! protocol; docs/performance.md compares them.
+//! Three implementations behind one API ([`Implementation`]): io_uring (one `SendMsg`
+//! submission per epoch; `ReadFixed` into the region registered as fixed buffers),
+//! blocking std TCP (`writev`; `read` into the region), and RDMA verbs ([`rdma`]:
+//! RDMA WRITEs into the region registered with the device, committed by an RDMA
+//! WRITE with immediate data; libibverbs is loaded at run time). docs/transport.md
+//! has the protocol; docs/performance.md compares them.
 
 pub mod backup;
 pub mod config;
@@ -23,11 +25,12 @@ pub mod error;
 pub mod handshake;
 mod heartbeat;
 pub mod primary;
+pub mod rdma;
 pub mod region;
 mod uring;
 
 pub use backup::{Backup, Received, Served};
-pub use config::{Implementation, Liveness, TransportConfig};
+pub use config::{Implementation, Liveness, RdmaConfig, TransportConfig};
 pub use control::NackReason;
 pub use error::{HandshakeError, KeyError, TransportError};
 pub use handshake::PresharedKey;

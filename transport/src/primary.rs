@@ -12,6 +12,7 @@ use crate::control::{Control, Inbound, NackReason};
 use crate::error::TransportError;
 use crate::handshake::{self, Offer, PresharedKey, Role};
 use crate::heartbeat::Outbound;
+use crate::rdma::RdmaWriter;
 use crate::uring::UringSender;
 
 /// The backup's answer to one epoch.
@@ -31,6 +32,7 @@ pub enum Reply {
 enum Sender {
     Std,
     Uring(Box<UringSender>),
+    Rdma(Box<RdmaWriter>),
 }
 
 /// A connected, authenticated primary.
@@ -57,9 +59,12 @@ impl Primary {
         key: &PresharedKey,
     ) -> Result<Self, TransportError> {
         config.validate()?;
-        let sender = match config.implementation {
+        let mut sender = match config.implementation {
             Implementation::Std => Sender::Std,
             Implementation::Uring => Sender::Uring(Box::new(UringSender::new()?)),
+            Implementation::Rdma => {
+                Sender::Rdma(Box::new(RdmaWriter::open(&config.rdma, config.liveness)?))
+            }
         };
         let io = |what| move |source| TransportError::Io { what, source };
         stream
@@ -67,6 +72,9 @@ impl Primary {
             .map_err(io("disabling Nagle's algorithm"))?;
         let offer = Offer::ours(Role::Primary, &config.geometry, 0, 0, 0);
         let backup = handshake::connect(&mut stream, &offer, key, config.handshake_timeout)?;
+        if let Sender::Rdma(writer) = &mut sender {
+            writer.link(&mut stream, &backup)?;
+        }
         let writer = stream.try_clone().map_err(io("cloning the socket"))?;
         Ok(Self {
             inbound: Inbound::new(stream, config.liveness),
@@ -97,7 +105,8 @@ impl Primary {
 
     /// Sends `epoch` into its slot, its parts straight from the encoder (no
     /// concatenation), followed by its COMMIT. An epoch larger than a slot is refused
-    /// before any byte is sent.
+    /// before any byte is sent. With RDMA, this returns once the backup's device has
+    /// placed the epoch and its commit in the ring.
     pub fn send_epoch(&mut self, epoch: &EncodedEpoch<'_>) -> Result<(), TransportError> {
         if self.broken {
             return Err(TransportError::Broken);
@@ -114,6 +123,14 @@ impl Primary {
         if self.in_flight.len() >= self.slots() {
             return Err(TransportError::WindowFull(self.slots()));
         }
+        if let Sender::Rdma(writer) = &mut self.sender {
+            let parts: Vec<&[u8]> = epoch.parts().collect();
+            writer
+                .send_epoch(number, &parts)
+                .inspect_err(|_| self.broken = true)?;
+            self.in_flight.push_back(number);
+            return Ok(());
+        }
         let head = Control::Epoch { epoch: number, len }.encode();
         let tail = Control::Commit { epoch: number }.encode();
         let mut slices: Vec<IoSlice<'_>> = std::iter::once(&head[..])
@@ -126,6 +143,7 @@ impl Primary {
         let sent = match &mut self.sender {
             Sender::Std => write_all_vectored(&writer, &mut slices, timeout),
             Sender::Uring(uring) => uring.send_all(&writer, &mut slices, timeout),
+            Sender::Rdma(_) => Err(TransportError::Broken),
         };
         drop(writer);
         if let Err(e) = sent {
@@ -169,7 +187,14 @@ impl Primary {
 impl std::fmt::Debug for Primary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Primary")
-            .field("uring", &matches!(self.sender, Sender::Uring(_)))
+            .field(
+                "implementation",
+                &match self.sender {
+                    Sender::Std => "std",
+                    Sender::Uring(_) => "io_uring",
+                    Sender::Rdma(_) => "rdma",
+                },
+            )
             .field("backup", &self.backup)
             .field("in_flight", &self.in_flight)
             .field("broken", &self.broken)

@@ -4,6 +4,11 @@
 //! accepts ([`fgbi_engine::EncoderConfig::max_epoch_bytes`] for its per-epoch page
 //! limit); the primary refuses a larger epoch before sending a byte of it, and the
 //! backup refuses a larger declared length before reading one.
+//!
+//! After the slots, the region holds one [`RECORD_BYTES`] commit record per slot:
+//! the RDMA implementation's primary writes an epoch's number and length there with
+//! the write that commits it (the TCP implementations send them as control
+//! messages instead).
 
 use std::ops::Range;
 
@@ -17,6 +22,9 @@ pub const MAX_SLOTS: usize = 1024;
 
 /// Largest slot, in bytes (16 GiB).
 pub const MAX_SLOT_BYTES: usize = 16 << 30;
+
+/// Bytes of a slot's commit record (an EPOCH control message).
+pub const RECORD_BYTES: usize = crate::control::CONTROL_BYTES;
 
 const PAGE: usize = 4096;
 
@@ -38,6 +46,7 @@ impl ReceiveRegion {
         let slot_bytes = slot_bytes.next_multiple_of(PAGE);
         let len = slots
             .checked_mul(slot_bytes)
+            .and_then(|n| n.checked_add((slots * RECORD_BYTES).next_multiple_of(PAGE)))
             .and_then(|n| n.checked_next_multiple_of(HUGE_PAGE))
             .ok_or(bad)?;
         Ok(Self {
@@ -90,6 +99,16 @@ impl ReceiveRegion {
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.memory[..self.slots * self.slot_bytes]
     }
+
+    /// The slots and their commit records (which start at [`ReceiveRegion::records_at`]).
+    pub(crate) fn ring_mut(&mut self) -> &mut [u8] {
+        &mut self.memory[..self.slots * (self.slot_bytes + RECORD_BYTES)]
+    }
+
+    /// Offset of slot 0's commit record in [`ReceiveRegion::ring_mut`].
+    pub(crate) fn records_at(&self) -> usize {
+        self.slots * self.slot_bytes
+    }
 }
 
 #[cfg(test)]
@@ -100,10 +119,12 @@ mod tests {
 
     #[test]
     fn slots_are_rounded_to_pages_and_sized_from_the_encoder_bound() {
-        let region = ReceiveRegion::new(3, 5000).unwrap();
+        let mut region = ReceiveRegion::new(3, 5000).unwrap();
         assert_eq!(region.slot_bytes(), 8192);
         assert_eq!(region.range(4, 100), 8192..8292);
         assert_eq!(region.bytes().len(), 3 * 8192);
+        assert_eq!(region.records_at(), 3 * 8192);
+        assert_eq!(region.ring_mut().len(), 3 * 8192 + 3 * RECORD_BYTES);
         let config = EncoderConfig::new(Geometry::new(16 << 20, 64).unwrap(), Mode::Fgbi);
         let region = ReceiveRegion::for_epochs(&config, 100, 64, 2).unwrap();
         assert!(region.slot_bytes() >= config.max_epoch_bytes(100, 64));

@@ -61,7 +61,7 @@ fn key_files_that_are_missing_empty_short_or_readable_by_others_are_refused() {
 
 #[test]
 fn matching_peers_connect_and_the_primary_learns_the_backups_slots_and_epoch() {
-    for imp in implementations() {
+    for imp in tcp_links().into_iter().map(|link| link.implementation) {
         let listener = listener();
         let addr = listener.local_addr().unwrap();
         let backup = thread::spawn(move || {

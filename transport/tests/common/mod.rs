@@ -2,7 +2,10 @@
 
 #![allow(dead_code)]
 
-use std::net::{TcpListener, TcpStream};
+pub mod suite;
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +13,10 @@ use std::time::Duration;
 
 use fgbi_engine::Geometry;
 use fgbi_transport::handshake::{MESSAGE_BYTES, Offer, PROTOCOL_VERSION, Role};
-use fgbi_transport::{Implementation, Liveness, PresharedKey, TransportConfig};
+use fgbi_transport::rdma::{RdmaReceiver, RdmaWriter};
+use fgbi_transport::{
+    Implementation, Liveness, PresharedKey, RdmaConfig, ReceiveRegion, TransportConfig,
+};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Writes `contents` to a fresh file with permission bits `mode`.
@@ -35,12 +41,202 @@ pub fn geometry() -> Geometry {
     Geometry::new(16 << 20, 64).unwrap()
 }
 
-/// The implementations this host can run; says loudly when io_uring is skipped.
-pub fn implementations() -> Vec<Implementation> {
-    Implementation::ALL
+/// How a test's primary and backup are connected: the implementation, each side's
+/// RDMA device, and the address the backup listens on.
+#[derive(Clone, Debug)]
+pub struct Link {
+    /// The implementation both sides use.
+    pub implementation: Implementation,
+    /// The primary's RDMA device.
+    pub primary_rdma: RdmaConfig,
+    /// The backup's RDMA device.
+    pub backup_rdma: RdmaConfig,
+    /// Where the backup listens.
+    pub listen: IpAddr,
+}
+
+impl Link {
+    /// Both sides on loopback with `implementation`.
+    pub fn local(implementation: Implementation) -> Self {
+        Self {
+            implementation,
+            primary_rdma: RdmaConfig::default(),
+            backup_rdma: RdmaConfig::default(),
+            listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+
+    /// The implementation's name, for messages.
+    pub fn name(&self) -> &'static str {
+        self.implementation.as_str()
+    }
+
+    /// The primary's settings; a peer silent for `timeout_ms` is dead.
+    pub fn primary(&self, timeout_ms: u64) -> TransportConfig {
+        self.config(timeout_ms, &self.primary_rdma)
+    }
+
+    /// The backup's settings; a peer silent for `timeout_ms` is dead.
+    pub fn backup(&self, timeout_ms: u64) -> TransportConfig {
+        self.config(timeout_ms, &self.backup_rdma)
+    }
+
+    fn config(&self, timeout_ms: u64, rdma: &RdmaConfig) -> TransportConfig {
+        let mut config = config(self.implementation, timeout_ms);
+        config.rdma = rdma.clone();
+        if self.implementation == Implementation::Rdma {
+            // Opening the device and registering the ring precede the handshake.
+            config.handshake_timeout = Duration::from_secs(10);
+        }
+        config
+    }
+
+    /// A listener on a free port of the backup's address.
+    pub fn listener(&self) -> TcpListener {
+        TcpListener::bind((self.listen, 0)).unwrap()
+    }
+}
+
+/// The TCP implementations this host can run; says loudly when io_uring is skipped.
+pub fn tcp_links() -> Vec<Link> {
+    Implementation::TCP
         .into_iter()
         .filter(|imp| fgbi_hyp::feature::available(imp.as_str(), imp.available()))
+        .map(Link::local)
         .collect()
+}
+
+/// The RDMA link between the devices `FGBI_RDMA_DEVICE_A` (primary) and
+/// `FGBI_RDMA_DEVICE_B` (backup, listening on `FGBI_RDMA_ADDR_B`), or both on the
+/// first active device over loopback when unset. Empty (and said loudly) where no
+/// device is usable, which fails only with `FGBI_RDMA_REQUIRED=1`.
+pub fn rdma_links() -> Vec<Link> {
+    let device = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    let listen = std::env::var("FGBI_RDMA_ADDR_B")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let link = Link {
+        implementation: Implementation::Rdma,
+        primary_rdma: RdmaConfig {
+            device: device("FGBI_RDMA_DEVICE_A"),
+            ..RdmaConfig::default()
+        },
+        backup_rdma: RdmaConfig {
+            device: device("FGBI_RDMA_DEVICE_B"),
+            ..RdmaConfig::default()
+        },
+        listen,
+    };
+    let probe = link
+        .primary_rdma
+        .available()
+        .and_then(|()| link.backup_rdma.available());
+    if fgbi_hyp::feature::available_if_required(fgbi_hyp::feature::RDMA_REQUIRED, "rdma", probe) {
+        vec![link]
+    } else {
+        Vec::new()
+    }
+}
+
+/// A primary that ran the handshake (and, on RDMA, connected its queue pair) and
+/// then does whatever the test says.
+pub struct RawPrimary {
+    /// The TCP connection.
+    pub stream: TcpStream,
+    /// What the backup offered.
+    pub backup: Offer,
+    /// The RDMA writer, on an RDMA link.
+    pub rdma: Option<RdmaWriter>,
+}
+
+impl RawPrimary {
+    /// Connects to `listener` over `link`.
+    pub fn connect(link: &Link, listener: &TcpListener) -> Self {
+        let mut stream = connect(listener);
+        let backup = fgbi_transport::handshake::connect(
+            &mut stream,
+            &primary_offer(),
+            &key(1),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let rdma = (link.implementation == Implementation::Rdma)
+            .then(|| RdmaWriter::establish(&mut stream, &link.primary(2000), &backup).unwrap());
+        Self {
+            stream,
+            backup,
+            rdma,
+        }
+    }
+
+    /// Starts epoch `epoch` of `bytes` but delivers only its first half, uncommitted.
+    pub fn half_epoch(&mut self, epoch: u64, bytes: &[u8]) {
+        let half = &bytes[..bytes.len() / 2];
+        match &mut self.rdma {
+            Some(writer) => writer.write(&[half]).unwrap(),
+            None => {
+                self.stream
+                    .write_all(&control(1, 0, epoch, bytes.len() as u64))
+                    .unwrap();
+                self.stream.write_all(half).unwrap();
+            }
+        }
+    }
+
+    /// Declares epoch `epoch` of `len` bytes and delivers `payload` as its start.
+    pub fn declare(&mut self, epoch: u64, len: u64, payload: &[u8]) {
+        match &mut self.rdma {
+            Some(writer) => {
+                writer.write(&[payload]).unwrap();
+                writer
+                    .commit(&control(1, 0, epoch, len), epoch as u32)
+                    .unwrap();
+            }
+            None => {
+                self.stream.write_all(&control(1, 0, epoch, len)).unwrap();
+                self.stream.write_all(payload).unwrap();
+            }
+        }
+    }
+}
+
+/// A backup that ran the handshake (and, on RDMA, connected its queue pair) and
+/// then says nothing at all.
+pub fn silent_backup(link: &Link, listener: TcpListener, until: std::sync::mpsc::Receiver<()>) {
+    let (mut stream, _) = listener.accept().unwrap();
+    let offer = Offer {
+        version: PROTOCOL_VERSION,
+        role: Role::Backup,
+        mem_bytes: geometry().mem_bytes(),
+        block_size: 64,
+        slots: 2,
+        slot_bytes: full_slot() as u64,
+        committed: 0,
+    };
+    let mut region = ReceiveRegion::new(2, full_slot()).unwrap();
+    fgbi_transport::handshake::accept(&mut stream, &offer, &key(1), Duration::from_secs(2))
+        .unwrap();
+    let _ring = (link.implementation == Implementation::Rdma)
+        .then(|| RdmaReceiver::establish(&mut stream, &mut region, &link.backup(2000)).unwrap());
+    // Takes the epoch into its socket buffer or ring, then says nothing.
+    let _ = until.recv();
+}
+
+/// Defines one test per case of [`suite`], each running over every link `$links()`
+/// returns.
+#[allow(unused_macros)]
+macro_rules! cases {
+    ($links:path; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                for link in $links() {
+                    common::suite::$case(&link);
+                }
+            }
+        )*
+    };
 }
 
 /// Settings for tests: heartbeats every 10 ms; a peer silent for `timeout_ms` is dead.
@@ -198,16 +394,16 @@ pub struct Ended {
 /// slots of `slot_bytes`, reporting how each ended on the returned channel.
 pub fn run_backup(
     listener: TcpListener,
-    implementation: Implementation,
+    link: &Link,
     timeout_ms: u64,
     slots: usize,
     slot_bytes: usize,
     connections: usize,
 ) -> std::sync::mpsc::Receiver<Ended> {
     let (tx, rx) = std::sync::mpsc::channel();
+    let config = link.backup(timeout_ms);
     std::thread::spawn(move || {
-        let config = config(implementation, timeout_ms);
-        let mut region = fgbi_transport::ReceiveRegion::new(slots, slot_bytes).unwrap();
+        let mut region = ReceiveRegion::new(slots, slot_bytes).unwrap();
         let mut replica = vec![0u8; geometry().mem_bytes() as usize];
         let mut applier = fgbi_engine::Applier::new(geometry());
         let key = key(1);
@@ -249,4 +445,28 @@ pub fn run_backup(
 /// A slot for any epoch of [`geometry`].
 pub fn full_slot() -> usize {
     encoder_config().max_epoch_bytes(geometry().pages() as usize, 64)
+}
+
+impl Protected {
+    /// Fills `pages` pages with fresh pseudo-random bytes (incompressible), so that
+    /// the next epoch carries about `pages` × 4 KiB.
+    pub fn scramble_pages(&mut self, pages: u64) {
+        let total = geometry().pages();
+        let mut x = self
+            .encoder
+            .next_epoch()
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            | 1;
+        for i in 0..pages {
+            let page = (self.encoder.next_epoch() * 7919 + i * 104_729) % total;
+            let at = page as usize * 4096;
+            for word in self.memory[at..at + 4096].chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                word.copy_from_slice(&x.to_le_bytes());
+            }
+            self.dirty.push(page);
+        }
+    }
 }

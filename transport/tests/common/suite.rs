@@ -1,0 +1,337 @@
+//! The cases every implementation must pass, each a function of the [`Link`] it
+//! runs over: `end_to_end.rs` and `bad_peers.rs` run them over TCP (io_uring and
+//! std), `rdma.rs` over RDMA verbs.
+//!
+//! The real engine carries a workload epoch by epoch and the replica ends
+//! byte-identical to the primary's memory; peers that die, stall, flood or crash are
+//! reported as typed errors, the replica stays at its last committed epoch, and a
+//! new connection resumes.
+
+use std::io::{Read, Write};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use fgbi_engine::ApplyError;
+use fgbi_transport::{NackReason, Primary, Reply, TransportError};
+
+use super::*;
+
+pub fn the_replica_equals_the_primary_after_every_implementation_carries_the_web_workload(
+    link: &Link,
+) {
+    let listener = link.listener();
+    let stream = connect(&listener);
+    let ended = run_backup(listener, link, 2000, 2, full_slot(), 1);
+    let mut protected = Protected::web(7);
+    let mut primary = Primary::connect(stream, &link.primary(2000), &key(1)).unwrap();
+    assert_eq!(primary.backup_committed(), 0);
+    for _ in 0..12 {
+        commit_one(&mut primary, &mut protected);
+    }
+    // Two epochs in flight at once, one per slot.
+    for _ in 0..6 {
+        let first = protected.step();
+        let a = first.stats.epoch;
+        primary.send_epoch(&first).unwrap();
+        drop(first);
+        let second = protected.step();
+        let b = second.stats.epoch;
+        primary.send_epoch(&second).unwrap();
+        drop(second);
+        for n in [a, b] {
+            assert_eq!(
+                primary.wait_reply(Duration::from_secs(10)).unwrap(),
+                Reply::Committed(n)
+            );
+        }
+        protected.encoder.acknowledge(b).unwrap();
+    }
+    // An epoch from another encoder does not fit the replica's sequence: refused,
+    // the replica unchanged, the connection still serving.
+    let mut foreign = Protected::web(8);
+    let epoch = foreign.step();
+    primary.send_epoch(&epoch).unwrap();
+    assert_eq!(
+        primary.wait_reply(Duration::from_secs(10)).unwrap(),
+        Reply::Refused {
+            epoch: 1,
+            reason: NackReason::OutOfSequence
+        }
+    );
+    for _ in 0..3 {
+        commit_one(&mut primary, &mut protected);
+    }
+    drop(primary);
+    let ended = ended.recv().unwrap();
+    assert!(
+        matches!(ended.error, TransportError::PeerClosed(_)),
+        "{}: {}",
+        link.name(),
+        ended.error
+    );
+    assert_eq!(ended.committed, 27);
+    assert_eq!(ended.committed, protected.encoder.committed());
+    assert_eq!(ended.digest, protected.digest(), "{}", link.name());
+    assert!(
+        matches!(ended.refused[..], [(1, ApplyError::Sequence { .. })]),
+        "{:?}",
+        ended.refused
+    );
+}
+
+pub fn an_epoch_larger_than_a_slot_or_beyond_the_window_is_refused_before_sending(link: &Link) {
+    let listener = link.listener();
+    let stream = connect(&listener);
+    // Slots for epochs of up to 16 dirty pages.
+    let slot = encoder_config().max_epoch_bytes(16, 64);
+    let ended = run_backup(listener, link, 2000, 2, slot, 1);
+    let mut primary = Primary::connect(stream, &link.primary(2000), &key(1)).unwrap();
+
+    let mut big = Protected::web(3);
+    let epoch = big.step();
+    let e = primary.send_epoch(&epoch).unwrap_err();
+    assert!(
+        matches!(e, TransportError::EpochTooLarge { epoch: 1, slot_bytes, .. } if slot_bytes == primary.slot_bytes()),
+        "{e}"
+    );
+    assert!(e.to_string().contains("slot holds"), "{e}");
+
+    // The connection still works: small epochs flow, two at a time at most.
+    let mut small = Protected::web(4);
+    let mut send = |small: &mut Protected, expect_full: bool| {
+        small.write_pages(10);
+        let epoch = small.encode();
+        let n = epoch.stats.epoch;
+        match primary.send_epoch(&epoch) {
+            Ok(()) => assert!(!expect_full),
+            Err(e) => {
+                assert!(
+                    expect_full && matches!(e, TransportError::WindowFull(2)),
+                    "{e}"
+                );
+                assert_eq!(
+                    primary.wait_reply(Duration::from_secs(10)).unwrap(),
+                    Reply::Committed(n - 2)
+                );
+                primary.send_epoch(&epoch).unwrap();
+            }
+        }
+        n
+    };
+    send(&mut small, false);
+    send(&mut small, false);
+    let third = send(&mut small, true);
+    for n in third - 1..=third {
+        assert_eq!(
+            primary.wait_reply(Duration::from_secs(10)).unwrap(),
+            Reply::Committed(n)
+        );
+    }
+    small.encoder.acknowledge(third).unwrap();
+    drop(primary);
+    let ended = ended.recv().unwrap();
+    assert_eq!(ended.committed, 3);
+    assert_eq!(ended.digest, small.digest());
+}
+
+pub fn a_primary_that_stops_mid_epoch_leaves_the_replica_committed_and_a_new_one_resumes(
+    link: &Link,
+) {
+    let listener = link.listener();
+    let timeout = 200;
+    let ended = run_backup(
+        listener.try_clone().unwrap(),
+        link,
+        timeout,
+        2,
+        full_slot(),
+        4,
+    );
+    let mut protected = Protected::web(11);
+
+    // 1: five epochs, then the primary goes away cleanly.
+    let mut primary =
+        Primary::connect(connect(&listener), &link.primary(timeout), &key(1)).unwrap();
+    for _ in 0..5 {
+        commit_one(&mut primary, &mut protected);
+    }
+    let at_five = protected.digest();
+    drop(primary);
+    let first = ended.recv().unwrap();
+    assert!(
+        matches!(first.error, TransportError::PeerClosed(_)),
+        "{}",
+        first.error
+    );
+
+    // 2: a primary that sends half of epoch 6 and then falls silent.
+    let mut raw = RawPrimary::connect(link, &listener);
+    assert_eq!(raw.backup.committed, 5);
+    let epoch = protected.step();
+    let bytes = epoch.to_vec();
+    drop(epoch);
+    raw.half_epoch(6, &bytes);
+    let start = Instant::now();
+    let second = ended.recv().unwrap();
+    assert!(
+        matches!(second.error, TransportError::PeerTimeout(t) if t == Duration::from_millis(timeout)),
+        "{}: {}",
+        link.name(),
+        second.error
+    );
+    assert!(start.elapsed() < Duration::from_millis(timeout) + Duration::from_secs(2));
+    assert_eq!(second.committed, 5);
+    assert_eq!(second.digest, at_five, "the half epoch reached the replica");
+    drop(raw);
+
+    // 3: the primary reconnects, loses epoch 6 and re-sends its pages; then it
+    // crashes right after sending an epoch, before the acknowledgement.
+    let mut primary =
+        Primary::connect(connect(&listener), &link.primary(timeout), &key(1)).unwrap();
+    assert_eq!(primary.backup_committed(), 5);
+    protected.reconcile(primary.backup_committed());
+    assert_eq!(protected.encoder.next_epoch(), 6);
+    for _ in 0..3 {
+        commit_one(&mut primary, &mut protected);
+    }
+    let epoch = protected.step();
+    assert_eq!(epoch.stats.epoch, 9);
+    primary.send_epoch(&epoch).unwrap();
+    drop(epoch);
+    drop(primary);
+    let third = ended.recv().unwrap();
+    // Whether epoch 9 arrived whole before the connection broke is up to TCP.
+    assert!((8..=9).contains(&third.committed), "{}", third.committed);
+
+    // 4: the next connection learns which, and the replica converges.
+    let mut primary =
+        Primary::connect(connect(&listener), &link.primary(timeout), &key(1)).unwrap();
+    assert_eq!(primary.backup_committed(), third.committed);
+    protected.reconcile(primary.backup_committed());
+    for _ in 0..3 {
+        commit_one(&mut primary, &mut protected);
+    }
+    drop(primary);
+    let fourth = ended.recv().unwrap();
+    assert_eq!(fourth.committed, protected.encoder.committed());
+    assert_eq!(fourth.digest, protected.digest(), "{}", link.name());
+    assert!(fourth.refused.is_empty());
+}
+
+pub fn a_huge_declared_length_is_refused_before_any_payload_is_read(link: &Link) {
+    let listener = link.listener();
+    let ended = run_backup(listener.try_clone().unwrap(), link, 2000, 2, full_slot(), 1);
+    let mut raw = RawPrimary::connect(link, &listener);
+    // After the declaration, bytes that would land in the slot if the length
+    // were believed.
+    raw.declare(1, 1 << 40, &[0xee; 4096]);
+    let ended = ended.recv().unwrap();
+    assert!(
+        matches!(&ended.error, TransportError::Protocol(m) if m.contains("declared")),
+        "{}",
+        ended.error
+    );
+    assert_eq!(ended.committed, 0);
+    // The backup said no before closing (heartbeats may come first).
+    let mut m = [0u8; 32];
+    loop {
+        raw.stream.read_exact(&mut m).unwrap();
+        if m[0] != 5 {
+            break;
+        }
+    }
+    assert_eq!((m[0], m[1], &m[8..16]), (4, 1, &1u64.to_le_bytes()[..]));
+    assert!(raw.backup.slot_bytes < 1 << 40);
+}
+
+pub fn a_peer_flooding_heartbeats_is_refused(link: &Link) {
+    let listener = link.listener();
+    let ended = run_backup(listener.try_clone().unwrap(), link, 2000, 2, full_slot(), 1);
+    let mut raw = RawPrimary::connect(link, &listener);
+    let beat = control(5, 0, 1, 0);
+    let burst: Vec<u8> = beat.iter().copied().cycle().take(32 * 2000).collect();
+    // The backup may close while the burst is still being written.
+    let _ = raw.stream.write_all(&burst);
+    let ended = ended.recv().unwrap();
+    assert!(
+        matches!(ended.error, TransportError::Flood { count, .. } if count > 64),
+        "{}",
+        ended.error
+    );
+}
+
+pub fn a_silent_primary_is_declared_dead_within_the_timeout(link: &Link) {
+    let listener = link.listener();
+    let ended = run_backup(listener.try_clone().unwrap(), link, 150, 2, full_slot(), 1);
+    let raw = RawPrimary::connect(link, &listener);
+    let start = Instant::now();
+    let ended = ended.recv().unwrap();
+    let waited = start.elapsed();
+    assert!(
+        matches!(ended.error, TransportError::PeerTimeout(_)),
+        "{}",
+        ended.error
+    );
+    assert!(
+        waited < Duration::from_millis(150) + Duration::from_secs(2),
+        "{waited:?}"
+    );
+    drop(raw);
+}
+
+pub fn a_silent_backup_is_declared_dead_within_the_timeout(link: &Link) {
+    let listener = link.listener();
+    let stream = connect(&listener);
+    let (done, wait_done) = mpsc::channel::<()>();
+    let silent = link.clone();
+    let fake = thread::spawn(move || silent_backup(&silent, listener, wait_done));
+    let mut primary = Primary::connect(stream, &link.primary(150), &key(1)).unwrap();
+    let mut protected = Protected::web(5);
+    protected.write_pages(4);
+    let epoch = protected.encode();
+    primary.send_epoch(&epoch).unwrap();
+    let start = Instant::now();
+    let e = primary.wait_reply(Duration::from_secs(30)).unwrap_err();
+    let waited = start.elapsed();
+    assert!(
+        matches!(e, TransportError::PeerTimeout(_)),
+        "{}: {e}",
+        link.name()
+    );
+    assert!(
+        waited < Duration::from_millis(150) + Duration::from_secs(2),
+        "{waited:?}"
+    );
+    let e = primary.send_epoch(&epoch).unwrap_err();
+    assert!(matches!(e, TransportError::Broken), "{e}");
+    done.send(()).unwrap();
+    fake.join().unwrap();
+}
+
+pub fn heartbeats_keep_an_idle_link_alive_past_the_timeout(link: &Link) {
+    let listener = link.listener();
+    let ended = run_backup(listener.try_clone().unwrap(), link, 150, 2, full_slot(), 1);
+    let mut primary = Primary::connect(connect(&listener), &link.primary(150), &key(1)).unwrap();
+    let mut protected = Protected::web(6);
+    commit_one(&mut primary, &mut protected);
+    // Four timeouts without an epoch, and without this side reading.
+    thread::sleep(Duration::from_millis(600));
+    assert!(
+        ended.try_recv().is_err(),
+        "the backup gave up on a live primary"
+    );
+    // Waiting with nothing in flight is refused at once instead of hanging.
+    let e = primary.wait_reply(Duration::from_millis(5)).unwrap_err();
+    assert!(matches!(e, TransportError::NothingInFlight), "{e}");
+    commit_one(&mut primary, &mut protected);
+    drop(primary);
+    let ended = ended.recv().unwrap();
+    assert!(
+        matches!(ended.error, TransportError::PeerClosed(_)),
+        "{}",
+        ended.error
+    );
+    assert_eq!(ended.committed, 2);
+    assert_eq!(ended.digest, protected.digest());
+}
