@@ -71,7 +71,9 @@ use thiserror::Error;
 
 use crate::memory::{Backing, HUGE_PAGE, Region};
 use crate::workload::PAGE;
-use sys::{AsyncWpUffd, PageRegion, Pagemap};
+use sys::{PageRegion, Pagemap};
+
+use crate::uffd::{self, Faults, WpUffd};
 
 /// Entries of the `PAGEMAP_SCAN` output vector (24 bytes each). One entry holds a run of
 /// consecutive written pages; when more runs than this are dirty, a harvest takes more
@@ -165,7 +167,7 @@ pub enum TrackingError {
 /// as dropping the region first, can only give wrong page lists or errors.
 pub struct DirtyTracker {
     /// Keeps the registration alive; closing it unregisters the range.
-    _uffd: AsyncWpUffd,
+    _uffd: WpUffd,
     pagemap: Pagemap,
     /// First byte address of the range.
     start: u64,
@@ -207,7 +209,7 @@ impl DirtyTracker {
             return Err(range_error());
         }
         let features = features_for(region.backing())?;
-        let uffd = AsyncWpUffd::open(features).map_err(|source| TrackingError::Kernel {
+        let uffd = WpUffd::open(Faults::UserOnly, features).map_err(|source| TrackingError::Kernel {
             what: "enable asynchronous write-protect on a userfaultfd",
             source,
         })?;
@@ -275,7 +277,30 @@ impl DirtyTracker {
 /// The userfaultfd features to ask for on memory with `backing`, after checking that
 /// the kernel has them and `PAGEMAP_SCAN`.
 fn features_for(backing: Backing) -> Result<u64, TrackingError> {
-    let supported = sys::supported_features().map_err(|e| match e.raw_os_error() {
+    let features = wp_features(Faults::UserOnly, backing, true)?;
+    let pagemap = Pagemap::open().map_err(|source| TrackingError::Kernel {
+        what: "open /proc/self/pagemap",
+        source,
+    })?;
+    match pagemap.supports_scan() {
+        Ok(true) => Ok(features),
+        Ok(false) => Err(TrackingError::NoPagemapScan),
+        Err(source) => Err(TrackingError::Kernel {
+            what: "probe the PAGEMAP_SCAN ioctl",
+            source,
+        }),
+    }
+}
+
+/// The userfaultfd features write-protecting memory with `backing` needs, in
+/// asynchronous mode or not, after checking that a descriptor handling `faults` can be
+/// created and has them.
+pub(crate) fn wp_features(
+    faults: Faults,
+    backing: Backing,
+    asynchronous: bool,
+) -> Result<u64, TrackingError> {
+    let supported = uffd::supported_features(faults).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOSYS) => TrackingError::NoUserfaultfd(e),
         Some(libc::EPERM | libc::EACCES) => TrackingError::PermissionDenied(e),
         _ => TrackingError::Kernel {
@@ -283,13 +308,13 @@ fn features_for(backing: Backing) -> Result<u64, TrackingError> {
             source: e,
         },
     })?;
-    let mut needed = vec![
-        (sys::FEATURE_WP_ASYNC, "UFFD_FEATURE_WP_ASYNC"),
-        (sys::FEATURE_WP_UNPOPULATED, "UFFD_FEATURE_WP_UNPOPULATED"),
-    ];
+    let mut needed = vec![(uffd::FEATURE_WP_UNPOPULATED, "UFFD_FEATURE_WP_UNPOPULATED")];
+    if asynchronous {
+        needed.push((uffd::FEATURE_WP_ASYNC, "UFFD_FEATURE_WP_ASYNC"));
+    }
     if backing == Backing::Hugetlb {
         needed.push((
-            sys::FEATURE_WP_HUGETLBFS_SHMEM,
+            uffd::FEATURE_WP_HUGETLBFS_SHMEM,
             "UFFD_FEATURE_WP_HUGETLBFS_SHMEM",
         ));
     }
@@ -303,18 +328,7 @@ fn features_for(backing: Backing) -> Result<u64, TrackingError> {
             missing: missing.join(" and "),
         });
     }
-    let pagemap = Pagemap::open().map_err(|source| TrackingError::Kernel {
-        what: "open /proc/self/pagemap",
-        source,
-    })?;
-    match pagemap.supports_scan() {
-        Ok(true) => Ok(needed.iter().fold(0, |all, &(bit, _)| all | bit)),
-        Ok(false) => Err(TrackingError::NoPagemapScan),
-        Err(source) => Err(TrackingError::Kernel {
-            what: "probe the PAGEMAP_SCAN ioctl",
-            source,
-        }),
-    }
+    Ok(needed.iter().fold(0, |all, &(bit, _)| all | bit))
 }
 
 #[cfg(test)]
