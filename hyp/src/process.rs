@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::cow::{CowMode, CowTracker};
 use crate::memory::{HUGE_PAGE, Region};
 use crate::protected::{HypError, Protected};
 use crate::safepoint::{Safepoint, Safepoints};
@@ -63,17 +64,55 @@ unsafe impl Send for Shared {}
 // SAFETY: as above; all other fields are Sync.
 unsafe impl Sync for Shared {}
 
+/// How the application's writes are tracked, which decides how a checkpoint's pages
+/// are kept safe from later writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PageSafety {
+    /// Asynchronous write-protect tracking ([`DirtyTracker`]); the replication loop
+    /// copies the dirty pages during the pause (Remus).
+    #[default]
+    Copy,
+    /// Synchronous write-protect tracking ([`CowTracker`]); the pause only protects
+    /// the dirty pages and they are copied after the application resumes, before it
+    /// writes them (needs root, `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd=1`).
+    CopyOnWrite,
+}
+
+enum Tracker {
+    Async(DirtyTracker),
+    Cow(CowTracker),
+}
+
 /// Protects regions of the given sizes, stopping the application's threads within
-/// `stop_timeout` at each checkpoint.
+/// `stop_timeout` at each checkpoint, with [`PageSafety::Copy`].
 pub fn protect(
     sizes: &[usize],
     stop_timeout: Duration,
 ) -> Result<(ProcessHandle, ProcessMemory), HypError> {
+    protect_with(sizes, stop_timeout, PageSafety::Copy)
+}
+
+/// Protects regions of the given sizes, stopping the application's threads within
+/// `stop_timeout` at each checkpoint, keeping checkpoints safe as `safety` says.
+pub fn protect_with(
+    sizes: &[usize],
+    stop_timeout: Duration,
+    safety: PageSafety,
+) -> Result<(ProcessHandle, ProcessMemory), HypError> {
     let (layout, total) = layout(sizes)?;
     let mut region = Region::new(total)?;
-    // Tracking starts before the application writes anything.
-    let tracker = DirtyTracker::new(&region)?;
     let base = region.as_mut_ptr();
+    // Tracking starts before the application writes anything.
+    let tracker = match safety {
+        PageSafety::Copy => Tracker::Async(DirtyTracker::new(&region)?),
+        // SAFETY: the region is private anonymous memory, 2 MiB-aligned, and `Shared`
+        // keeps it mapped for as long as the `ProcessMemory` holding the tracker (and
+        // any snapshot it armed, which the replication loop finishes or drops before
+        // the `ProcessMemory`) lives: the tracker is declared before `shared` there.
+        PageSafety::CopyOnWrite => Tracker::Cow(unsafe {
+            CowTracker::new(base, region.len(), region.backing(), CowMode::Record)
+        }?),
+    };
     let shared = Arc::new(Shared {
         region,
         base,
@@ -136,8 +175,9 @@ impl ProcessHandle {
 
 /// The replication loop's half: the protected memory as a [`Protected`] program.
 pub struct ProcessMemory {
+    // Declared first: dropped (protection lifted, handler stopped) before the memory.
+    tracker: Tracker,
     shared: Arc<Shared>,
-    tracker: DirtyTracker,
     stop_timeout: Duration,
     stopped: bool,
 }
@@ -164,7 +204,10 @@ impl Protected for ProcessMemory {
         if !self.stopped {
             return Err(HypError::Order("harvest while running"));
         }
-        self.tracker.harvest(dirty)?;
+        match &mut self.tracker {
+            Tracker::Async(tracker) => tracker.harvest(dirty)?,
+            Tracker::Cow(tracker) => tracker.take_dirty(dirty)?,
+        }
         Ok(())
     }
 
@@ -188,6 +231,13 @@ impl Protected for ProcessMemory {
         self.stopped = false;
         self.shared.safepoints.resume()?;
         Ok(())
+    }
+
+    fn copy_on_write(&self) -> Option<&CowTracker> {
+        match &self.tracker {
+            Tracker::Async(_) => None,
+            Tracker::Cow(tracker) => Some(tracker),
+        }
     }
 }
 
