@@ -11,11 +11,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cow::{CowMode, CowTracker};
+use crate::cow::CowTracker;
 use crate::memory::{HUGE_PAGE, Region};
 use crate::protected::{HypError, Protected};
 use crate::safepoint::{Safepoint, Safepoints};
-use crate::tracking::DirtyTracker;
+pub use crate::tracking::PageSafety;
+use crate::tracking::RegionTracker;
 
 /// Where one protected region lies in the flat protected memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,25 +65,6 @@ unsafe impl Send for Shared {}
 // SAFETY: as above; all other fields are Sync.
 unsafe impl Sync for Shared {}
 
-/// How the application's writes are tracked, which decides how a checkpoint's pages
-/// are kept safe from later writes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PageSafety {
-    /// Asynchronous write-protect tracking ([`DirtyTracker`]); the replication loop
-    /// copies the dirty pages during the pause (Remus).
-    #[default]
-    Copy,
-    /// Synchronous write-protect tracking ([`CowTracker`]); the pause only protects
-    /// the dirty pages and they are copied after the application resumes, before it
-    /// writes them (needs root, `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd=1`).
-    CopyOnWrite,
-}
-
-enum Tracker {
-    Async(DirtyTracker),
-    Cow(CowTracker),
-}
-
 /// Protects regions of the given sizes, stopping the application's threads within
 /// `stop_timeout` at each checkpoint, with [`PageSafety::Copy`].
 pub fn protect(
@@ -103,16 +85,11 @@ pub fn protect_with(
     let mut region = Region::new(total)?;
     let base = region.as_mut_ptr();
     // Tracking starts before the application writes anything.
-    let tracker = match safety {
-        PageSafety::Copy => Tracker::Async(DirtyTracker::new(&region)?),
-        // SAFETY: the region is private anonymous memory, 2 MiB-aligned, and `Shared`
-        // keeps it mapped for as long as the `ProcessMemory` holding the tracker (and
-        // any snapshot it armed, which the replication loop finishes or drops before
-        // the `ProcessMemory`) lives: the tracker is declared before `shared` there.
-        PageSafety::CopyOnWrite => Tracker::Cow(unsafe {
-            CowTracker::new(base, region.len(), region.backing(), CowMode::Record)
-        }?),
-    };
+    // SAFETY: `Shared` keeps the region mapped for as long as the `ProcessMemory`
+    // holding the tracker lives (the tracker is declared before `shared` there, so
+    // dropped first), and the checkpointer finishes or drops every snapshot it arms
+    // within one checkpoint.
+    let tracker = unsafe { RegionTracker::new(&mut region, safety) }?;
     let shared = Arc::new(Shared {
         region,
         base,
@@ -176,7 +153,7 @@ impl ProcessHandle {
 /// The replication loop's half: the protected memory as a [`Protected`] program.
 pub struct ProcessMemory {
     // Declared first: dropped (protection lifted, handler stopped) before the memory.
-    tracker: Tracker,
+    tracker: RegionTracker,
     shared: Arc<Shared>,
     stop_timeout: Duration,
     stopped: bool,
@@ -204,11 +181,7 @@ impl Protected for ProcessMemory {
         if !self.stopped {
             return Err(HypError::Order("harvest while running"));
         }
-        match &mut self.tracker {
-            Tracker::Async(tracker) => tracker.harvest(dirty)?,
-            Tracker::Cow(tracker) => tracker.take_dirty(dirty)?,
-        }
-        Ok(())
+        self.tracker.harvest(dirty)
     }
 
     fn capture_state(&mut self, out: &mut Vec<u8>) -> Result<(), HypError> {
@@ -234,10 +207,7 @@ impl Protected for ProcessMemory {
     }
 
     fn copy_on_write(&self) -> Option<&CowTracker> {
-        match &self.tracker {
-            Tracker::Async(_) => None,
-            Tracker::Cow(tracker) => Some(tracker),
-        }
+        self.tracker.copy_on_write()
     }
 }
 

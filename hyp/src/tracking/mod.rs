@@ -69,7 +69,9 @@ use std::io;
 
 use thiserror::Error;
 
+use crate::cow::{CowMode, CowTracker};
 use crate::memory::{Backing, HUGE_PAGE, Region};
+use crate::protected::HypError;
 use crate::workload::PAGE;
 use sys::{PageRegion, Pagemap};
 
@@ -270,6 +272,93 @@ impl DirtyTracker {
             if cursor >= self.end {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// How a region's writes are tracked, which decides how a checkpoint's pages are kept
+/// safe from later writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PageSafety {
+    /// Asynchronous write-protect tracking ([`DirtyTracker`]); the replication loop
+    /// copies the dirty pages during the pause (Remus).
+    #[default]
+    Copy,
+    /// Synchronous write-protect tracking ([`CowTracker`] in [`CowMode::Record`]); the
+    /// pause only protects the dirty pages and they are copied after the program
+    /// resumes, each before its first write (needs root, `CAP_SYS_PTRACE` or
+    /// `vm.unprivileged_userfaultfd=1`).
+    CopyOnWrite,
+}
+
+impl std::str::FromStr for PageSafety {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "copy" => Ok(PageSafety::Copy),
+            "cow" => Ok(PageSafety::CopyOnWrite),
+            _ => Err(format!("unknown pause {s:?}: use copy or cow")),
+        }
+    }
+}
+
+/// Kernel dirty tracking of a whole region, as [`PageSafety`] asks.
+pub enum RegionTracker {
+    /// [`PageSafety::Copy`].
+    Async(DirtyTracker),
+    /// [`PageSafety::CopyOnWrite`].
+    CopyOnWrite(CowTracker),
+}
+
+impl RegionTracker {
+    /// Checks that this kernel can track memory with `backing` as `safety` asks.
+    pub fn probe(safety: PageSafety, backing: Backing) -> Result<(), HypError> {
+        match safety {
+            PageSafety::Copy => DirtyTracker::probe()?,
+            PageSafety::CopyOnWrite => CowTracker::probe(backing)?,
+        }
+        Ok(())
+    }
+
+    /// Tracks the whole of `region`: the first harvest reports the pages written
+    /// after this call.
+    ///
+    /// # Safety
+    ///
+    /// With [`PageSafety::CopyOnWrite`] the tracker reads the region: it must stay
+    /// mapped until the tracker, and every snapshot armed with it, are dropped.
+    pub unsafe fn new(region: &mut Region, safety: PageSafety) -> Result<Self, HypError> {
+        Ok(match safety {
+            PageSafety::Copy => Self::Async(DirtyTracker::new(region)?),
+            // SAFETY: the region is private anonymous memory, aligned to its page
+            // size, which the caller keeps mapped as long as the tracker needs it.
+            PageSafety::CopyOnWrite => Self::CopyOnWrite(unsafe {
+                CowTracker::new(
+                    region.as_mut_ptr(),
+                    region.len(),
+                    region.backing(),
+                    CowMode::Record,
+                )
+            }?),
+        })
+    }
+
+    /// Appends the pages written since the last harvest (in increasing order) and
+    /// tracks anew.
+    pub fn harvest(&mut self, dirty: &mut Vec<u64>) -> Result<(), HypError> {
+        match self {
+            Self::Async(tracker) => tracker.harvest(dirty)?,
+            Self::CopyOnWrite(tracker) => tracker.harvest(dirty)?,
+        }
+        Ok(())
+    }
+
+    /// The copy-on-write tracker, with [`PageSafety::CopyOnWrite`].
+    pub fn copy_on_write(&self) -> Option<&CowTracker> {
+        match self {
+            Self::Async(_) => None,
+            Self::CopyOnWrite(tracker) => Some(tracker),
         }
     }
 }
