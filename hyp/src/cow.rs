@@ -86,9 +86,7 @@ pub enum CowError {
         len: usize,
     },
     /// An armed page lies outside the memory or the list is not sorted.
-    #[error(
-        "page {page} cannot be snapshotted: pages must be sorted, distinct and below {pages}"
-    )]
+    #[error("page {page} cannot be snapshotted: pages must be sorted, distinct and below {pages}")]
     Page {
         /// The page.
         page: u64,
@@ -257,10 +255,7 @@ fn runs(pages: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
 }
 
 /// Joins runs `(first, end)` separated by fewer than `gap` pages.
-fn merge(
-    runs: impl Iterator<Item = (u64, u64)>,
-    gap: u64,
-) -> impl Iterator<Item = (u64, u64)> {
+fn merge(runs: impl Iterator<Item = (u64, u64)>, gap: u64) -> impl Iterator<Item = (u64, u64)> {
     let mut runs = runs.peekable();
     std::iter::from_fn(move || {
         let (first, mut end) = runs.next()?;
@@ -559,9 +554,7 @@ impl Armed {
                 std::hint::spin_loop();
             }
         }
-        shared
-            .buffer
-            .store(std::ptr::null_mut(), Ordering::Release);
+        shared.buffer.store(std::ptr::null_mut(), Ordering::Release);
         if shared.mode == CowMode::Snapshot {
             shared
                 .change_runs(&self.pages, false)
@@ -598,8 +591,10 @@ mod tests {
         }
         // SAFETY: the region is mapped private anonymous memory that every test keeps
         // alive (declared before the tracker, so dropped after it and its snapshots).
-        Some(unsafe { CowTracker::new(region.as_mut_ptr(), region.len(), region.backing(), mode) }
-            .unwrap())
+        Some(
+            unsafe { CowTracker::new(region.as_mut_ptr(), region.len(), region.backing(), mode) }
+                .unwrap(),
+        )
     }
 
     #[test]
@@ -716,7 +711,8 @@ mod tests {
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         let message = [0x22u8; 64];
         // SAFETY: writes 64 bytes from `message` to the pipe's write end.
-        assert_eq!(unsafe { libc::write(fds[1], message.as_ptr().cast(), 64) }, 64);
+        let sent = unsafe { libc::write(fds[1], message.as_ptr().cast(), 64) };
+        assert_eq!(sent, 64);
         // The kernel writes into the protected page on this thread's behalf: the
         // fault goes to the handler, which copies the page before the write lands.
         let target = region[5 * PAGE..].as_mut_ptr();
@@ -728,7 +724,10 @@ mod tests {
             libc::close(fds[1]);
         }
         let (_, buffer) = armed.finish().unwrap();
-        assert!(buffer.iter().all(|&b| b == 0x11), "the snapshot predates the read");
+        assert!(
+            buffer.iter().all(|&b| b == 0x11),
+            "the snapshot predates the read"
+        );
         assert!(region[5 * PAGE..5 * PAGE + 64].iter().all(|&b| b == 0x22));
         assert_eq!(cow.stats().handler_copies, 1);
     }

@@ -7,9 +7,9 @@
 
 use std::str::FromStr;
 
+use crate::cow::CowTracker;
 use crate::memory::{Backing, Region};
 use crate::protected::{HypError, Protected};
-use crate::cow::CowTracker;
 use crate::tracking::{PageSafety, RegionTracker};
 use crate::workload::{self, Workload};
 
@@ -46,7 +46,9 @@ impl FromStr for Tracking {
             "kernel" => Ok(Tracking::Kernel),
             "cow" => Ok(Tracking::CopyOnWrite),
             "generator" => Ok(Tracking::Generator),
-            _ => Err(format!("unknown tracking {s:?}: use kernel, cow or generator")),
+            _ => Err(format!(
+                "unknown tracking {s:?}: use kernel, cow or generator"
+            )),
         }
     }
 }
@@ -144,11 +146,7 @@ impl SyntheticMachine {
     /// Rebuilds a machine on a backup from its replica `memory` and the state blob of
     /// the epoch that memory was committed with, ready to continue exactly where the
     /// primary's checkpoint stood.
-    pub fn restore(
-        mut memory: Region,
-        state: &[u8],
-        tracking: Tracking,
-    ) -> Result<Self, HypError> {
+    pub fn restore(mut memory: Region, state: &[u8], tracking: Tracking) -> Result<Self, HypError> {
         let bad = || HypError::State("the state blob is not a synthetic machine's state");
         let rest = state.strip_prefix(STATE_MAGIC).ok_or_else(bad)?;
         let end = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;

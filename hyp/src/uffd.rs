@@ -23,7 +23,10 @@ pub(crate) const fn iowr(ty: u8, nr: u8, size: usize) -> libc::Ioctl {
 /// `_IOC(_IOC_READ, ty, nr, size)` as encoded on x86-64.
 const fn ior(ty: u8, nr: u8, size: usize) -> libc::Ioctl {
     const IOC_READ: libc::Ioctl = 2;
-    (IOC_READ << 30) | ((size as libc::Ioctl) << 16) | ((ty as libc::Ioctl) << 8) | nr as libc::Ioctl
+    (IOC_READ << 30)
+        | ((size as libc::Ioctl) << 16)
+        | ((ty as libc::Ioctl) << 8)
+        | nr as libc::Ioctl
 }
 
 /// Issues `ioctl(fd, request, arg)` with `arg` pointing at a `T` the kernel reads and

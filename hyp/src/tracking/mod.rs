@@ -211,10 +211,11 @@ impl DirtyTracker {
             return Err(range_error());
         }
         let features = features_for(region.backing())?;
-        let uffd = WpUffd::open(Faults::UserOnly, features).map_err(|source| TrackingError::Kernel {
-            what: "enable asynchronous write-protect on a userfaultfd",
-            source,
-        })?;
+        let uffd =
+            WpUffd::open(Faults::UserOnly, features).map_err(|source| TrackingError::Kernel {
+                what: "enable asynchronous write-protect on a userfaultfd",
+                source,
+            })?;
         let pagemap = Pagemap::open().map_err(|source| TrackingError::Kernel {
             what: "open /proc/self/pagemap",
             source,
