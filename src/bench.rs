@@ -273,10 +273,7 @@ fn run_one(
         mem_bytes: geometry.mem_bytes(),
         workers: config.workers,
         backing: machine.backing().as_str(),
-        tracking: match config.tracking {
-            Tracking::Kernel => "kernel",
-            Tracking::Generator => "generator",
-        },
+        tracking: config.tracking.as_str(),
         dirty_pages: 0,
         wire_bytes: 0,
         sync_bytes: 0,

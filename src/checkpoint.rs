@@ -1,10 +1,15 @@
 //! The pause: everything that happens while the protected program is stopped.
 //!
 //! [`Checkpointer::take`] stops the program, harvests its dirty pages, adds the pages
-//! carried from lost epochs, captures its state blob, copies the dirty pages out
-//! (Remus-style), optionally takes the checkpoint's digest for verification, and lets
+//! carried from lost epochs, captures its state blob, keeps the dirty pages safe from
+//! later writes, optionally takes the checkpoint's digest for verification, and lets
 //! the program run again, whatever failed. The time from stop to resume, less the
 //! verification digest, is type II downtime.
+//!
+//! Pages are kept safe one of two ways, as the program was set up: copied out while
+//! it is stopped (Remus), or, when it offers [`Protected::copy_on_write`],
+//! write-protected while it is stopped and copied out after it resumes, each before
+//! the program's first write to it, so the pause no longer grows with the dirty set.
 
 use std::time::{Duration, Instant};
 
@@ -51,6 +56,17 @@ impl Checkpointer {
         let stopped = Instant::now();
         program.stop()?;
         let captured = self.capture(program, carried);
+        // Copy-on-write: arm the pages now, copy them after the program resumes.
+        let armed = match (&captured, program.copy_on_write()) {
+            (Ok(()), Some(cow)) => {
+                // Pages outside memory are left out, as when copying: the encoder
+                // refuses them with a clear error when it sees the dirty list.
+                let pages = (program.memory().len() / fgbi_engine::PAGE_SIZE) as u64;
+                let inside = self.dirty.iter().copied().filter(|&p| p < pages).collect();
+                Some(cow.arm(inside, self.staging.take_buffer()))
+            }
+            _ => None,
+        };
         let mut digest_time = Duration::ZERO;
         let digest = (captured.is_ok() && verify).then(|| {
             let started = Instant::now();
@@ -62,7 +78,14 @@ impl Checkpointer {
         let resumed = program.resume();
         let pause = stopped.elapsed().saturating_sub(digest_time);
         captured?;
+        // The copy runs even if resuming failed: an armed snapshot must be finished.
+        let copied = armed.map(|armed| armed.and_then(|a| a.finish()));
         resumed?;
+        if let Some(copied) = copied {
+            let (pages, data) = copied?;
+            self.staging
+                .install(pages, data, program.memory().len() as u64);
+        }
         Ok(Checkpoint {
             dirty: &self.dirty,
             pages: &self.staging,
@@ -82,7 +105,12 @@ impl Checkpointer {
         self.dirty.extend_from_slice(carried);
         self.state.clear();
         program.capture_state(&mut self.state)?;
-        self.staging.capture(program.memory(), &mut self.dirty);
+        if program.copy_on_write().is_some() {
+            self.dirty.sort_unstable();
+            self.dirty.dedup();
+        } else {
+            self.staging.capture(program.memory(), &mut self.dirty);
+        }
         Ok(())
     }
 }

@@ -36,6 +36,24 @@ impl Staging {
         }
     }
 
+    /// Hands out the data buffer (emptied, capacity kept) for a copy made elsewhere,
+    /// such as a copy-on-write snapshot; [`install`](Self::install) gives it back.
+    pub fn take_buffer(&mut self) -> Vec<u8> {
+        self.pages.clear();
+        let mut data = std::mem::take(&mut self.data);
+        data.clear();
+        data
+    }
+
+    /// Replaces the contents with `pages` (sorted, distinct) of a `mem_bytes` memory,
+    /// page `pages[i]` at `data[i * 4096..]`.
+    pub fn install(&mut self, pages: Vec<u64>, data: Vec<u8>, mem_bytes: u64) {
+        debug_assert_eq!(data.len(), pages.len() * PAGE_SIZE);
+        self.pages = pages;
+        self.data = data;
+        self.mem_bytes = mem_bytes;
+    }
+
     /// The staged page numbers, sorted.
     pub fn pages(&self) -> &[u64] {
         &self.pages

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use fgbi::local::LocalReplication;
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
-use fgbi_hyp::process::protect;
+use fgbi_hyp::cow::CowTracker;
+use fgbi_hyp::memory::Backing;
+use fgbi_hyp::process::{PageSafety, protect, protect_with};
 use fgbi_hyp::protected::Protected;
 use fgbi_hyp::tracking::DirtyTracker;
 use fgbi_hyp::workload::Rng;
@@ -17,7 +19,29 @@ fn checkpoints_of_a_running_multithreaded_application_are_exact() {
     if !fgbi_hyp::feature::available("kernel dirty tracking", DirtyTracker::probe()) {
         return;
     }
-    let (handle, mut memory) = protect(&[3 << 20, 5 << 20], Duration::from_secs(5)).unwrap();
+    checkpoints_are_exact(PageSafety::Copy);
+}
+
+/// Copy-on-write: the pages are copied after the threads resume, while they write;
+/// every checkpoint must still reach the replica as it was at the pause.
+#[test]
+fn copy_on_write_checkpoints_of_a_running_multithreaded_application_are_exact() {
+    if !fgbi_hyp::feature::available(
+        "copy-on-write snapshots",
+        CowTracker::probe(Backing::TransparentHuge),
+    ) {
+        return;
+    }
+    checkpoints_are_exact(PageSafety::CopyOnWrite);
+}
+
+fn checkpoints_are_exact(safety: PageSafety) {
+    let (handle, mut memory) =
+        protect_with(&[3 << 20, 5 << 20], Duration::from_secs(5), safety).unwrap();
+    assert_eq!(
+        memory.copy_on_write().is_some(),
+        safety == PageSafety::CopyOnWrite
+    );
     let running = Arc::new(AtomicBool::new(true));
     let threads: Vec<_> = (0..2)
         .map(|t| {

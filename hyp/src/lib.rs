@@ -14,6 +14,7 @@
 //! and reports the pages it wrote. [`tracking`] asks the kernel which pages of a region
 //! were written, for programs that do not report their own writes.
 
+pub mod cow;
 pub mod feature;
 pub mod kvm;
 pub mod memory;
@@ -23,4 +24,5 @@ pub mod safepoint;
 pub mod synthetic;
 pub mod trace;
 pub mod tracking;
+mod uffd;
 pub mod workload;

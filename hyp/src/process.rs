@@ -11,10 +11,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::cow::CowTracker;
 use crate::memory::{HUGE_PAGE, Region};
 use crate::protected::{HypError, Protected};
 use crate::safepoint::{Safepoint, Safepoints};
-use crate::tracking::DirtyTracker;
+pub use crate::tracking::PageSafety;
+use crate::tracking::RegionTracker;
 
 /// Where one protected region lies in the flat protected memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,16 +66,30 @@ unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 /// Protects regions of the given sizes, stopping the application's threads within
-/// `stop_timeout` at each checkpoint.
+/// `stop_timeout` at each checkpoint, with [`PageSafety::Copy`].
 pub fn protect(
     sizes: &[usize],
     stop_timeout: Duration,
 ) -> Result<(ProcessHandle, ProcessMemory), HypError> {
+    protect_with(sizes, stop_timeout, PageSafety::Copy)
+}
+
+/// Protects regions of the given sizes, stopping the application's threads within
+/// `stop_timeout` at each checkpoint, keeping checkpoints safe as `safety` says.
+pub fn protect_with(
+    sizes: &[usize],
+    stop_timeout: Duration,
+    safety: PageSafety,
+) -> Result<(ProcessHandle, ProcessMemory), HypError> {
     let (layout, total) = layout(sizes)?;
     let mut region = Region::new(total)?;
-    // Tracking starts before the application writes anything.
-    let tracker = DirtyTracker::new(&region)?;
     let base = region.as_mut_ptr();
+    // Tracking starts before the application writes anything.
+    // SAFETY: `Shared` keeps the region mapped for as long as the `ProcessMemory`
+    // holding the tracker lives (the tracker is declared before `shared` there, so
+    // dropped first), and the checkpointer finishes or drops every snapshot it arms
+    // within one checkpoint.
+    let tracker = unsafe { RegionTracker::new(&mut region, safety) }?;
     let shared = Arc::new(Shared {
         region,
         base,
@@ -136,8 +152,9 @@ impl ProcessHandle {
 
 /// The replication loop's half: the protected memory as a [`Protected`] program.
 pub struct ProcessMemory {
+    // Declared first: dropped (protection lifted, handler stopped) before the memory.
+    tracker: RegionTracker,
     shared: Arc<Shared>,
-    tracker: DirtyTracker,
     stop_timeout: Duration,
     stopped: bool,
 }
@@ -164,8 +181,7 @@ impl Protected for ProcessMemory {
         if !self.stopped {
             return Err(HypError::Order("harvest while running"));
         }
-        self.tracker.harvest(dirty)?;
-        Ok(())
+        self.tracker.harvest(dirty)
     }
 
     fn capture_state(&mut self, out: &mut Vec<u8>) -> Result<(), HypError> {
@@ -188,6 +204,10 @@ impl Protected for ProcessMemory {
         self.stopped = false;
         self.shared.safepoints.resume()?;
         Ok(())
+    }
+
+    fn copy_on_write(&self) -> Option<&CowTracker> {
+        self.tracker.copy_on_write()
     }
 }
 

@@ -2,11 +2,13 @@
 //!
 //! Per epoch the primary calls, in order: [`Protected::stop`], [`Protected::harvest`],
 //! [`Protected::capture_state`], reads [`Protected::memory`] (or copies the dirty
-//! pages out of it), then [`Protected::resume`]. The time between `stop` and
-//! `resume` is type II downtime: the loop keeps everything else out of it.
+//! pages out of it, or arms them copy-on-write with [`Protected::copy_on_write`]), then
+//! [`Protected::resume`]. The time between `stop` and `resume` is type II downtime:
+//! the loop keeps everything else out of it.
 
 use thiserror::Error;
 
+use crate::cow::{CowError, CowTracker};
 use crate::kvm::KvmError;
 use crate::memory::MemoryError;
 use crate::safepoint::SafepointError;
@@ -28,6 +30,9 @@ pub enum HypError {
     /// The kernel's dirty tracking failed.
     #[error(transparent)]
     Tracking(#[from] TrackingError),
+    /// Copy-on-write snapshots failed.
+    #[error(transparent)]
+    Cow(#[from] CowError),
     /// A KVM micro-VM failed.
     #[error(transparent)]
     Kvm(#[from] KvmError),
@@ -84,4 +89,12 @@ pub trait Protected {
 
     /// Lets the program run again.
     fn resume(&mut self) -> Result<(), HypError>;
+
+    /// The copy-on-write tracker of the program's memory, when it was set up with one:
+    /// the replication loop then arms the harvested pages with it during the pause
+    /// and copies them out after [`resume`](Self::resume), instead of copying them
+    /// while the program is stopped.
+    fn copy_on_write(&self) -> Option<&CowTracker> {
+        None
+    }
 }

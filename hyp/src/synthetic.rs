@@ -1,14 +1,16 @@
 //! A synthetic workload as a protected program: it runs one epoch of writes per
 //! [`SyntheticMachine::run`], in memory of its own. Its dirty pages come from the
-//! kernel ([`Tracking::Kernel`], userfaultfd write-protect) or from its own record of
-//! what it wrote ([`Tracking::Generator`]); with checking on, every harvest compares
-//! the two and fails if they differ.
+//! kernel ([`Tracking::Kernel`], userfaultfd write-protect; [`Tracking::CopyOnWrite`],
+//! the same in synchronous mode, with copy-on-write checkpoints) or from its own
+//! record of what it wrote ([`Tracking::Generator`]); with checking on, every kernel
+//! harvest compares the two and fails if they differ.
 
 use std::str::FromStr;
 
+use crate::cow::CowTracker;
 use crate::memory::{Backing, Region};
 use crate::protected::{HypError, Protected};
-use crate::tracking::DirtyTracker;
+use crate::tracking::{PageSafety, RegionTracker};
 use crate::workload::{self, Workload};
 
 /// First bytes of a synthetic machine's state blob.
@@ -19,8 +21,21 @@ const STATE_MAGIC: &[u8] = b"FGBSYN1\0";
 pub enum Tracking {
     /// The kernel: userfaultfd write-protect and PAGEMAP_SCAN.
     Kernel,
+    /// The kernel, with copy-on-write checkpoints ([`crate::cow`]).
+    CopyOnWrite,
     /// The workload's own list of the pages it wrote.
     Generator,
+}
+
+impl Tracking {
+    /// The name [`FromStr`] accepts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tracking::Kernel => "kernel",
+            Tracking::CopyOnWrite => "cow",
+            Tracking::Generator => "generator",
+        }
+    }
 }
 
 impl FromStr for Tracking {
@@ -29,8 +44,11 @@ impl FromStr for Tracking {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "kernel" => Ok(Tracking::Kernel),
+            "cow" => Ok(Tracking::CopyOnWrite),
             "generator" => Ok(Tracking::Generator),
-            _ => Err(format!("unknown tracking {s:?}: use kernel or generator")),
+            _ => Err(format!(
+                "unknown tracking {s:?}: use kernel, cow or generator"
+            )),
         }
     }
 }
@@ -59,11 +77,25 @@ pub fn check_tracking(written: &[u64], reported: &[u64]) -> Result<(), HypError>
     })
 }
 
+/// The kernel tracker `tracking` asks for over `memory`, which must outlive it.
+fn tracker_for(memory: &mut Region, tracking: Tracking) -> Result<Option<RegionTracker>, HypError> {
+    let safety = match tracking {
+        Tracking::Kernel => PageSafety::Copy,
+        Tracking::CopyOnWrite => PageSafety::CopyOnWrite,
+        Tracking::Generator => return Ok(None),
+    };
+    // SAFETY: the machine holding the tracker owns `memory` and drops the tracker
+    // first (field order); the checkpointer finishes every snapshot it arms within one
+    // checkpoint.
+    Ok(Some(unsafe { RegionTracker::new(memory, safety) }?))
+}
+
 /// A workload running in a memory region, protected like a real program.
 pub struct SyntheticMachine {
+    // Declared before the memory it tracks, so dropped first.
+    tracker: Option<RegionTracker>,
     memory: Region,
     workload: Box<dyn Workload>,
-    tracker: Option<DirtyTracker>,
     check: bool,
     written: Vec<u64>,
     epochs: u64,
@@ -97,10 +129,7 @@ impl SyntheticMachine {
         let mut memory = Region::new(mem_bytes)?;
         // Tracking starts before the first write, so the initial contents are the
         // first harvest.
-        let tracker = match tracking {
-            Tracking::Kernel => Some(DirtyTracker::new(&memory)?),
-            Tracking::Generator => None,
-        };
+        let tracker = tracker_for(&mut memory, tracking)?;
         let mut written = Vec::new();
         workload.populate(&mut memory, &mut written);
         Ok(Self {
@@ -117,7 +146,7 @@ impl SyntheticMachine {
     /// Rebuilds a machine on a backup from its replica `memory` and the state blob of
     /// the epoch that memory was committed with, ready to continue exactly where the
     /// primary's checkpoint stood.
-    pub fn restore(memory: Region, state: &[u8], tracking: Tracking) -> Result<Self, HypError> {
+    pub fn restore(mut memory: Region, state: &[u8], tracking: Tracking) -> Result<Self, HypError> {
         let bad = || HypError::State("the state blob is not a synthetic machine's state");
         let rest = state.strip_prefix(STATE_MAGIC).ok_or_else(bad)?;
         let end = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
@@ -134,10 +163,7 @@ impl SyntheticMachine {
         // The seed is irrelevant: the saved generator state replaces it.
         let mut workload = workload::by_name(name, memory.len(), 0)?;
         workload.load(&words)?;
-        let tracker = match tracking {
-            Tracking::Kernel => Some(DirtyTracker::new(&memory)?),
-            Tracking::Generator => None,
-        };
+        let tracker = tracker_for(&mut memory, tracking)?;
         Ok(Self {
             memory,
             workload,
@@ -216,6 +242,10 @@ impl Protected for SyntheticMachine {
         &self.memory
     }
 
+    fn copy_on_write(&self) -> Option<&CowTracker> {
+        self.tracker.as_ref()?.copy_on_write()
+    }
+
     fn resume(&mut self) -> Result<(), HypError> {
         if !self.stopped {
             return Err(HypError::Order("resume while running"));
@@ -247,11 +277,20 @@ mod tests {
 
     #[test]
     fn kernel_tracking_agrees_with_every_workload() {
-        if !crate::feature::available("kernel dirty tracking", DirtyTracker::probe()) {
-            return;
+        for (tracking, safety) in [
+            (Tracking::Kernel, PageSafety::Copy),
+            (Tracking::CopyOnWrite, PageSafety::CopyOnWrite),
+        ] {
+            let probe = RegionTracker::probe(safety, Backing::TransparentHuge);
+            if crate::feature::available(tracking.as_str(), probe) {
+                harvests_agree_with_every_workload(tracking);
+            }
         }
+    }
+
+    fn harvests_agree_with_every_workload(tracking: Tracking) {
         for name in workload::NAMES {
-            let mut m = SyntheticMachine::new(name, 8 << 20, 2, Tracking::Kernel, true).unwrap();
+            let mut m = SyntheticMachine::new(name, 8 << 20, 2, tracking, true).unwrap();
             let mut dirty = Vec::new();
             for _ in 0..4 {
                 m.stop().unwrap();

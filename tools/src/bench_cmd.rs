@@ -52,8 +52,9 @@ pub struct BenchArgs {
     /// fgbi ablation: never use lz4.
     #[arg(long)]
     no_compression: bool,
-    /// Where dirty pages come from: kernel (userfaultfd write-protect) or generator
-    /// (the workload's own record of its writes).
+    /// Where dirty pages come from: kernel (userfaultfd write-protect, pages copied
+    /// in the pause), cow (the same, synchronous, with copy-on-write checkpoints: the
+    /// pause only protects the pages) or generator (the workload's own record).
     #[arg(long, default_value = "kernel")]
     tracking: Tracking,
     /// Compare the kernel's dirty pages with the workload's own record every epoch
@@ -117,8 +118,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         tracking: args.tracking,
         check_tracking: args.check_tracking,
     };
-    if args.check_tracking && args.tracking != Tracking::Kernel {
-        return Err("--check-tracking compares kernel tracking with the workload: use it with --tracking kernel".into());
+    if args.check_tracking && args.tracking == Tracking::Generator {
+        return Err("--check-tracking compares kernel tracking with the workload: use it with --tracking kernel or cow".into());
     }
     let memory = match &args.trace {
         Some(_) => "memory sized by the trace".to_string(),

@@ -69,9 +69,13 @@ use std::io;
 
 use thiserror::Error;
 
+use crate::cow::{CowMode, CowTracker};
 use crate::memory::{Backing, HUGE_PAGE, Region};
+use crate::protected::HypError;
 use crate::workload::PAGE;
-use sys::{AsyncWpUffd, PageRegion, Pagemap};
+use sys::{PageRegion, Pagemap};
+
+use crate::uffd::{self, Faults, WpUffd};
 
 /// Entries of the `PAGEMAP_SCAN` output vector (24 bytes each). One entry holds a run of
 /// consecutive written pages; when more runs than this are dirty, a harvest takes more
@@ -165,7 +169,7 @@ pub enum TrackingError {
 /// as dropping the region first, can only give wrong page lists or errors.
 pub struct DirtyTracker {
     /// Keeps the registration alive; closing it unregisters the range.
-    _uffd: AsyncWpUffd,
+    _uffd: WpUffd,
     pagemap: Pagemap,
     /// First byte address of the range.
     start: u64,
@@ -207,10 +211,11 @@ impl DirtyTracker {
             return Err(range_error());
         }
         let features = features_for(region.backing())?;
-        let uffd = AsyncWpUffd::open(features).map_err(|source| TrackingError::Kernel {
-            what: "enable asynchronous write-protect on a userfaultfd",
-            source,
-        })?;
+        let uffd =
+            WpUffd::open(Faults::UserOnly, features).map_err(|source| TrackingError::Kernel {
+                what: "enable asynchronous write-protect on a userfaultfd",
+                source,
+            })?;
         let pagemap = Pagemap::open().map_err(|source| TrackingError::Kernel {
             what: "open /proc/self/pagemap",
             source,
@@ -272,10 +277,120 @@ impl DirtyTracker {
     }
 }
 
+/// How a region's writes are tracked, which decides how a checkpoint's pages are kept
+/// safe from later writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PageSafety {
+    /// Asynchronous write-protect tracking ([`DirtyTracker`]); the replication loop
+    /// copies the dirty pages during the pause (Remus).
+    #[default]
+    Copy,
+    /// Synchronous write-protect tracking ([`CowTracker`] in [`CowMode::Record`]); the
+    /// pause only protects the dirty pages and they are copied after the program
+    /// resumes, each before its first write (needs root, `CAP_SYS_PTRACE` or
+    /// `vm.unprivileged_userfaultfd=1`).
+    CopyOnWrite,
+}
+
+impl std::str::FromStr for PageSafety {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "copy" => Ok(PageSafety::Copy),
+            "cow" => Ok(PageSafety::CopyOnWrite),
+            _ => Err(format!("unknown pause {s:?}: use copy or cow")),
+        }
+    }
+}
+
+/// Kernel dirty tracking of a whole region, as [`PageSafety`] asks.
+pub enum RegionTracker {
+    /// [`PageSafety::Copy`].
+    Async(DirtyTracker),
+    /// [`PageSafety::CopyOnWrite`].
+    CopyOnWrite(CowTracker),
+}
+
+impl RegionTracker {
+    /// Checks that this kernel can track memory with `backing` as `safety` asks.
+    pub fn probe(safety: PageSafety, backing: Backing) -> Result<(), HypError> {
+        match safety {
+            PageSafety::Copy => DirtyTracker::probe()?,
+            PageSafety::CopyOnWrite => CowTracker::probe(backing)?,
+        }
+        Ok(())
+    }
+
+    /// Tracks the whole of `region`: the first harvest reports the pages written
+    /// after this call.
+    ///
+    /// # Safety
+    ///
+    /// With [`PageSafety::CopyOnWrite`] the tracker reads the region: it must stay
+    /// mapped until the tracker, and every snapshot armed with it, are dropped.
+    pub unsafe fn new(region: &mut Region, safety: PageSafety) -> Result<Self, HypError> {
+        Ok(match safety {
+            PageSafety::Copy => Self::Async(DirtyTracker::new(region)?),
+            // SAFETY: the region is private anonymous memory, aligned to its page
+            // size, which the caller keeps mapped as long as the tracker needs it.
+            PageSafety::CopyOnWrite => Self::CopyOnWrite(unsafe {
+                CowTracker::new(
+                    region.as_mut_ptr(),
+                    region.len(),
+                    region.backing(),
+                    CowMode::Record,
+                )
+            }?),
+        })
+    }
+
+    /// Appends the pages written since the last harvest (in increasing order) and
+    /// tracks anew.
+    pub fn harvest(&mut self, dirty: &mut Vec<u64>) -> Result<(), HypError> {
+        match self {
+            Self::Async(tracker) => tracker.harvest(dirty)?,
+            Self::CopyOnWrite(tracker) => tracker.harvest(dirty)?,
+        }
+        Ok(())
+    }
+
+    /// The copy-on-write tracker, with [`PageSafety::CopyOnWrite`].
+    pub fn copy_on_write(&self) -> Option<&CowTracker> {
+        match self {
+            Self::Async(_) => None,
+            Self::CopyOnWrite(tracker) => Some(tracker),
+        }
+    }
+}
+
 /// The userfaultfd features to ask for on memory with `backing`, after checking that
 /// the kernel has them and `PAGEMAP_SCAN`.
 fn features_for(backing: Backing) -> Result<u64, TrackingError> {
-    let supported = sys::supported_features().map_err(|e| match e.raw_os_error() {
+    let features = wp_features(Faults::UserOnly, backing, true)?;
+    let pagemap = Pagemap::open().map_err(|source| TrackingError::Kernel {
+        what: "open /proc/self/pagemap",
+        source,
+    })?;
+    match pagemap.supports_scan() {
+        Ok(true) => Ok(features),
+        Ok(false) => Err(TrackingError::NoPagemapScan),
+        Err(source) => Err(TrackingError::Kernel {
+            what: "probe the PAGEMAP_SCAN ioctl",
+            source,
+        }),
+    }
+}
+
+/// The userfaultfd features write-protecting memory with `backing` needs, in
+/// asynchronous mode or not, after checking that a descriptor handling `faults` can be
+/// created and has them.
+pub(crate) fn wp_features(
+    faults: Faults,
+    backing: Backing,
+    asynchronous: bool,
+) -> Result<u64, TrackingError> {
+    let supported = uffd::supported_features(faults).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOSYS) => TrackingError::NoUserfaultfd(e),
         Some(libc::EPERM | libc::EACCES) => TrackingError::PermissionDenied(e),
         _ => TrackingError::Kernel {
@@ -283,13 +398,13 @@ fn features_for(backing: Backing) -> Result<u64, TrackingError> {
             source: e,
         },
     })?;
-    let mut needed = vec![
-        (sys::FEATURE_WP_ASYNC, "UFFD_FEATURE_WP_ASYNC"),
-        (sys::FEATURE_WP_UNPOPULATED, "UFFD_FEATURE_WP_UNPOPULATED"),
-    ];
+    let mut needed = vec![(uffd::FEATURE_WP_UNPOPULATED, "UFFD_FEATURE_WP_UNPOPULATED")];
+    if asynchronous {
+        needed.push((uffd::FEATURE_WP_ASYNC, "UFFD_FEATURE_WP_ASYNC"));
+    }
     if backing == Backing::Hugetlb {
         needed.push((
-            sys::FEATURE_WP_HUGETLBFS_SHMEM,
+            uffd::FEATURE_WP_HUGETLBFS_SHMEM,
             "UFFD_FEATURE_WP_HUGETLBFS_SHMEM",
         ));
     }
@@ -303,18 +418,7 @@ fn features_for(backing: Backing) -> Result<u64, TrackingError> {
             missing: missing.join(" and "),
         });
     }
-    let pagemap = Pagemap::open().map_err(|source| TrackingError::Kernel {
-        what: "open /proc/self/pagemap",
-        source,
-    })?;
-    match pagemap.supports_scan() {
-        Ok(true) => Ok(needed.iter().fold(0, |all, &(bit, _)| all | bit)),
-        Ok(false) => Err(TrackingError::NoPagemapScan),
-        Err(source) => Err(TrackingError::Kernel {
-            what: "probe the PAGEMAP_SCAN ioctl",
-            source,
-        }),
-    }
+    Ok(needed.iter().fold(0, |all, &(bit, _)| all | bit))
 }
 
 #[cfg(test)]

@@ -1,83 +1,14 @@
-//! The raw kernel ABI behind [`DirtyTracker`](super::DirtyTracker): userfaultfd in
-//! asynchronous write-protect mode and the `PAGEMAP_SCAN` ioctl, with safe wrappers.
+//! The `PAGEMAP_SCAN` ioctl behind [`DirtyTracker`](super::DirtyTracker), with a safe
+//! wrapper (the userfaultfd half is in [`crate::uffd`]).
 //!
-//! Debian 12's headers predate these interfaces, so the structures, ioctl numbers and
-//! feature bits are defined here from the kernel's `include/uapi/linux/userfaultfd.h`
-//! and `include/uapi/linux/fs.h` (Linux 6.7 and later). Every `unsafe` block of the
-//! tracker lives in this file.
+//! Debian 12's headers predate this interface, so the structures and ioctl number are
+//! defined here from the kernel's `include/uapi/linux/fs.h` (Linux 6.7 and later).
 
-use std::ffi::c_void;
 use std::fs::File;
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// `_IOC(_IOC_READ | _IOC_WRITE, ty, nr, size)` as encoded on x86-64.
-const fn iowr(ty: u8, nr: u8, size: usize) -> libc::Ioctl {
-    const IOC_WRITE_READ: libc::Ioctl = 3;
-    (IOC_WRITE_READ << 30)
-        | ((size as libc::Ioctl) << 16)
-        | ((ty as libc::Ioctl) << 8)
-        | nr as libc::Ioctl
-}
-
-/// `UFFD_USER_MODE_ONLY`: the descriptor handles faults from user mode only, which
-/// needs no privilege.
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-/// `UFFD_API`: the only API version.
-const UFFD_API: u64 = 0xaa;
-/// `UFFDIO`: the userfaultfd ioctl type.
-const UFFDIO: u8 = 0xaa;
-
-/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: write-protect works on hugetlbfs and shmem.
-pub const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
-/// `UFFD_FEATURE_WP_UNPOPULATED`: write-protect also covers pages never touched.
-pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-/// `UFFD_FEATURE_WP_ASYNC`: the kernel resolves write-protect faults itself, clearing
-/// the page's protection, instead of blocking the writer.
-pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
-
-/// `UFFDIO_REGISTER_MODE_WP`.
-const REGISTER_MODE_WP: u64 = 1 << 1;
-/// `UFFDIO_WRITEPROTECT_MODE_WP`.
-const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-
-/// `struct uffdio_api`.
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-/// `struct uffdio_range`.
-#[repr(C)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-/// `struct uffdio_register`.
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-/// `struct uffdio_writeprotect`.
-#[repr(C)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
-
-/// `UFFDIO_API = _IOWR(UFFDIO, 0x3f, struct uffdio_api)`.
-const UFFDIO_API: libc::Ioctl = iowr(UFFDIO, 0x3f, size_of::<UffdioApi>());
-/// `UFFDIO_REGISTER = _IOWR(UFFDIO, 0x00, struct uffdio_register)`.
-const UFFDIO_REGISTER: libc::Ioctl = iowr(UFFDIO, 0x00, size_of::<UffdioRegister>());
-/// `UFFDIO_WRITEPROTECT = _IOWR(UFFDIO, 0x06, struct uffdio_writeprotect)`.
-const UFFDIO_WRITEPROTECT: libc::Ioctl = iowr(UFFDIO, 0x06, size_of::<UffdioWriteprotect>());
+use crate::uffd::{ioctl, iowr};
 
 /// `PAGE_IS_WRITTEN`: the page was written since it was last write-protected.
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
@@ -120,116 +51,9 @@ struct PmScanArg {
 const PAGEMAP_SCAN: libc::Ioctl = iowr(b'f', 16, size_of::<PmScanArg>());
 
 // The layouts the kernel expects.
-const _: () = assert!(size_of::<UffdioApi>() == 24);
-const _: () = assert!(size_of::<UffdioRegister>() == 32);
-const _: () = assert!(size_of::<UffdioWriteprotect>() == 24);
 const _: () = assert!(size_of::<PageRegion>() == 24);
 const _: () = assert!(size_of::<PmScanArg>() == 96);
 const _: () = assert!(PAGEMAP_SCAN == 0xc060_6610);
-const _: () = assert!(UFFDIO_API == 0xc018_aa3f);
-
-/// Issues `ioctl(fd, request, arg)` with `arg` pointing at a `T` the kernel reads and
-/// writes back; returns the ioctl's non-negative result.
-///
-/// # Safety
-///
-/// `T` must be the structure `request` expects, and every address inside it must be
-/// valid for what the kernel does with it under `request`.
-unsafe fn ioctl<T>(fd: &impl AsRawFd, request: libc::Ioctl, arg: &mut T) -> io::Result<i64> {
-    // SAFETY: `arg` is a live, exclusive `T` for the whole call; the caller guarantees
-    // that `T` is what `request` reads and writes and that the addresses it carries are
-    // valid, so the kernel touches no memory other than what the caller vouched for.
-    let ret = unsafe {
-        libc::ioctl(
-            fd.as_raw_fd(),
-            request,
-            std::ptr::from_mut(arg).cast::<c_void>(),
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(i64::from(ret))
-    }
-}
-
-/// Opens a userfaultfd (close-on-exec, non-blocking, user-mode faults only).
-fn open_userfaultfd() -> io::Result<OwnedFd> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY;
-    // SAFETY: userfaultfd(2) takes one integer argument and touches no user memory.
-    let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = libc::c_int::try_from(ret)
-        .map_err(|_| io::Error::other("userfaultfd returned an out-of-range descriptor"))?;
-    // SAFETY: the kernel just returned `fd` as a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Performs the `UFFDIO_API` handshake on `fd` asking for `features`; returns every
-/// feature the kernel supports.
-fn api_handshake(fd: &OwnedFd, features: u64) -> io::Result<u64> {
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api`, which holds no addresses.
-    unsafe { ioctl(fd, UFFDIO_API, &mut api) }?;
-    Ok(api.features)
-}
-
-/// The userfaultfd features this kernel supports, from a throwaway descriptor (a
-/// descriptor accepts only one handshake).
-pub fn supported_features() -> io::Result<u64> {
-    api_handshake(&open_userfaultfd()?, 0)
-}
-
-/// A userfaultfd whose handshake enabled [`FEATURE_WP_ASYNC`]: write-protect faults on
-/// memory registered with it are resolved by the kernel and never block or signal the
-/// writer, so registering and protecting memory changes no program's behaviour.
-pub struct AsyncWpUffd(OwnedFd);
-
-impl AsyncWpUffd {
-    /// Opens a userfaultfd with `features`, which must include [`FEATURE_WP_ASYNC`].
-    pub fn open(features: u64) -> io::Result<Self> {
-        if features & FEATURE_WP_ASYNC == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "asynchronous write-protect was not requested",
-            ));
-        }
-        let fd = open_userfaultfd()?;
-        api_handshake(&fd, features)?;
-        Ok(Self(fd))
-    }
-
-    /// Registers `len` bytes at address `start` for write-protect tracking.
-    pub fn register_wp(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register`; the range
-        // it carries is only validated and looked up by the kernel, never dereferenced,
-        // and the descriptor is in async mode, so no write to it will ever block.
-        unsafe { ioctl(&self.0, UFFDIO_REGISTER, &mut reg) }.map(drop)
-    }
-
-    /// Write-protects `len` bytes at `start`, which must be registered.
-    pub fn write_protect(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut wp = UffdioWriteprotect {
-            range: UffdioRange { start, len },
-            mode: WRITEPROTECT_MODE_WP,
-        };
-        // SAFETY: UFFDIO_WRITEPROTECT reads a `struct uffdio_writeprotect`; it changes
-        // page-table protection of the range only, and in async mode the kernel resolves
-        // the resulting write faults itself, so no access by this process changes meaning.
-        unsafe { ioctl(&self.0, UFFDIO_WRITEPROTECT, &mut wp) }.map(drop)
-    }
-}
 
 /// `/proc/self/pagemap`, the file the `PAGEMAP_SCAN` ioctl is issued on.
 pub struct Pagemap(File);
