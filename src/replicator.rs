@@ -171,11 +171,11 @@ impl Replicator {
         config.cache_bytes = options.cache_bytes;
         // The local replica is mapped here, so a lack of memory shows at once.
         let plan = match &options.target {
-            Target::Local => Plan::Local(LocalReplication::new(config)?),
+            Target::Local => Plan::Local(Box::new(LocalReplication::new(config)?)),
             Target::Remote(remote) => {
                 let mut transport = TransportConfig::new(geometry, remote.implementation);
                 transport.liveness = remote.liveness;
-                Plan::Remote(config, transport, remote.clone())
+                Plan::Remote(Box::new((config, transport, remote.clone())))
             }
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -184,13 +184,14 @@ impl Replicator {
             .name("fgbi-epoch".into())
             .spawn(move || match plan {
                 Plan::Local(replication) => run(memory, Sink::Local(replication), &options, &flag),
-                Plan::Remote(config, transport, remote) => {
+                Plan::Remote(plan) => {
+                    let (config, transport, remote) = *plan;
                     let mut link = Link::new(config, transport, remote.backup, &remote.key)?;
                     let mut observe = observer(&options);
                     // Unreachable: reported through the observer; checkpoints start
                     // regardless.
                     let _ = link.connect(Instant::now() + remote.connect_timeout, &mut observe);
-                    run(memory, Sink::Remote(link), &options, &flag)
+                    run(memory, Sink::Remote(Box::new(link)), &options, &flag)
                 }
             })
             .map_err(ReplicationError::Thread)?;
@@ -210,8 +211,8 @@ impl Replicator {
 
 /// The target, made ready before the epoch thread starts.
 enum Plan {
-    Local(LocalReplication),
-    Remote(EncoderConfig, TransportConfig, Remote),
+    Local(Box<LocalReplication>),
+    Remote(Box<(EncoderConfig, TransportConfig, Remote)>),
 }
 
 /// The observer of `options` as a callback (doing nothing without one).
@@ -225,8 +226,8 @@ fn observer(options: &ReplicatorOptions) -> impl FnMut(PrimaryEvent) + '_ {
 
 /// Where the epoch thread sends its checkpoints.
 enum Sink<'k> {
-    Local(LocalReplication),
-    Remote(Link<'k>),
+    Local(Box<LocalReplication>),
+    Remote(Box<Link<'k>>),
 }
 
 /// What became of one checkpoint, whatever the target.
@@ -333,7 +334,7 @@ fn run(
     if let Sink::Local(replication) = sink {
         summary.replica = Some(ReplicaView {
             layout: memory.layout().to_vec(),
-            replication,
+            replication: *replication,
         });
     }
     Ok(summary)
