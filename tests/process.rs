@@ -122,7 +122,10 @@ fn the_replicator_checkpoints_continuously_and_hands_back_the_replica() {
     assert!(summary.epochs >= 2, "{} epochs", summary.epochs);
     assert_eq!(summary.mismatches, 0);
     assert_eq!(summary.verified, summary.epochs);
-    let replica = summary.replica.as_ref().expect("a local target hands back its replica");
+    let replica = summary
+        .replica
+        .as_ref()
+        .expect("a local target hands back its replica");
     assert_eq!(summary.committed, summary.epochs);
     assert_eq!(replica.regions(), 2);
     let (base, len) = handle.region(1).unwrap();
