@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fgbi::local::LocalReplication;
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
-use fgbi_hyp::process::protect;
+use fgbi_hyp::process::{parse_state, protect};
 use fgbi_hyp::protected::Protected;
 use fgbi_hyp::tracking::DirtyTracker;
 use fgbi_hyp::workload::Rng;
@@ -54,9 +54,11 @@ fn checkpoints_of_a_running_multithreaded_application_are_exact() {
         std::thread::sleep(Duration::from_millis(2));
         let report = replication.checkpoint(&mut memory, true).unwrap();
         assert_eq!(report.verified, Some(true), "epoch {}", report.epoch);
-        let state = replication.state();
-        if state.len() == 8 {
-            let iteration = u64::from_le_bytes(state.try_into().unwrap());
+        // The state blob is the regions' layout and the application's record.
+        let (layout, record) = parse_state(replication.state()).unwrap();
+        assert_eq!(layout, memory.layout());
+        if record.len() == 8 {
+            let iteration = u64::from_le_bytes(record.try_into().unwrap());
             assert!(iteration >= last_state, "the restart record moves forward");
             last_state = iteration;
         }
