@@ -162,9 +162,12 @@ impl<'k> Link<'k> {
         event: &mut dyn FnMut(PrimaryEvent),
     ) -> Result<Shipped, ReplicationError> {
         self.reconcile(event)?;
-        let checkpoint = self
-            .checkpointer
-            .take(program, self.encoder.carried_pages(), digest)?;
+        // Without a backup the carried pages stay carried: no need to copy them.
+        let carried = match self.connection {
+            Some(_) => self.encoder.carried_pages(),
+            None => &[],
+        };
+        let checkpoint = self.checkpointer.take(program, carried, digest)?;
         let mut shipped = Shipped {
             epoch: 0,
             dirty_pages: checkpoint.dirty.len() as u64,

@@ -372,10 +372,12 @@ impl Restart {
         if end > len {
             return Err(RestartError::Layout { end, len });
         }
+        // Not populated: the pages are in memory already, and only those the
+        // program touches cost it a (minor) fault, after it serves again.
         // SAFETY: the memory file was created by the backup, sealed against
         // shrinking, and handed to this process alone: the mapping stays valid and
         // no other process writes it.
-        let map = unsafe { MmapOptions::new().len(len).populate().map_mut(&memory) }
+        let map = unsafe { MmapOptions::new().len(len).map_mut(&memory) }
             .map_err(io("mapping the replica"))?;
         let mut record = Vec::new();
         record_file

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Requests sent before their replies are read.
-const PIPELINE: usize = 16;
+pub const PIPELINE: usize = 16;
 /// Every this many requests of a batch, one is an INCR.
 const INCR_EVERY: usize = 4;
 /// Longest a reply may take.
@@ -95,6 +95,11 @@ pub struct Ledger {
     run: u64,
     /// Next key number.
     next: u64,
+    /// Keys this client may create: past them it only increments its counter, so the
+    /// store never fills.
+    budget: u64,
+    /// How long each batch took from its write to its last reply, microseconds.
+    pub latencies: Vec<f64>,
     /// Keys whose SET was acknowledged: their numbers (the value follows).
     pub sets: Vec<u64>,
     /// The last value an INCR of the client's counter returned.
@@ -109,12 +114,15 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// An empty ledger for client `client` of run `run` (values differ per run).
-    pub fn new(client: usize, run: u64) -> Self {
+    /// An empty ledger for client `client` of run `run` (values differ per run), which
+    /// creates at most `budget` keys.
+    pub fn new(client: usize, run: u64, budget: u64) -> Self {
         Self {
             client,
             run,
             next: 0,
+            budget,
+            latencies: Vec::new(),
             sets: Vec::new(),
             incr_acked: 0,
             incr_sent: 0,
@@ -147,7 +155,7 @@ pub fn load(conn: &mut Conn, ledger: &mut Ledger, stop: &AtomicBool) -> std::io:
         let mut batch = Vec::with_capacity(PIPELINE);
         let mut keys = Vec::with_capacity(PIPELINE);
         for i in 0..PIPELINE {
-            if i % INCR_EVERY == INCR_EVERY - 1 {
+            if i % INCR_EVERY == INCR_EVERY - 1 || ledger.next >= ledger.budget {
                 batch.push(vec![b"INCR".to_vec(), ledger.counter().into_bytes()]);
                 keys.push(None);
             } else {
@@ -163,6 +171,7 @@ pub fn load(conn: &mut Conn, ledger: &mut Ledger, stop: &AtomicBool) -> std::io:
         }
         // Counted before the write: a failed write may still have delivered some.
         ledger.incr_sent += keys.iter().filter(|k| k.is_none()).count() as i64;
+        let sent = Instant::now();
         conn.send(&batch)?;
         for key in keys {
             match (key, conn.read()?) {
@@ -175,6 +184,7 @@ pub fn load(conn: &mut Conn, ledger: &mut Ledger, stop: &AtomicBool) -> std::io:
                 (_, other) => return Err(protocol(format!("unexpected reply {other:?}"))),
             }
         }
+        ledger.latencies.push(sent.elapsed().as_secs_f64() * 1e6);
     }
     Ok(())
 }
