@@ -1,18 +1,18 @@
 //! The backup's loop over the network, and failover.
 //!
 //! The backup accepts the primary, receives each epoch into its receive region,
-//! validates and applies it to a warm replica (mapped, populated, on huge pages),
-//! and acknowledges it. When the primary falls silent or the connection drops, it
-//! fails over: the replica at the last committed epoch and that epoch's state blob
-//! become the protected program, which starts running at once. Type I downtime is
-//! reported in parts.
+//! validates and applies it to a warm replica (mapped, populated; an anonymous
+//! [`fgbi_hyp::memory::Region`] on huge pages, or a memory file that can be handed to
+//! a restarted program, [`crate::restart::SharedMemory`]), and acknowledges it. When
+//! the primary falls silent or the connection drops, it fails over: the replica at
+//! the last committed epoch and that epoch's state blob become the protected
+//! program, which starts running at once. Type I downtime is reported in parts.
 
 use std::net::TcpListener;
+use std::ops::DerefMut;
 use std::time::{Duration, Instant, SystemTime};
 
 use fgbi_engine::{Applier, EncoderConfig, memory_digest};
-use fgbi_hyp::memory::Region;
-use fgbi_hyp::protected::HypError;
 use fgbi_transport::{
     Backup, PresharedKey, ReceiveRegion, Served, TransportConfig, TransportError,
 };
@@ -30,6 +30,10 @@ pub struct BackupOptions {
     pub slots: usize,
     /// Largest state blob accepted, bytes.
     pub max_state: usize,
+    /// Take the replica's digest at failover, for comparison with the primary's
+    /// checkpoint (a pass over memory, between finishing and restoring, counted in
+    /// no part of type I downtime).
+    pub digest: bool,
 }
 
 /// What happened when the primary died.
@@ -39,8 +43,8 @@ pub struct FailoverReport {
     pub cause: String,
     /// The epoch the replica was at.
     pub epoch: u64,
-    /// Digest of the replica at that epoch.
-    pub digest: u128,
+    /// Digest of the replica at that epoch, when asked for.
+    pub digest: Option<u128>,
     /// Wall-clock time of detection (for comparing with the failure's).
     pub detected_at: SystemTime,
     /// From the last sign of life of the primary to detection.
@@ -55,22 +59,30 @@ pub struct FailoverReport {
 }
 
 /// Serves one primary until it dies, then fails over: `restore` turns the replica
-/// and state blob into the protected program, `first_run` runs its first step.
-/// Returns the report and the program.
-pub fn run<T>(
+/// (all-zero `replica` memory of the geometry's size, updated epoch by epoch) and the
+/// last committed state blob into the protected program, `first_run` runs its first
+/// step. Returns the report and the program.
+pub fn run<M, T, E, F>(
     listener: &TcpListener,
     options: &BackupOptions,
     key: &PresharedKey,
-    restore: impl FnOnce(Region, &[u8]) -> Result<T, HypError>,
-    first_run: impl FnOnce(&mut T) -> Result<(), HypError>,
+    mut replica: M,
+    restore: impl FnOnce(M, &[u8], u64) -> Result<T, E>,
+    first_run: impl FnOnce(&mut T) -> Result<(), F>,
     mut committed: impl FnMut(u64),
-) -> Result<(FailoverReport, T), ReplicationError> {
+) -> Result<(FailoverReport, T), ReplicationError>
+where
+    M: DerefMut<Target = [u8]>,
+    E: Into<ReplicationError>,
+    F: Into<ReplicationError>,
+{
     let geometry = options.encoder.geometry;
-    let mem = usize::try_from(geometry.mem_bytes()).map_err(|_| ReplicationError::Size {
-        expected: geometry.mem_bytes(),
-        got: 0,
-    })?;
-    let mut replica = Region::new(mem)?;
+    if replica.len() as u64 != geometry.mem_bytes() {
+        return Err(ReplicationError::Size {
+            expected: geometry.mem_bytes(),
+            got: replica.len() as u64,
+        });
+    }
     let mut applier = Applier::new(geometry);
     let pages = usize::try_from(geometry.pages()).unwrap_or(usize::MAX);
     let mut region =
@@ -103,12 +115,12 @@ pub fn run<T>(
     drop(backup);
     let finish = detected.elapsed();
     let epoch = applier.committed();
-    let digest = memory_digest(&replica);
+    let digest = options.digest.then(|| memory_digest(&replica));
     let started = Instant::now();
-    let mut program = restore(replica, applier.state())?;
+    let mut program = restore(replica, applier.state(), epoch).map_err(Into::into)?;
     let restore_time = started.elapsed();
     let started = Instant::now();
-    first_run(&mut program)?;
+    first_run(&mut program).map_err(Into::into)?;
     let first_run_time = started.elapsed();
     Ok((
         FailoverReport {

@@ -584,7 +584,11 @@ pub unsafe extern "C" fn fgbi_finish(
         let done = replicator.finish()?;
         // SAFETY: not NULL, and valid for writes per the contract.
         unsafe { summary.write(FgbiSummary::from(&done)) };
-        let handle = publish(FgbiReplica(Mutex::new(done.replica)));
+        // The C API replicates in-process only (fgbi_options has no backup address).
+        let view = done.replica.ok_or(Error::State(
+            "protection ended without an in-process replica",
+        ))?;
+        let handle = publish(FgbiReplica(Mutex::new(view)));
         // SAFETY: not NULL, and valid for writes per the contract.
         unsafe { replica.write(handle) };
         Ok(())

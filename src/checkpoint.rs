@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use fgbi_engine::memory_digest;
 use fgbi_hyp::protected::{HypError, Protected};
 
+use crate::fault::{self, Point};
 use crate::staging::Staging;
 
 /// Reused buffers for taking checkpoints.
@@ -67,6 +68,7 @@ impl Checkpointer {
             }
             _ => None,
         };
+        fault::reached(Point::Pause);
         let mut digest_time = Duration::ZERO;
         let digest = (captured.is_ok() && verify).then(|| {
             let started = Instant::now();

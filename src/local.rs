@@ -43,6 +43,9 @@ pub enum ReplicationError {
     /// The replica's memory could not be mapped.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The replica could not be kept for, or handed to, a restarted program.
+    #[error(transparent)]
+    Restart(#[from] crate::restart::RestartError),
     /// The protected memory is not the size the encoder was configured for.
     #[error("protected memory is {got} bytes but the encoder expects {expected}")]
     Size {

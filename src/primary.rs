@@ -1,11 +1,14 @@
-//! The primary's replication loop over the network.
+//! The primary's side of replication over the network.
 //!
-//! Per epoch: the protected program runs for one epoch interval, then a checkpoint is
-//! taken (the pause), encoded, sent into the backup's receive region, and
-//! acknowledged. When the backup refuses an epoch or the link breaks, the epoch (and
-//! any later one in flight) is lost and its pages are carried into the next; the
-//! program never stops for the backup. A backup that reconnects empty is re-synced
-//! from scratch while the program keeps running.
+//! [`Link`] takes one checkpoint at a time, encodes it, sends it into the backup's
+//! receive region and waits for the acknowledgement. When the backup refuses an epoch
+//! or the link breaks, the epoch (and any later one in flight) is lost and its pages
+//! are carried into the next; the program never stops for the backup. While no backup
+//! is reachable each checkpoint's pages are carried and the link tries to reconnect
+//! once per epoch; a backup that reconnects empty is re-synced from scratch while the
+//! program keeps running. [`run`] is the loop of `fgbi primary` over a program that
+//! runs in steps (a synthetic workload); [`crate::replicator`] drives the same
+//! [`Link`] from its epoch thread for an application's own memory.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -15,6 +18,7 @@ use fgbi_hyp::protected::Protected;
 use fgbi_transport::{PresharedKey, Primary, Reply, TransportConfig, TransportError};
 
 use crate::checkpoint::Checkpointer;
+use crate::fault::{self, Point};
 use crate::local::ReplicationError;
 
 /// What the primary loop does, and where to.
@@ -36,8 +40,8 @@ pub struct PrimaryOptions {
     pub digests: bool,
 }
 
-/// One event of the primary loop, for logs and demos.
-#[derive(Clone, Copy, Debug)]
+/// One event of the primary's side, for logs and demos.
+#[derive(Clone, Debug)]
 pub enum PrimaryEvent {
     /// A checkpoint was taken and sent.
     Sent {
@@ -52,34 +56,200 @@ pub enum PrimaryEvent {
     },
     /// The backup committed every epoch up to this one.
     Committed(u64),
-    /// The link to the backup broke: the program runs unprotected until it is back.
-    Unprotected,
+    /// No backup holds the program's state: it runs unprotected until one is
+    /// reached again. Reported once when protection is lost (or never gained).
+    Unprotected {
+        /// Why: the error of the link or of the last attempt to connect.
+        reason: String,
+    },
     /// Connected (or reconnected) to a backup at this committed epoch.
     Connected(u64),
 }
 
-fn connect(
-    options: &PrimaryOptions,
-    key: &PresharedKey,
-    deadline: Instant,
-) -> Result<Primary, ReplicationError> {
-    loop {
-        let attempt = TcpStream::connect_timeout(&options.backup, Duration::from_millis(200))
-            .map_err(|source| TransportError::Io {
-                what: "connecting to the backup",
-                source,
-            })
-            .and_then(|stream| Primary::connect(stream, &options.transport, key));
-        match attempt {
-            Ok(primary) => return Ok(primary),
-            Err(e) if Instant::now() >= deadline => return Err(e.into()),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+/// What became of one checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Shipped {
+    /// Epoch number the checkpoint was encoded as (0: not encoded, no backup).
+    pub epoch: u64,
+    /// Dirty pages in the checkpoint (carried ones included).
+    pub dirty_pages: u64,
+    /// Encoded bytes sent (0 when nothing was sent).
+    pub bytes: u64,
+    /// Type II downtime.
+    pub pause: Duration,
+    /// Whether the backup committed this checkpoint (and every one before it).
+    pub committed: bool,
+}
+
+/// The primary's end of replication: encoder, connection, and what to re-send.
+pub struct Link<'k> {
+    config: EncoderConfig,
+    transport: TransportConfig,
+    backup: SocketAddr,
+    key: &'k PresharedKey,
+    encoder: Encoder,
+    checkpointer: Checkpointer,
+    connection: Option<Primary>,
+    /// The encoder has been reconciled with the connected backup.
+    synced: bool,
+    /// Unprotected was reported since the backup last committed a checkpoint.
+    reported: bool,
+}
+
+impl<'k> Link<'k> {
+    /// A link to the backup at `backup`, not yet connected. `transport`'s geometry
+    /// must equal `encoder`'s.
+    pub fn new(
+        encoder: EncoderConfig,
+        transport: TransportConfig,
+        backup: SocketAddr,
+        key: &'k PresharedKey,
+    ) -> Result<Self, ReplicationError> {
+        Ok(Self {
+            encoder: Encoder::new(encoder.clone())?,
+            config: encoder,
+            transport,
+            backup,
+            key,
+            checkpointer: Checkpointer::new(),
+            connection: None,
+            synced: false,
+            reported: false,
+        })
+    }
+
+    /// Tries to connect until `deadline` (at least once); on failure reports the
+    /// program unprotected and returns the last error.
+    pub fn connect(
+        &mut self,
+        deadline: Instant,
+        event: &mut dyn FnMut(PrimaryEvent),
+    ) -> Result<(), ReplicationError> {
+        loop {
+            let attempt = TcpStream::connect_timeout(&self.backup, Duration::from_millis(200))
+                .map_err(|source| TransportError::Io {
+                    what: "connecting to the backup",
+                    source,
+                })
+                .and_then(|stream| Primary::connect(stream, &self.transport, self.key));
+            match attempt {
+                Ok(primary) => {
+                    self.connection = Some(primary);
+                    self.synced = false;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    self.unprotected(&e, event);
+                    return Err(e.into());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Whether a backup is connected.
+    pub fn connected(&self) -> bool {
+        self.connection.is_some()
+    }
+
+    /// Takes one checkpoint of `program` (with its digest if `digest`), encodes it,
+    /// sends it and waits for the backup's answer. Without a backup the checkpoint's
+    /// pages are carried, and one attempt is made to reconnect for the next.
+    pub fn checkpoint<P: Protected + ?Sized>(
+        &mut self,
+        program: &mut P,
+        digest: bool,
+        event: &mut dyn FnMut(PrimaryEvent),
+    ) -> Result<Shipped, ReplicationError> {
+        self.reconcile(event)?;
+        // Without a backup the carried pages stay carried: no need to copy them.
+        let carried = match self.connection {
+            Some(_) => self.encoder.carried_pages(),
+            None => &[],
+        };
+        let checkpoint = self.checkpointer.take(program, carried, digest)?;
+        let mut shipped = Shipped {
+            epoch: 0,
+            dirty_pages: checkpoint.dirty.len() as u64,
+            bytes: 0,
+            pause: checkpoint.pause,
+            committed: false,
+        };
+        let Some(primary) = self.connection.as_mut() else {
+            // Nobody to send to: keep the pages for the backup that comes next.
+            self.encoder.carry(checkpoint.dirty)?;
+            let _ = self.connect(Instant::now(), event);
+            return Ok(shipped);
+        };
+        let encoded = self
+            .encoder
+            .encode(checkpoint.dirty, checkpoint.pages, checkpoint.state)?;
+        (shipped.epoch, shipped.bytes) = (encoded.stats.epoch, encoded.stats.bytes);
+        let sent = primary.send_epoch(&encoded);
+        event(PrimaryEvent::Sent {
+            epoch: shipped.epoch,
+            pause: shipped.pause,
+            bytes: shipped.bytes,
+            digest: checkpoint.digest,
+        });
+        if sent.is_ok() {
+            fault::reached(Point::Sent);
+        }
+        let reply = sent.and_then(|()| primary.wait_reply(self.transport.liveness.timeout * 4));
+        match reply {
+            Ok(Reply::Committed(n)) => {
+                fault::reached(Point::Acknowledged);
+                self.encoder.acknowledge(n)?;
+                shipped.committed = true;
+                self.reported = false;
+                event(PrimaryEvent::Committed(n));
+            }
+            Ok(Reply::Refused { epoch, .. }) => self.encoder.lose(epoch)?,
+            Err(e) => {
+                self.encoder.lose(shipped.epoch)?;
+                self.connection = None;
+                self.unprotected(&e, event);
+                let _ = self.connect(Instant::now(), event);
+            }
+        }
+        Ok(shipped)
+    }
+
+    /// After a (re)connection, reconciles the encoder with what the backup holds.
+    fn reconcile(&mut self, event: &mut dyn FnMut(PrimaryEvent)) -> Result<(), ReplicationError> {
+        let Some(primary) = self.connection.as_ref().filter(|_| !self.synced) else {
+            return Ok(());
+        };
+        let held = primary.backup_committed();
+        if held == 0 && self.encoder.committed() > 0 {
+            // An empty backup: start over with a full copy. (A fresh encoder needs
+            // none: every protected program's first harvest reports every page it
+            // wrote, and the pages of checkpoints never sent are carried.)
+            self.encoder = Encoder::new(self.config.clone())?;
+            let all: Vec<u64> = (0..self.config.geometry.pages()).collect();
+            self.encoder.carry(&all)?;
+        } else if held > self.encoder.committed() {
+            self.encoder.acknowledge(held)?;
+        }
+        self.encoder.lose_all();
+        self.synced = true;
+        event(PrimaryEvent::Connected(held));
+        Ok(())
+    }
+
+    fn unprotected(&mut self, error: &TransportError, event: &mut dyn FnMut(PrimaryEvent)) {
+        if !self.reported {
+            self.reported = true;
+            event(PrimaryEvent::Unprotected {
+                reason: error.to_string(),
+            });
         }
     }
 }
 
-/// Runs the primary loop over `program` until `options.epochs` epochs are committed
-/// or an unrecoverable error occurs; `event` sees every step.
+/// Runs the primary loop over `program`, one `step` per epoch, until
+/// `options.epochs` epochs are committed or an unrecoverable error occurs; `event`
+/// sees every step.
 pub fn run<P: Protected + ?Sized>(
     program: &mut P,
     mut step: impl FnMut(&mut P) -> Result<(), ReplicationError>,
@@ -87,74 +257,21 @@ pub fn run<P: Protected + ?Sized>(
     key: &PresharedKey,
     mut event: impl FnMut(PrimaryEvent),
 ) -> Result<u64, ReplicationError> {
-    let mut encoder = Encoder::new(options.encoder.clone())?;
-    let mut checkpointer = Checkpointer::new();
-    let mut link = Some(connect(
-        options,
+    let mut link = Link::new(
+        options.encoder.clone(),
+        options.transport.clone(),
+        options.backup,
         key,
-        Instant::now() + options.connect_timeout,
-    )?);
-    let mut synced = false;
+    )?;
+    link.connect(Instant::now() + options.connect_timeout, &mut event)?;
     let mut next = Instant::now();
     loop {
-        // (Re)join: reconcile with what the backup holds.
-        if let Some(primary) = link.as_ref().filter(|_| !synced) {
-            let held = primary.backup_committed();
-            if held == 0 && encoder.committed() > 0 {
-                // An empty backup: start over with a full copy.
-                encoder = Encoder::new(options.encoder.clone())?;
-            } else if held > encoder.committed() {
-                encoder.acknowledge(held)?;
-            }
-            encoder.lose_all();
-            if encoder.committed() == 0 {
-                let all: Vec<u64> = (0..options.encoder.geometry.pages()).collect();
-                // Carry every page into the first epoch: the backup holds zeros.
-                encoder.carry(&all)?;
-            }
-            synced = true;
-            event(PrimaryEvent::Connected(held));
-        }
         next += options.epoch;
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         step(program)?;
-        let checkpoint = checkpointer.take(program, encoder.carried_pages(), options.digests)?;
-        let (pause, digest) = (checkpoint.pause, checkpoint.digest);
-        let encoded = encoder.encode(checkpoint.dirty, checkpoint.pages, checkpoint.state)?;
-        let (epoch, bytes) = (encoded.stats.epoch, encoded.stats.bytes);
-        let Some(primary) = link.as_mut() else {
-            encoder.lose(epoch)?;
-            link = try_reconnect(options, key);
-            synced = false;
-            continue;
-        };
-        let sent = primary.send_epoch(&encoded);
-        event(PrimaryEvent::Sent {
-            epoch,
-            pause,
-            bytes,
-            digest,
-        });
-        let reply = sent.and_then(|()| primary.wait_reply(options.transport.liveness.timeout * 4));
-        match reply {
-            Ok(Reply::Committed(n)) => {
-                encoder.acknowledge(n)?;
-                event(PrimaryEvent::Committed(n));
-                if options.epochs.is_some_and(|limit| n >= limit) {
-                    return Ok(n);
-                }
-            }
-            Ok(Reply::Refused { epoch, .. }) => encoder.lose(epoch)?,
-            Err(_) => {
-                encoder.lose(epoch)?;
-                event(PrimaryEvent::Unprotected);
-                link = try_reconnect(options, key);
-                synced = false;
-            }
+        let shipped = link.checkpoint(program, options.digests, &mut event)?;
+        if shipped.committed && options.epochs.is_some_and(|limit| shipped.epoch >= limit) {
+            return Ok(shipped.epoch);
         }
     }
-}
-
-fn try_reconnect(options: &PrimaryOptions, key: &PresharedKey) -> Option<Primary> {
-    connect(options, key, Instant::now()).ok()
 }

@@ -1,23 +1,73 @@
-//! Continuous protection of an application's own memory, replicated in-process.
+//! Continuous protection of an application's own memory.
 //!
 //! [`Replicator::start`] protects the regions an application asks for and starts an
 //! epoch thread that, every epoch, stops the application's threads at their
 //! safepoints, harvests and copies the dirty pages, resumes them, and replicates the
-//! copy to an in-process replica. [`Replicator::finish`] takes a last checkpoint and
-//! hands back the replica: its regions and restart record, as a backup would hand
-//! them to the application's restart code.
+//! copy to its [`Target`]: an in-process replica ([`crate::local`]) or a backup over
+//! the network ([`crate::primary::Link`], the same code `fgbi primary` runs).
+//!
+//! Output commit: each checkpoint closes an output epoch
+//! ([`ProcessHandle::output_epoch`]); once the target has committed the checkpoint,
+//! the epoch thread releases its outputs ([`ProcessHandle::wait_committed`]). While
+//! no backup is reachable the application runs unprotected and nothing is held back.
+//! [`Replicator::finish`] takes a last checkpoint and, for a local target, hands back
+//! the replica: its regions and restart record, as a backup would hand them to the
+//! application's restart code.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
-use fgbi_hyp::process::{ProcessHandle, ProcessMemory, RegionLayout, protect};
+use fgbi_hyp::process::{ProcessHandle, ProcessMemory, RegionLayout, parse_state, protect};
 use fgbi_hyp::protected::Protected;
+use fgbi_transport::{Implementation, Liveness, PresharedKey, TransportConfig};
 
 use crate::bench::Percentiles;
+use crate::fault::{self, Point};
 use crate::local::{LocalReplication, ReplicationError};
+use crate::primary::{Link, PrimaryEvent};
+
+/// Where the checkpoints go.
+#[derive(Clone, Debug, Default)]
+pub enum Target {
+    /// An in-process replica, compared with the checkpoints and handed back by
+    /// [`Replicator::finish`].
+    #[default]
+    Local,
+    /// A backup over the network (`fgbi backup`).
+    Remote(Remote),
+}
+
+/// A backup over the network.
+#[derive(Clone, Debug)]
+pub struct Remote {
+    /// The backup's address.
+    pub backup: SocketAddr,
+    /// The key both sides share.
+    pub key: Arc<PresharedKey>,
+    /// Which transport implementation moves the bytes.
+    pub implementation: Implementation,
+    /// Heartbeats and the death timeout.
+    pub liveness: Liveness,
+    /// How long the epoch thread tries to reach the backup at start before it
+    /// reports the application unprotected and starts checkpointing anyway (outputs
+    /// are held meanwhile).
+    pub connect_timeout: Duration,
+}
+
+/// Sees every event of the epoch thread: checkpoints sent, committed, protection
+/// lost or regained. Called on the epoch thread: it must not block for long.
+#[derive(Clone)]
+pub struct Observer(pub Arc<dyn Fn(PrimaryEvent) + Send + Sync>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
 
 /// How to protect.
 #[derive(Clone, Debug)]
@@ -33,8 +83,12 @@ pub struct ReplicatorOptions {
     /// How long the application's threads may take to reach a safepoint.
     pub stop_timeout: Duration,
     /// Compare the replica with the checkpoint every this many epochs (0: never;
-    /// the final checkpoint is always verified).
+    /// the final checkpoint is always verified). Local target only.
     pub verify_every: u64,
+    /// Where the checkpoints go.
+    pub target: Target,
+    /// Told of every checkpoint, if given.
+    pub observer: Option<Observer>,
 }
 
 impl Default for ReplicatorOptions {
@@ -46,6 +100,8 @@ impl Default for ReplicatorOptions {
             cache_bytes: fgbi_engine::page_cache::DEFAULT_CACHE_BYTES,
             stop_timeout: Duration::from_secs(1),
             verify_every: 1,
+            target: Target::Local,
+            observer: None,
         }
     }
 }
@@ -54,6 +110,8 @@ impl Default for ReplicatorOptions {
 pub struct Summary {
     /// Checkpoints taken, the final one included.
     pub epochs: u64,
+    /// Checkpoints the target committed.
+    pub committed: u64,
     /// Checkpoints compared with the replica.
     pub verified: u64,
     /// Checkpoints whose replica differed (always 0 unless something is broken).
@@ -64,8 +122,8 @@ pub struct Summary {
     pub wire_bytes: u64,
     /// Type II downtime per checkpoint, microseconds.
     pub pause_us: Percentiles,
-    /// The replica, at the final checkpoint.
-    pub replica: ReplicaView,
+    /// The replica at the final checkpoint, for a local target.
+    pub replica: Option<ReplicaView>,
 }
 
 /// The backup's view of a protected application: its regions and restart record at
@@ -87,9 +145,9 @@ impl ReplicaView {
         self.replication.replica().get(r.offset..r.offset + r.len)
     }
 
-    /// The restart record committed with the last epoch.
+    /// The restart record committed with the last epoch (empty before the first).
     pub fn state(&self) -> &[u8] {
-        self.replication.state()
+        parse_state(self.replication.state()).map_or(&[], |(_, record)| record)
     }
 }
 
@@ -102,7 +160,7 @@ pub struct Replicator {
 impl Replicator {
     /// Protects regions of `sizes` bytes and starts checkpointing them. The
     /// application uses the returned handle to find its regions, register its
-    /// threads' safepoints and set its restart record.
+    /// threads' safepoints, set its restart record and hold its outputs.
     pub fn start(
         sizes: &[usize],
         options: ReplicatorOptions,
@@ -111,18 +169,38 @@ impl Replicator {
         let geometry = Geometry::new(memory.mem_bytes(), options.block_size)?;
         let mut config = EncoderConfig::new(geometry, options.mode);
         config.cache_bytes = options.cache_bytes;
-        let replication = LocalReplication::new(config)?;
+        // The local replica is mapped here, so a lack of memory shows at once.
+        let plan = match &options.target {
+            Target::Local => Plan::Local(Box::new(LocalReplication::new(config)?)),
+            Target::Remote(remote) => {
+                let mut transport = TransportConfig::new(geometry, remote.implementation);
+                transport.liveness = remote.liveness;
+                Plan::Remote(Box::new((config, transport, remote.clone())))
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("fgbi-epoch".into())
-            .spawn(move || run(memory, replication, &options, &flag))
+            .spawn(move || match plan {
+                Plan::Local(replication) => run(memory, Sink::Local(replication), &options, &flag),
+                Plan::Remote(plan) => {
+                    let (config, transport, remote) = *plan;
+                    let mut link = Link::new(config, transport, remote.backup, &remote.key)?;
+                    let mut observe = observer(&options);
+                    // Unreachable: reported through the observer; checkpoints start
+                    // regardless.
+                    let _ = link.connect(Instant::now() + remote.connect_timeout, &mut observe);
+                    run(memory, Sink::Remote(Box::new(link)), &options, &flag)
+                }
+            })
             .map_err(ReplicationError::Thread)?;
         Ok((handle, Replicator { stop, thread }))
     }
 
-    /// Stops checkpointing after a final, verified checkpoint and returns the summary
-    /// with the replica.
+    /// Stops checkpointing after a final checkpoint (verified, for a local target)
+    /// and returns the summary, with the replica for a local target. Every output
+    /// still held is released.
     pub fn finish(self) -> Result<Summary, ReplicationError> {
         self.stop.store(true, Ordering::Release);
         self.thread
@@ -131,15 +209,97 @@ impl Replicator {
     }
 }
 
+/// The target, made ready before the epoch thread starts.
+enum Plan {
+    Local(Box<LocalReplication>),
+    Remote(Box<(EncoderConfig, TransportConfig, Remote)>),
+}
+
+/// The observer of `options` as a callback (doing nothing without one).
+fn observer(options: &ReplicatorOptions) -> impl FnMut(PrimaryEvent) + '_ {
+    |event| {
+        if let Some(Observer(observer)) = &options.observer {
+            observer(event);
+        }
+    }
+}
+
+/// Where the epoch thread sends its checkpoints.
+enum Sink<'k> {
+    Local(Box<LocalReplication>),
+    Remote(Box<Link<'k>>),
+}
+
+/// What became of one checkpoint, whatever the target.
+struct Outcome {
+    dirty_pages: u64,
+    wire_bytes: u64,
+    pause: Duration,
+    verified: Option<bool>,
+    /// Its outputs may be released: committed, or nothing holds the state.
+    release: bool,
+    committed: bool,
+}
+
+impl Sink<'_> {
+    fn checkpoint(
+        &mut self,
+        memory: &mut ProcessMemory,
+        verify: bool,
+        observe: &mut dyn FnMut(PrimaryEvent),
+    ) -> Result<Outcome, ReplicationError> {
+        match self {
+            Sink::Local(replication) => {
+                let report = replication.checkpoint(memory, verify)?;
+                observe(PrimaryEvent::Sent {
+                    epoch: report.epoch,
+                    pause: report.pause,
+                    bytes: report.wire_bytes,
+                    digest: None,
+                });
+                observe(PrimaryEvent::Committed(report.epoch));
+                Ok(Outcome {
+                    dirty_pages: report.dirty_pages,
+                    wire_bytes: report.wire_bytes,
+                    pause: report.pause,
+                    verified: report.verified,
+                    release: true,
+                    committed: true,
+                })
+            }
+            Sink::Remote(link) => {
+                let shipped = link.checkpoint(memory, false, observe)?;
+                Ok(Outcome {
+                    dirty_pages: shipped.dirty_pages,
+                    wire_bytes: shipped.bytes,
+                    pause: shipped.pause,
+                    verified: None,
+                    release: shipped.committed || !link.connected(),
+                    committed: shipped.committed,
+                })
+            }
+        }
+    }
+}
+
 fn run(
     mut memory: ProcessMemory,
-    mut replication: LocalReplication,
+    mut sink: Sink<'_>,
     options: &ReplicatorOptions,
     stop: &AtomicBool,
 ) -> Result<Summary, ReplicationError> {
+    let mut observe = observer(options);
     let mut pauses = Vec::new();
-    let (mut epochs, mut verified, mut mismatches, mut dirty_pages, mut wire_bytes) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut summary = Summary {
+        epochs: 0,
+        committed: 0,
+        verified: 0,
+        mismatches: 0,
+        dirty_pages: 0,
+        wire_bytes: 0,
+        pause_us: Percentiles::default(),
+        replica: None,
+    };
     let mut next = Instant::now() + options.epoch;
     loop {
         let last = stop.load(Ordering::Acquire);
@@ -147,31 +307,35 @@ fn run(
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
             next += options.epoch;
         }
-        let verify = last || (options.verify_every > 0 && (epochs + 1) % options.verify_every == 0);
-        let report = replication.checkpoint(&mut memory, verify)?;
-        epochs += 1;
-        dirty_pages += report.dirty_pages;
-        wire_bytes += report.wire_bytes;
-        pauses.push(report.pause.as_secs_f64() * 1e6);
-        match report.verified {
-            Some(true) => verified += 1,
-            Some(false) => mismatches += 1,
+        let verify =
+            last || (options.verify_every > 0 && (summary.epochs + 1) % options.verify_every == 0);
+        let outcome = sink.checkpoint(&mut memory, verify, &mut observe)?;
+        if outcome.release {
+            memory.commit_outputs(memory.closed_output_epoch());
+            if outcome.committed {
+                fault::reached(Point::Released);
+            }
+        }
+        summary.epochs += 1;
+        summary.committed += u64::from(outcome.committed);
+        summary.dirty_pages += outcome.dirty_pages;
+        summary.wire_bytes += outcome.wire_bytes;
+        pauses.push(outcome.pause.as_secs_f64() * 1e6);
+        match outcome.verified {
+            Some(true) => summary.verified += 1,
+            Some(false) => summary.mismatches += 1,
             None => {}
         }
         if last {
             break;
         }
     }
-    Ok(Summary {
-        epochs,
-        verified,
-        mismatches,
-        dirty_pages,
-        wire_bytes,
-        pause_us: Percentiles::of(&mut pauses),
-        replica: ReplicaView {
+    summary.pause_us = Percentiles::of(&mut pauses);
+    if let Sink::Local(replication) = sink {
+        summary.replica = Some(ReplicaView {
             layout: memory.layout().to_vec(),
-            replication,
-        },
-    })
+            replication: *replication,
+        });
+    }
+    Ok(summary)
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use fgbi::backup::{self, BackupOptions};
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
 use fgbi_engine::{EncoderConfig, Geometry, Mode, memory_digest};
+use fgbi_hyp::memory::Region;
 use fgbi_hyp::protected::Protected;
 use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
 use fgbi_transport::{Implementation, PresharedKey, TransportConfig};
@@ -49,6 +50,7 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
             transport: transport.clone(),
             slots: 2,
             max_state: 4096,
+            digest: true,
         };
         let backup_key = PresharedKey::from_file(&key_path).unwrap();
         let backup = std::thread::spawn(move || {
@@ -56,7 +58,8 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
                 &listener,
                 &backup_options,
                 &backup_key,
-                |replica, state| SyntheticMachine::restore(replica, state, Tracking::Kernel),
+                Region::new(mem).unwrap(),
+                |replica, state, _| SyntheticMachine::restore(replica, state, Tracking::Kernel),
                 |machine| machine.run(),
                 |_| {},
             )
@@ -95,8 +98,8 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
         let (report, mut restored) = backup.join().unwrap().unwrap();
         assert_eq!(report.epoch, 12, "{}", implementation.as_str());
         assert_eq!(
-            Some(&report.digest),
-            digests.get(&12),
+            report.digest,
+            digests.get(&12).copied(),
             "replica = checkpoint 12"
         );
         // The backup's program has run one epoch since the restore; so does the
@@ -115,7 +118,6 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
 #[test]
 fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() {
     use fgbi_engine::Applier;
-    use fgbi_hyp::memory::Region;
     use fgbi_transport::{Backup, ReceiveRegion};
 
     let dir = std::env::temp_dir().join(format!("fgbi-resync-{}", std::process::id()));
@@ -150,12 +152,14 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
             transport: backup_transport,
             slots: 2,
             max_state: 4096,
+            digest: true,
         };
         backup::run(
             &listener,
             &options,
             &backup_key,
-            |replica, state| SyntheticMachine::restore(replica, state, Tracking::Kernel),
+            Region::new(mem).unwrap(),
+            |replica, state, _| SyntheticMachine::restore(replica, state, Tracking::Kernel),
             |machine| machine.run(),
             |_| {},
         )
@@ -185,7 +189,7 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
             } => {
                 digests.insert(epoch, d);
             }
-            PrimaryEvent::Unprotected => unprotected += 1,
+            PrimaryEvent::Unprotected { .. } => unprotected += 1,
             PrimaryEvent::Connected(_) => connections += 1,
             _ => {}
         },
@@ -196,8 +200,8 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
     let (report, restored) = backup.join().unwrap().unwrap();
     assert_eq!(report.epoch, 15);
     assert_eq!(
-        Some(&report.digest),
-        digests.get(&15),
+        report.digest,
+        digests.get(&15).copied(),
         "the re-synced replica = checkpoint 15"
     );
     machine.run().unwrap();

@@ -37,6 +37,8 @@ struct Server {
     child: Child,
     stdout: BufReader<ChildStdout>,
     port: u16,
+    /// Lines printed before the banner.
+    preamble: Vec<String>,
 }
 
 impl Server {
@@ -53,7 +55,14 @@ impl Server {
             .expect("the example starts");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
         let mut banner = String::new();
-        stdout.read_line(&mut banner).expect("the example prints");
+        let mut preamble = Vec::new();
+        while !banner.starts_with("kv: listening") {
+            if !banner.is_empty() {
+                preamble.push(std::mem::take(&mut banner));
+            }
+            let read = stdout.read_line(&mut banner).expect("the example prints");
+            assert!(read > 0, "the example ended before listening: {preamble:?}");
+        }
         let port = banner
             .split_once("127.0.0.1:")
             .and_then(|(_, rest)| rest.split(',').next())
@@ -63,6 +72,7 @@ impl Server {
             child,
             stdout,
             port,
+            preamble,
         })
     }
 
@@ -402,4 +412,87 @@ fn redis_benchmark_and_redis_cli_drive_it_unmodified() {
     );
     assert!(cli(&["SHUTDOWN"]).0, "redis-cli SHUTDOWN succeeds");
     server.expect_clean_exit();
+}
+
+#[test]
+fn without_a_reachable_backup_the_service_serves_unprotected_and_says_so() {
+    let dir = std::env::temp_dir().join(format!("fgbi-kv-nobackup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("link.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key)
+            .unwrap();
+        file.write_all(b"0123456789abcdef0123456789abcdef").unwrap();
+    }
+    // A port nobody listens on: bound, then closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let backup = closed.to_string();
+    let Some(mut server) = Server::start(&[
+        "--mem",
+        "8M",
+        "--backup",
+        &backup,
+        "--key",
+        key.to_str().unwrap(),
+        "--connect-timeout-ms",
+        "50",
+    ]) else {
+        return;
+    };
+    // Replies are held until a commit that cannot come, or released because nothing
+    // protects the store: the service must answer.
+    let mut c = server.connect();
+    assert_eq!(c.cmd("SET k v"), ok());
+    assert_eq!(c.cmd("GET k"), bulk(b"v"));
+    let mut lines = std::mem::take(&mut server.preamble);
+    while !lines
+        .iter()
+        .any(|l| l.starts_with("kv: unprotected: no backup holds the store"))
+    {
+        let mut line = String::new();
+        assert!(server.stdout.read_line(&mut line).unwrap() > 0, "{lines:?}");
+        lines.push(line);
+    }
+    c.shutdown();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the service did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut printed = String::new();
+    server.stdout.read_to_string(&mut printed).unwrap();
+    assert!(
+        printed.contains("the replica is on the backup"),
+        "{printed}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn restart_mode_without_a_replica_handed_over_says_what_it_is_for() {
+    let out = Command::new(example_binary())
+        .args(["--port", "0", "--restart"])
+        .env_remove("FGBI_RESTART_FD")
+        .output()
+        .expect("the example runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fgbi backup --restart"), "{stderr}");
+    let out = Command::new(example_binary())
+        .args(["--port", "0"])
+        .env("FGBI_RESTART_FD", "nonsense")
+        .output()
+        .expect("the example runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad restart environment"), "{stderr}");
 }

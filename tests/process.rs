@@ -9,7 +9,7 @@ use fgbi::local::LocalReplication;
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
 use fgbi_hyp::cow::CowTracker;
 use fgbi_hyp::memory::Backing;
-use fgbi_hyp::process::{PageSafety, protect, protect_with};
+use fgbi_hyp::process::{PageSafety, parse_state, protect, protect_with};
 use fgbi_hyp::protected::Protected;
 use fgbi_hyp::tracking::DirtyTracker;
 use fgbi_hyp::workload::Rng;
@@ -78,9 +78,11 @@ fn checkpoints_are_exact(safety: PageSafety) {
         std::thread::sleep(Duration::from_millis(2));
         let report = replication.checkpoint(&mut memory, true).unwrap();
         assert_eq!(report.verified, Some(true), "epoch {}", report.epoch);
-        let state = replication.state();
-        if state.len() == 8 {
-            let iteration = u64::from_le_bytes(state.try_into().unwrap());
+        // The state blob is the regions' layout and the application's record.
+        let (layout, record) = parse_state(replication.state()).unwrap();
+        assert_eq!(layout, memory.layout());
+        if record.len() == 8 {
+            let iteration = u64::from_le_bytes(record.try_into().unwrap());
             assert!(iteration >= last_state, "the restart record moves forward");
             last_state = iteration;
         }
@@ -146,7 +148,11 @@ fn the_replicator_checkpoints_continuously_and_hands_back_the_replica() {
     assert!(summary.epochs >= 2, "{} epochs", summary.epochs);
     assert_eq!(summary.mismatches, 0);
     assert_eq!(summary.verified, summary.epochs);
-    let replica = &summary.replica;
+    let replica = summary
+        .replica
+        .as_ref()
+        .expect("a local target hands back its replica");
+    assert_eq!(summary.committed, summary.epochs);
     assert_eq!(replica.regions(), 2);
     let (base, len) = handle.region(1).unwrap();
     // SAFETY: the application thread has finished; nothing writes the region.

@@ -2,8 +2,8 @@
 
 use std::ops::Range;
 
-use crate::resp::Reply;
-use crate::store::{Store, StoreError};
+use super::resp::Reply;
+use super::store::{Store, StoreError};
 
 /// What the connection does after a command.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,7 +35,7 @@ impl<'a> Request<'a> {
 }
 
 /// What a command needs from the store's memory: the live store's.
-pub type LiveStore = Store<crate::memory::StoreMemory>;
+pub type LiveStore = Store<super::memory::StoreMemory>;
 
 /// Whether `count` arguments suit a command taking `min` or more (`max` or fewer if
 /// given), its name included.

@@ -1,7 +1,9 @@
-//! The bytes the store lives in: a protected region reached through a raw pointer, or
-//! an ordinary heap buffer when protection is off. This is the only unsafe code of
-//! the key-value service; everything above it sees a `&[u8]` or `&mut [u8]`.
+//! The bytes the store lives in: a protected region reached through a raw pointer, a
+//! replica handed over by a backup, or an ordinary heap buffer when protection is
+//! off. This is the only unsafe code of the key-value service; everything above it
+//! sees a `&[u8]` or `&mut [u8]`.
 
+use fgbi::restart::Restart;
 use fgbi_hyp::process::ProcessHandle;
 
 /// The store's memory, handed out as byte slices.
@@ -16,6 +18,8 @@ pub enum StoreMemory {
         /// Length of the region.
         len: usize,
     },
+    /// Region `0` of the replica a backup handed over at failover.
+    Restored(Restart),
     /// Unprotected memory, for comparison runs.
     Heap(Box<[u8]>),
 }
@@ -37,6 +41,12 @@ impl StoreMemory {
         })
     }
 
+    /// Region `0` of a replica handed over, which must exist.
+    pub fn restored(restart: Restart) -> Option<Self> {
+        restart.region(0)?;
+        Some(Self::Restored(restart))
+    }
+
     /// `len` zeroed bytes on the heap.
     pub fn heap(len: usize) -> Self {
         Self::Heap(vec![0; len].into_boxed_slice())
@@ -52,6 +62,8 @@ impl AsRef<[u8]> for StoreMemory {
             // only while every registered thread is parked at a safepoint, and threads
             // park only after the server has dropped its borrow of this memory.
             Self::Protected { base, len, .. } => unsafe { std::slice::from_raw_parts(*base, *len) },
+            // Checked to exist by `restored`.
+            Self::Restored(restart) => restart.region(0).unwrap_or_default(),
             Self::Heap(bytes) => bytes,
         }
     }
@@ -66,6 +78,7 @@ impl AsMut<[u8]> for StoreMemory {
             Self::Protected { base, len, .. } => unsafe {
                 std::slice::from_raw_parts_mut(*base, *len)
             },
+            Self::Restored(restart) => restart.region_mut(0).unwrap_or_default(),
             Self::Heap(bytes) => bytes,
         }
     }

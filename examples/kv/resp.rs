@@ -9,7 +9,7 @@
 use std::ops::Range;
 
 /// Longest bulk string accepted in a request (a value may be at most
-/// [`crate::store::MAX_VALUE`]; the rest of the slack is for a clear error reply).
+/// [`super::store::MAX_VALUE`]; the rest of the slack is for a clear error reply).
 pub const MAX_BULK: usize = 4 << 20;
 /// Most arguments in one request.
 pub const MAX_ARGS: usize = 1 << 20;

@@ -4,45 +4,73 @@
 //! sets the restart record, writes the replies, and passes its safepoint. Socket
 //! reads and writes and waits for the lock happen in `Safepoint::outside`, so a
 //! checkpoint never waits for a client.
+//!
+//! With output commit ([`Replies::AfterCommit`]) the replies of a batch are tagged
+//! with the output epoch they were computed in and handed to the connection's writer
+//! thread, which writes them once the backup has committed that epoch's checkpoint.
+//! The connection thread goes on reading and executing meanwhile; the writer has no
+//! safepoint (it never touches the store), so held replies never hold back a
+//! checkpoint.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use fgbi_hyp::process::ProcessHandle;
 use fgbi_hyp::safepoint::Safepoint;
 
-use crate::commands::{self, LiveStore, Next, Request};
-use crate::resp::{self, Reply};
+use super::commands::{self, LiveStore, Next, Request};
+use super::resp::{self, Reply};
 
 /// Most connections served at once; more are told so and closed.
 const MAX_CLIENTS: usize = 256;
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 << 10;
+/// Batches of replies a connection may have held before it stops reading.
+const HELD_BATCHES: usize = 256;
+
+/// When replies leave.
+pub enum Replies {
+    /// The store is not protected: at once.
+    Unprotected,
+    /// The store lives in this protected process; replies leave at once.
+    AtOnce(ProcessHandle),
+    /// The store lives in this protected process; a reply leaves once the checkpoint
+    /// of the output epoch that computed it is committed.
+    AfterCommit(ProcessHandle),
+}
 
 /// What every connection shares.
 pub struct Service {
     /// The store, behind the lock that serialises its users.
     pub store: Mutex<LiveStore>,
-    /// The protected process the store lives in, if protected.
-    process: Option<ProcessHandle>,
+    replies: Replies,
     /// Told once when a client asks for SHUTDOWN.
     pub shutdown: Sender<()>,
     clients: AtomicUsize,
 }
 
 impl Service {
-    /// A service over `store`, living in `process` if protected, that reports
+    /// A service over `store` whose replies leave as `replies` says, that reports
     /// SHUTDOWN on `shutdown`.
-    pub fn new(store: LiveStore, process: Option<ProcessHandle>, shutdown: Sender<()>) -> Self {
+    pub fn new(store: LiveStore, replies: Replies, shutdown: Sender<()>) -> Self {
         Self {
             store: Mutex::new(store),
-            process,
+            replies,
             shutdown,
             clients: AtomicUsize::new(0),
+        }
+    }
+
+    /// The protected process the store lives in, if protected.
+    fn process(&self) -> Option<&ProcessHandle> {
+        match &self.replies {
+            Replies::Unprotected => None,
+            Replies::AtOnce(process) | Replies::AfterCommit(process) => Some(process),
         }
     }
 
@@ -94,6 +122,40 @@ impl Gate {
     }
 }
 
+/// Where a connection's replies go.
+enum Out {
+    /// Straight to the socket.
+    Socket,
+    /// To the writer thread, tagged with their output epoch.
+    Held(SyncSender<(u64, Vec<u8>)>),
+}
+
+/// The writer thread of a connection with output commit: writes each batch once its
+/// output epoch is committed (together with the batches committed by then).
+fn release(mut stream: TcpStream, process: ProcessHandle, held: Receiver<(u64, Vec<u8>)>) {
+    let mut next = held.recv().ok();
+    while let Some((epoch, mut bytes)) = next.take() {
+        while !process.wait_committed(epoch, Duration::from_secs(1)) {}
+        let committed = process.committed_epoch();
+        loop {
+            match held.try_recv() {
+                Ok((e, more)) if e <= committed => bytes.extend_from_slice(&more),
+                Ok(later) => {
+                    next = Some(later);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if stream.write_all(&bytes).is_err() {
+            return;
+        }
+        if next.is_none() {
+            next = held.recv().ok();
+        }
+    }
+}
+
 /// Serves one connection until it closes, errs, or asks for QUIT or SHUTDOWN.
 fn serve(mut stream: TcpStream, service: &Service) {
     // Nagle's delay would hold back each reply of a request-response client.
@@ -102,7 +164,24 @@ fn serve(mut stream: TcpStream, service: &Service) {
         .name()
         .unwrap_or("kv-conn")
         .to_string();
-    let gate = Gate(service.process.as_ref().map(|p| p.register(&name)));
+    let out = match &service.replies {
+        Replies::AfterCommit(process) => {
+            let (tx, rx) = sync_channel(HELD_BATCHES);
+            let process = process.clone();
+            let spawned = stream.try_clone().and_then(|writer| {
+                std::thread::Builder::new()
+                    .name(format!("{name}-out"))
+                    .spawn(move || release(writer, process, rx))
+            });
+            if let Err(e) = spawned {
+                eprintln!("kv: cannot start a connection's writer thread: {e}");
+                return;
+            }
+            Out::Held(tx)
+        }
+        Replies::Unprotected | Replies::AtOnce(_) => Out::Socket,
+    };
+    let gate = Gate(service.process().map(|p| p.register(&name)));
     let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut output = Vec::new();
     let mut args: Vec<Range<usize>> = Vec::new();
@@ -146,7 +225,7 @@ fn serve(mut stream: TcpStream, service: &Service) {
             }
             // The restart record: mutations applied, set while the store is consistent
             // and locked, so it always matches the memory it travels with.
-            if let (Some(process), Ok(count)) = (&service.process, store.mutations()) {
+            if let (Some(process), Ok(count)) = (service.process(), store.mutations()) {
                 if mutations.as_ref() != Ok(&count) {
                     process.set_state(&count.to_le_bytes());
                 }
@@ -157,9 +236,18 @@ fn serve(mut stream: TcpStream, service: &Service) {
         }
         input.drain(..at);
         if !output.is_empty() {
-            let written = gate.outside(|| stream.write_all(&output));
+            let written = match &out {
+                Out::Socket => gate.outside(|| (&stream).write_all(&output)).is_ok(),
+                Out::Held(writer) => {
+                    // Read before the next safepoint: everything this batch read or
+                    // wrote is in the checkpoint that closes this epoch.
+                    let epoch = service.process().map_or(0, ProcessHandle::output_epoch);
+                    let batch = std::mem::take(&mut output);
+                    gate.outside(|| writer.send((epoch, batch))).is_ok()
+                }
+            };
             output.clear();
-            if written.is_err() {
+            if !written {
                 return;
             }
         }

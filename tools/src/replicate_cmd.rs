@@ -1,19 +1,19 @@
-//! `fgbi primary`, `fgbi backup` and `fgbi demo`: replication between two processes
-//! (or hosts) and failover, on a synthetic workload.
+//! `fgbi primary` and `fgbi backup`: replication between two processes (or hosts)
+//! and failover, of a synthetic workload or (`fgbi backup --restart`) of an
+//! application protected through the library, restarted from the replica.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
 
 use clap::Args;
-use fgbi::backup::{self, BackupOptions};
-use fgbi::bench::Percentiles;
+use fgbi::backup::{self, BackupOptions, FailoverReport};
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
+use fgbi::restart::{self, Restarted, SharedMemory};
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
+use fgbi_hyp::memory::Region;
 use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
 use fgbi_transport::{Liveness, PresharedKey, TransportConfig};
 
@@ -125,9 +125,9 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
                         .unwrap_or_default()
                 ),
                 PrimaryEvent::Committed(n) => format!("committed {n}"),
-                PrimaryEvent::Unprotected => {
-                    "unprotected: the backup is unreachable; the workload keeps running".into()
-                }
+                PrimaryEvent::Unprotected { reason } => format!(
+                    "unprotected: no backup holds the workload ({reason}); it keeps running"
+                ),
                 PrimaryEvent::Connected(n) => format!("connected backup_committed={n}"),
             };
             // A closed stdout must not stop replication.
@@ -147,7 +147,16 @@ pub struct BackupArgs {
     /// Address to listen on.
     #[arg(long)]
     listen: SocketAddr,
-    /// After failover, run the workload for this many epochs and report.
+    /// The primary is an application protected through the library: on failover,
+    /// run this command with `/bin/sh -c`, handing it the replica's memory (see
+    /// docs/operations.md), then wait for it to end and exit with its status.
+    /// Without it the primary is `fgbi primary`'s synthetic workload, rebuilt here.
+    #[arg(long, value_name = "CMD")]
+    restart: Option<String>,
+    /// How long the restarted command may take to say it serves, milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    ready_timeout_ms: u64,
+    /// After failover of a synthetic workload, run it for this many epochs and report.
     #[arg(long, default_value_t = 20)]
     run_epochs: u64,
 }
@@ -156,273 +165,94 @@ pub struct BackupArgs {
 pub fn backup(args: BackupArgs) -> Result<ExitCode, String> {
     let (encoder, transport) = args.shared.configs(Mode::Fgbi)?;
     let key = args.shared.key()?;
+    let mem = usize::try_from(args.shared.mem).map_err(|_| "--mem is too large".to_string())?;
     let listener = TcpListener::bind(args.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    println!(
-        "listening {}",
-        listener.local_addr().map_err(|e| e.to_string())?
-    );
-    let options = BackupOptions {
+    let mut options = BackupOptions {
         encoder,
         transport,
         slots: 2,
         max_state: 1 << 20,
+        digest: args.restart.is_none(),
     };
-    let (report, mut machine) = backup::run(
+    let listening = listener.local_addr().map_err(|e| e.to_string())?;
+    let committed = |n| println!("committed {n}");
+    let Some(command) = &args.restart else {
+        let replica = Region::new(mem).map_err(|e| e.to_string())?;
+        println!("listening {listening}");
+        let (report, mut machine) = backup::run(
+            &listener,
+            &options,
+            &key,
+            replica,
+            |replica, state, _| SyntheticMachine::restore(replica, state, Tracking::Kernel),
+            |m: &mut SyntheticMachine| m.run(),
+            committed,
+        )
+        .map_err(|e| e.to_string())?;
+        print_failover(&report);
+        for _ in 0..args.run_epochs {
+            machine.run().map_err(|e| e.to_string())?;
+        }
+        println!("running epochs={} on the backup", machine.epochs());
+        return Ok(ExitCode::SUCCESS);
+    };
+    options.digest = false;
+    let replica = SharedMemory::new("fgbi-replica", mem).map_err(|e| e.to_string())?;
+    println!("listening {listening} replica={}", replica.backing());
+    let timeout = Duration::from_millis(args.ready_timeout_ms);
+    let (report, (mut restarted, ready)) = backup::run(
         &listener,
         &options,
         &key,
-        |replica, state| SyntheticMachine::restore(replica, state, Tracking::Kernel),
-        |m: &mut SyntheticMachine| m.run(),
-        |n| println!("committed {n}"),
+        replica,
+        |replica, state, epoch| {
+            restart::spawn(command, replica, state, epoch).map(|r| (r, String::new()))
+        },
+        |(restarted, ready): &mut (Restarted, String)| {
+            *ready = restarted.wait_ready(timeout).inspect_err(|_| {
+                // It will not serve: do not leave it behind.
+                let _ = restarted.child.kill();
+            })?;
+            Ok::<(), restart::RestartError>(())
+        },
+        committed,
     )
     .map_err(|e| e.to_string())?;
+    print_failover(&report);
+    println!("restarted pid={} {ready}", restarted.child.id());
+    let _ = std::io::stdout().flush();
+    let status = restarted
+        .child
+        .wait()
+        .map_err(|e| format!("cannot wait for the restarted command: {e}"))?;
+    println!("restarted command ended: {status}");
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}
+
+/// Prints the `failover` line: the epoch, type I downtime in parts, the cause.
+fn print_failover(report: &FailoverReport) {
     let detected_ns = report
         .detected_at
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     println!(
-        "failover epoch={} digest={:032x} detected_ns={detected_ns} silence_us={} finish_us={} restore_us={} first_run_us={} cause={:?}",
+        "failover epoch={}{} detected_ns={detected_ns} silence_us={} finish_us={} restore_us={} first_run_us={} cause={:?}",
         report.epoch,
-        report.digest,
+        report
+            .digest
+            .map(|d| format!(" digest={d:032x}"))
+            .unwrap_or_default(),
         report.silence.as_micros(),
         report.finish.as_micros(),
         report.restore.as_micros(),
         report.first_run.as_micros(),
         report.cause
     );
-    for _ in 0..args.run_epochs {
-        machine.run().map_err(|e| e.to_string())?;
-    }
-    println!("running epochs={} on the backup", machine.epochs());
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Arguments of `fgbi demo`.
-#[derive(Args, Debug, Clone)]
-pub struct DemoArgs {
-    /// Workload to protect.
-    #[arg(long, default_value = "web")]
-    workload: String,
-    /// Protected memory size.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    mem: u64,
-    /// Committed epochs before the primary is killed.
-    #[arg(long, default_value_t = 40)]
-    epochs: u64,
-    /// Transport: rdma, tcp, uring, std or auto (as for `fgbi primary`).
-    #[arg(long, default_value = "auto")]
-    transport: String,
-}
-
-/// Runs `fgbi demo`: a backup and a primary as two processes, the primary killed with
-/// SIGKILL, the backup taking over; prints type I downtime in parts.
-pub fn demo(args: DemoArgs) -> Result<ExitCode, String> {
-    let dir = std::env::temp_dir().join(format!("fgbi-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let key = write_key(&dir)?;
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let common = |cmd: &mut Command| {
-        cmd.arg("--mem")
-            .arg(args.mem.to_string())
-            .arg("--key")
-            .arg(&key)
-            .arg("--transport")
-            .arg(&args.transport)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-    };
-    let mut backup_cmd = Command::new(&exe);
-    backup_cmd.args(["backup", "--listen", &format!("127.0.0.1:{port}")]);
-    common(&mut backup_cmd);
-    let mut backup = Kill(
-        backup_cmd
-            .spawn()
-            .map_err(|e| format!("cannot start the backup: {e}"))?,
-    );
-    let backup_lines = lines(&mut backup.0)?;
-    wait_for(&backup_lines, "listening", Duration::from_secs(10))?;
-
-    let mut primary_cmd = Command::new(&exe);
-    primary_cmd.args([
-        "primary",
-        "--backup",
-        &format!("127.0.0.1:{port}"),
-        "--workload",
-        &args.workload,
-        "--digests",
-    ]);
-    common(&mut primary_cmd);
-    let mut primary = Kill(
-        primary_cmd
-            .spawn()
-            .map_err(|e| format!("cannot start the primary: {e}"))?,
-    );
-    let primary_lines = lines(&mut primary.0)?;
-    let mut digests = std::collections::HashMap::new();
-    let mut pauses = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let line = primary_lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .map_err(|_| {
-                "the primary stopped or stalled before the failure was injected".to_string()
-            })?;
-        if let Some(rest) = line.strip_prefix("sent ") {
-            let epoch: u64 = field(rest, "", ' ')
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if let Some(d) = field(rest, "digest=", ' ') {
-                digests.insert(epoch, d.to_string());
-            }
-            if let Some(p) = field(rest, "pause_us=", ' ').and_then(|v| v.parse::<f64>().ok()) {
-                pauses.push(p);
-            }
-        }
-        if let Some(n) = line
-            .strip_prefix("committed ")
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            if n >= args.epochs {
-                break;
-            }
-        }
-    }
-    let killed_at = SystemTime::now();
-    primary
-        .0
-        .kill()
-        .map_err(|e| format!("cannot kill the primary: {e}"))?;
-    let killed_ns = killed_at
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let failover = wait_for(&backup_lines, "failover ", Duration::from_secs(30))?;
-    let running = wait_for(&backup_lines, "running ", Duration::from_secs(60))?;
-    let get = |name: &str| {
-        field(&failover, name, ' ')
-            .and_then(|v| v.parse::<u128>().ok())
-            .unwrap_or(0)
-    };
-    let epoch = get("epoch=") as u64;
-    let detect_us = get("detected_ns=").saturating_sub(killed_ns) as f64 / 1e3;
-    let (finish, restore, first) = (get("finish_us="), get("restore_us="), get("first_run_us="));
-    let replica_digest = field(&failover, "digest=", ' ')
-        .unwrap_or_default()
-        .to_string();
-    let matches = digests.get(&epoch) == Some(&replica_digest);
-    let pause = Percentiles::of(&mut pauses);
-    println!(
-        "fgbi demo: {} on {} MiB, primary killed (SIGKILL) after epoch {}",
-        args.workload,
-        args.mem >> 20,
-        args.epochs
-    );
-    println!(
-        "type II downtime (pause per checkpoint): p50 {:.0} us, p99 {:.0} us, max {:.0} us over {} checkpoints",
-        pause.p50,
-        pause.p99,
-        pause.max,
-        pauses.len()
-    );
-    println!(
-        "type I downtime: {:.1} ms in all",
-        (detect_us + (finish + restore + first) as f64) / 1e3
-    );
-    println!(
-        "  detection (kill to backup's verdict) {:>10.1} ms",
-        detect_us / 1e3
-    );
-    println!(
-        "  finishing the last epoch            {:>10.3} ms",
-        finish as f64 / 1e3
-    );
-    println!(
-        "  rebuilding the program              {:>10.3} ms",
-        restore as f64 / 1e3
-    );
-    println!(
-        "  first epoch of the program          {:>10.3} ms",
-        first as f64 / 1e3
-    );
-    println!(
-        "replica at epoch {epoch}: digest {} the primary's checkpoint",
-        if matches { "equals" } else { "DIFFERS FROM" }
-    );
-    println!("backup: {}", running.trim());
-    let _ = std::fs::remove_dir_all(&dir);
-    if matches {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        Ok(ExitCode::FAILURE)
-    }
-}
-
-/// A child process killed when dropped, so no demo leaves one behind.
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn write_key(dir: &Path) -> Result<PathBuf, String> {
-    let path = dir.join("link.key");
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
-        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| f.write_all(&key))
-        .map_err(|e| format!("cannot write the key file {}: {e}", path.display()))?;
-    Ok(path)
-}
-
-/// The child's stdout as a channel of lines.
-fn lines(child: &mut Child) -> Result<mpsc::Receiver<String>, String> {
-    let stdout = child.stdout.take().ok_or("the child has no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
-}
-
-fn wait_for(
-    lines: &mpsc::Receiver<String>,
-    prefix: &str,
-    timeout: Duration,
-) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .map_err(|_| format!("no {prefix:?} line within {timeout:?}"))?;
-        if line.starts_with(prefix) {
-            return Ok(line);
-        }
-    }
-}
-
-/// The value after `name` in `line`, up to `end`.
-fn field<'a>(line: &'a str, name: &str, end: char) -> Option<&'a str> {
-    let start = line.find(name)? + name.len();
-    let rest = &line[start..];
-    Some(rest.split(end).next().unwrap_or(rest))
+    let _ = std::io::stdout().flush();
 }

@@ -167,7 +167,15 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
 
 #[test]
 fn demo_kills_the_primary_and_the_backup_takes_over_from_its_checkpoint() {
-    let (code, stdout, stderr) = fgbi(&["demo", "--epochs", "12", "--mem", "16M"]);
+    let (code, stdout, stderr) = fgbi(&[
+        "demo",
+        "--workload",
+        "web",
+        "--epochs",
+        "12",
+        "--mem",
+        "16M",
+    ]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(
         stdout.contains("digest equals the primary's checkpoint"),

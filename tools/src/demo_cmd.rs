@@ -1,0 +1,600 @@
+//! `fgbi demo`: failover of a protected key-value service, on one host.
+//!
+//! The demo starts `fgbi backup --restart "fgbi kv --restart ..."`, then the
+//! key-value service (`fgbi kv`, examples/kv) protected by that backup with output
+//! commit, drives it from several client connections that record every write the
+//! service acknowledges, kills the service with SIGKILL in the middle of the load,
+//! waits for the backup to restart it from the replica, reconnects the clients, writes
+//! on, and reads every acknowledged write back. It prints type II downtime (from the
+//! primary's per-epoch lines), type I downtime in parts, bytes per epoch, and the
+//! writes acknowledged and lost; `--json` writes the same. It exits 1 if a write was
+//! lost, 2 if the failover did not happen.
+
+mod client;
+mod synthetic;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use fgbi::bench::Percentiles;
+use fgbi::fault::FAULT_ENV;
+use fgbi_engine::Mode;
+use serde_json::json;
+
+use crate::size::parse_size;
+use client::{Conn, Ledger};
+
+/// Arguments of `fgbi demo`.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Encoding mode of the protected service: remus, llm, xbzrle or fgbi.
+    #[arg(long, default_value = "fgbi")]
+    mode: Mode,
+    /// Size of the service's store (protected memory).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    mem: u64,
+    /// Milliseconds between checkpoints.
+    #[arg(long, default_value_t = 25)]
+    epoch_ms: u64,
+    /// Client connections writing at once.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Milliseconds of load before the service is killed.
+    #[arg(long, default_value_t = 3000)]
+    kill_after_ms: u64,
+    /// Milliseconds of load on the restarted service before the check.
+    #[arg(long, default_value_t = 1000)]
+    after_ms: u64,
+    /// Also write the results to this JSON file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Transport: uring, std or auto.
+    #[arg(long, default_value = "auto")]
+    transport: String,
+    /// Heartbeat interval, milliseconds; a peer silent for four intervals is dead.
+    #[arg(long, default_value_t = 25)]
+    heartbeat_ms: u64,
+    /// Instead of killing the service after --kill-after-ms, let it kill itself at
+    /// POINT@N (pause, sent, acked or released; the Nth time): docs/operations.md.
+    #[arg(long, value_name = "POINT@N", hide = true)]
+    fault: Option<String>,
+    /// Reply before the backup committed (to show what output commit prevents).
+    #[arg(long, hide = true)]
+    no_output_commit: bool,
+    /// Protect a synthetic workload (web, npb-ep, sys, dense, dup, idle) instead of the
+    /// service, kill it after --epochs committed epochs, and compare digests.
+    #[arg(long)]
+    workload: Option<String>,
+    /// With --workload: committed epochs before the primary is killed.
+    #[arg(long, default_value_t = 40, requires = "workload")]
+    epochs: u64,
+}
+
+/// Runs `fgbi demo`.
+pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
+    if args.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    match &args.workload {
+        Some(workload) => synthetic::run(&args, workload),
+        None => kv(&args),
+    }
+}
+
+/// What the primary's per-epoch lines said.
+#[derive(Default)]
+struct PrimaryStats {
+    pauses: Vec<f64>,
+    wire_bytes: u64,
+    committed: u64,
+}
+
+/// Type I downtime's parts, microseconds, from the backup's `failover` line and the
+/// kill's time.
+struct Failover {
+    epoch: u64,
+    detect: f64,
+    apply: f64,
+    restore: f64,
+    /// From the kill to the first reply of the restarted service.
+    first_reply: f64,
+    ready: String,
+}
+
+fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
+    let dir = Scratch::new()?;
+    let key = write_key(&dir.0)?;
+    let (backup_addr, service_addr) = (free_port()?, free_port()?);
+    let backup_addr = SocketAddr::from(([127, 0, 0, 1], backup_addr));
+    let service_addr = SocketAddr::from(([127, 0, 0, 1], service_addr));
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mem = args.mem.to_string();
+    let restart = format!(
+        "exec {} kv --restart --port {} --mem {mem}",
+        shell_quote(&exe),
+        service_addr.port()
+    );
+    let mut backup = Kill(
+        Command::new(&exe)
+            .args([
+                "backup",
+                "--listen",
+                &backup_addr.to_string(),
+                "--mem",
+                &mem,
+            ])
+            .arg("--key")
+            .arg(&key)
+            .args(["--transport", &args.transport])
+            .args(["--heartbeat-ms", &args.heartbeat_ms.to_string()])
+            .args(["--restart", &restart])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the backup: {e}"))?,
+    );
+    let backup_lines = lines(&mut backup.0)?;
+    wait_for(&backup_lines, "listening", Duration::from_secs(10))?;
+
+    let mut primary_cmd = Command::new(&exe);
+    primary_cmd
+        .args([
+            "kv",
+            "--port",
+            &service_addr.port().to_string(),
+            "--mem",
+            &mem,
+        ])
+        .args(["--backup", &backup_addr.to_string()])
+        .arg("--key")
+        .arg(&key)
+        .args(["--mode", &args.mode.to_string()])
+        .args(["--epoch-ms", &args.epoch_ms.to_string()])
+        .args(["--heartbeat-ms", &args.heartbeat_ms.to_string()])
+        .args(["--verify-every", "0", "--log-epochs"])
+        .stdout(Stdio::piped());
+    if args.no_output_commit {
+        primary_cmd.arg("--no-output-commit");
+    }
+    match &args.fault {
+        Some(fault) => primary_cmd.env(FAULT_ENV, fault),
+        None => primary_cmd.env_remove(FAULT_ENV),
+    };
+    let mut primary = Kill(
+        primary_cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the service: {e}"))?,
+    );
+    let stats = Arc::new(Mutex::new(PrimaryStats::default()));
+    let primary_lines = collect(&mut primary.0, Arc::clone(&stats))?;
+    wait_for(&primary_lines, "kv: listening", Duration::from_secs(30))?;
+    wait_for(&primary_lines, "kv: connected", Duration::from_secs(30))?;
+
+    // Load until the service dies.
+    let run_id = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    // Half the keys the store's table takes (three quarters of its slots, an eighth
+    // of the store in 16-byte slots), shared among the clients.
+    let budget = args.mem * 3 / 512 / 2 / args.clients as u64;
+    let ledgers: Vec<Ledger> = (0..args.clients)
+        .map(|c| Ledger::new(c, run_id, budget))
+        .collect();
+    let never = Arc::new(AtomicBool::new(false));
+    let loaders = start_load(service_addr, ledgers, &never)?;
+    let killed_at = match &args.fault {
+        None => {
+            std::thread::sleep(Duration::from_millis(args.kill_after_ms));
+            let at = SystemTime::now();
+            primary
+                .0
+                .kill()
+                .map_err(|e| format!("cannot kill the service: {e}"))?;
+            let _ = primary.0.wait();
+            at
+        }
+        Some(fault) => wait_exit(&mut primary.0, fault)?,
+    };
+    let mut ledgers = finish_load(loaders)?;
+    let before: u64 = ledgers.iter().map(Ledger::acknowledged).sum();
+    let mut latencies: Vec<f64> = ledgers
+        .iter_mut()
+        .flat_map(|l| std::mem::take(&mut l.latencies))
+        .collect();
+    let latency = Percentiles::of(&mut latencies);
+
+    let failover = await_failover(&backup_lines, killed_at, service_addr)?;
+
+    // Load on the restarted service, then read everything back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loaders = start_load(service_addr, ledgers, &stop)?;
+    std::thread::sleep(Duration::from_millis(args.after_ms));
+    stop.store(true, Ordering::Relaxed);
+    let ledgers = finish_load(loaders)?;
+    let acknowledged: u64 = ledgers.iter().map(Ledger::acknowledged).sum();
+    let mut check = Conn::connect(service_addr)
+        .map_err(|e| format!("cannot reach the restarted service: {e}"))?;
+    let mut lost = 0;
+    for ledger in &ledgers {
+        lost += client::lost(&mut check, ledger)
+            .map_err(|e| format!("cannot read the writes back: {e}"))?;
+    }
+    // SHUTDOWN ends the restarted service, and with it the backup.
+    let _ = check.send(&[vec![b"SHUTDOWN".to_vec()]]);
+    let _ = wait_for(
+        &backup_lines,
+        "restarted command ended",
+        Duration::from_secs(10),
+    );
+
+    let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(PoisonError::into_inner));
+    let results = Results {
+        args,
+        stats,
+        failover,
+        acknowledged,
+        before,
+        latency,
+        lost,
+    };
+    results.print();
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&results.json()).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(if lost == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Everything the report says.
+struct Results<'a> {
+    args: &'a DemoArgs,
+    stats: PrimaryStats,
+    failover: Failover,
+    acknowledged: u64,
+    before: u64,
+    /// From a batch's write to its last reply, before the kill, microseconds.
+    latency: Percentiles,
+    lost: u64,
+}
+
+impl Results<'_> {
+    fn pauses(&self) -> Percentiles {
+        Percentiles::of(&mut self.stats.pauses.clone())
+    }
+
+    fn bytes_per_epoch(&self) -> f64 {
+        self.stats.wire_bytes as f64 / self.stats.pauses.len().max(1) as f64
+    }
+
+    fn total_ms(&self) -> f64 {
+        let f = &self.failover;
+        (f.detect + f.apply + f.restore) / 1e3
+    }
+
+    fn print(&self) {
+        let (a, f, pause) = (self.args, &self.failover, self.pauses());
+        println!(
+            "fgbi demo: key-value service, {} MiB store, {} mode, {} ms epochs, output commit {}, {} clients",
+            a.mem >> 20,
+            a.mode,
+            a.epoch_ms,
+            if a.no_output_commit { "off" } else { "on" },
+            a.clients
+        );
+        match &a.fault {
+            Some(fault) => println!("primary killed itself at {fault} (SIGKILL)"),
+            None => println!(
+                "primary killed (SIGKILL) after {} ms of load",
+                a.kill_after_ms
+            ),
+        }
+        println!(
+            "backup restarted the service from epoch {}: {}",
+            f.epoch, f.ready
+        );
+        println!(
+            "type II downtime (pause per checkpoint): p50 {:.0} us, p99 {:.0} us, max {:.0} us over {} checkpoints ({} committed)",
+            pause.p50,
+            pause.p99,
+            pause.max,
+            self.stats.pauses.len(),
+            self.stats.committed
+        );
+        println!(
+            "bytes per epoch: {:.0} on average, {} in all",
+            self.bytes_per_epoch(),
+            self.stats.wire_bytes
+        );
+        println!("type I downtime: {:.1} ms in all", self.total_ms());
+        println!(
+            "  detection (kill to backup's verdict)           {:>9.3} ms",
+            f.detect / 1e3
+        );
+        println!(
+            "  finishing the last epoch                       {:>9.3} ms",
+            f.apply / 1e3
+        );
+        println!(
+            "  restore (hand over, exec, map, check, listen)  {:>9.3} ms",
+            f.restore / 1e3
+        );
+        println!(
+            "  first reply to a reconnected client, from the kill {:>5.1} ms",
+            f.first_reply / 1e3
+        );
+        println!(
+            "reply latency before the kill (a batch of {} pipelined requests): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            client::PIPELINE,
+            self.latency.p50 / 1e3,
+            self.latency.p99 / 1e3,
+            self.latency.max / 1e3
+        );
+        println!(
+            "requests acknowledged: {} ({} before the kill, {} after)",
+            self.acknowledged,
+            self.before,
+            self.acknowledged - self.before
+        );
+        println!("requests lost: {}", self.lost);
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let (a, f, pause) = (self.args, &self.failover, self.pauses());
+        json!({
+            "mode": a.mode.to_string(),
+            "mem_bytes": a.mem,
+            "epoch_ms": a.epoch_ms,
+            "clients": a.clients,
+            "output_commit": !a.no_output_commit,
+            "fault": a.fault,
+            "epochs": self.stats.committed,
+            "checkpoints": self.stats.pauses.len(),
+            "pause_us": pause,
+            "failover_epoch": f.epoch,
+            "failover_ms": {
+                "detect": f.detect / 1e3,
+                "apply": f.apply / 1e3,
+                "restore": f.restore / 1e3,
+                "total": self.total_ms(),
+                "first_reply": f.first_reply / 1e3,
+            },
+            "wire_bytes": self.stats.wire_bytes,
+            "bytes_per_epoch": self.bytes_per_epoch(),
+            "requests_acknowledged": self.acknowledged,
+            "requests_acknowledged_before_kill": self.before,
+            "batch_latency_us": self.latency,
+            "requests_lost": self.lost,
+        })
+    }
+}
+
+/// Starts one loading thread per ledger, each on its own connection.
+fn start_load(
+    addr: SocketAddr,
+    ledgers: Vec<Ledger>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<std::thread::JoinHandle<Result<Ledger, String>>>, String> {
+    ledgers
+        .into_iter()
+        .map(|mut ledger| {
+            let mut conn =
+                Conn::connect(addr).map_err(|e| format!("cannot connect a client: {e}"))?;
+            let stop = Arc::clone(stop);
+            Ok(std::thread::spawn(move || {
+                // Ends with an error when the service dies: that is expected.
+                let _ = client::load(&mut conn, &mut ledger, &stop);
+                Ok(ledger)
+            }))
+        })
+        .collect()
+}
+
+fn finish_load(
+    loaders: Vec<std::thread::JoinHandle<Result<Ledger, String>>>,
+) -> Result<Vec<Ledger>, String> {
+    loaders
+        .into_iter()
+        .map(|l| {
+            l.join()
+                .map_err(|_| "a client thread panicked".to_string())?
+        })
+        .collect()
+}
+
+/// Waits for the service to kill itself at its fault point; when it ended.
+fn wait_exit(child: &mut Child, fault: &str) -> Result<SystemTime, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+            return Ok(SystemTime::now());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the service did not reach its fault point {fault} in 60 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits for the backup's failover and the restarted service's first reply.
+fn await_failover(
+    backup: &mpsc::Receiver<String>,
+    killed_at: SystemTime,
+    service: SocketAddr,
+) -> Result<Failover, String> {
+    let line = wait_for(backup, "failover ", Duration::from_secs(30))
+        .map_err(|e| format!("the backup did not fail over: {e}"))?;
+    let ready = wait_for(backup, "restarted pid=", Duration::from_secs(30))
+        .map_err(|e| format!("the backup did not restart the service: {e}"))?;
+    let first = client::wait_serving(service, Instant::now() + Duration::from_secs(30))
+        .map_err(|e| format!("the restarted service does not answer: {e}"))?;
+    drop(first);
+    let first_reply = since(killed_at);
+    let get = |name: &str| {
+        field(&line, name, ' ')
+            .and_then(|v| v.parse::<u128>().ok())
+            .unwrap_or(0)
+    };
+    let killed_ns = killed_at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    Ok(Failover {
+        epoch: get("epoch=") as u64,
+        detect: get("detected_ns=").saturating_sub(killed_ns) as f64 / 1e3,
+        apply: get("finish_us=") as f64,
+        restore: (get("restore_us=") + get("first_run_us=")) as f64,
+        first_reply,
+        ready: ready
+            .split_once(' ')
+            .and_then(|(_, rest)| rest.split_once(' '))
+            .map_or(ready.clone(), |(_, rest)| rest.to_string()),
+    })
+}
+
+/// Microseconds since `at`.
+fn since(at: SystemTime) -> f64 {
+    SystemTime::now()
+        .duration_since(at)
+        .map(|d| d.as_secs_f64() * 1e6)
+        .unwrap_or(0.0)
+}
+
+/// The service's stdout as a channel of lines, with its per-epoch lines counted into
+/// `stats` as they come.
+fn collect(
+    child: &mut Child,
+    stats: Arc<Mutex<PrimaryStats>>,
+) -> Result<mpsc::Receiver<String>, String> {
+    let stdout = child.stdout.take().ok_or("the service has no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("kv: sent ") {
+                let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
+                let number = |name| field(rest, name, ' ').and_then(|v| v.parse::<u64>().ok());
+                if let (Some(pause), Some(bytes)) = (number("pause_us="), number("bytes=")) {
+                    stats.pauses.push(pause as f64);
+                    stats.wire_bytes += bytes;
+                }
+            } else if let Some(n) = line.strip_prefix("kv: committed ") {
+                let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
+                stats.committed = n.parse().unwrap_or(stats.committed);
+            } else {
+                println!("{line}");
+                // Nobody listens any more once the demo is done.
+                let _ = tx.send(line);
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// `path` quoted for `/bin/sh`.
+fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+/// A scratch directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("fgbi-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Best effort: a leftover directory in the temporary directory is harmless.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A port free on 127.0.0.1 a moment ago.
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+/// A child process killed when dropped, so no demo leaves one behind.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn write_key(dir: &Path) -> Result<PathBuf, String> {
+    let path = dir.join("link.key");
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&key))
+        .map_err(|e| format!("cannot write the key file {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// The child's stdout as a channel of lines.
+fn lines(child: &mut Child) -> Result<mpsc::Receiver<String>, String> {
+    let stdout = child.stdout.take().ok_or("the child has no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn wait_for(
+    lines: &mpsc::Receiver<String>,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .map_err(|_| format!("no {prefix:?} line within {timeout:?}"))?;
+        if line.starts_with(prefix) {
+            return Ok(line);
+        }
+    }
+}
+
+/// The value after `name` in `line`, up to `end`.
+fn field<'a>(line: &'a str, name: &str, end: char) -> Option<&'a str> {
+    let start = line.find(name)? + name.len();
+    let rest = &line[start..];
+    Some(rest.split(end).next().unwrap_or(rest))
+}

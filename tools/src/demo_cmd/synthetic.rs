@@ -1,0 +1,153 @@
+//! `fgbi demo --workload NAME`: the synthetic workload's failover, replica digest
+//! against checkpoint digest.
+
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fgbi::bench::Percentiles;
+
+use super::{DemoArgs, Kill, Scratch, field, free_port, lines, wait_for, write_key};
+
+/// Runs `fgbi demo --workload NAME`: a backup and a primary of the synthetic
+/// workload as two processes, the primary killed with SIGKILL after `--epochs`
+/// committed epochs, the backup rebuilding the workload; prints type I downtime in
+/// parts and checks the replica's digest against the primary's checkpoint.
+pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
+    let dir = Scratch::new()?;
+    let key = write_key(&dir.0)?;
+    let port = free_port()?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let common = |cmd: &mut Command| {
+        cmd.arg("--mem")
+            .arg(args.mem.to_string())
+            .arg("--key")
+            .arg(&key)
+            .arg("--transport")
+            .arg(&args.transport)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+    };
+    let mut backup_cmd = Command::new(&exe);
+    backup_cmd.args(["backup", "--listen", &format!("127.0.0.1:{port}")]);
+    common(&mut backup_cmd);
+    let mut backup = Kill(
+        backup_cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the backup: {e}"))?,
+    );
+    let backup_lines = lines(&mut backup.0)?;
+    wait_for(&backup_lines, "listening", Duration::from_secs(10))?;
+
+    let mut primary_cmd = Command::new(&exe);
+    primary_cmd.args([
+        "primary",
+        "--backup",
+        &format!("127.0.0.1:{port}"),
+        "--workload",
+        workload,
+        "--digests",
+    ]);
+    common(&mut primary_cmd);
+    let mut primary = Kill(
+        primary_cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the primary: {e}"))?,
+    );
+    let primary_lines = lines(&mut primary.0)?;
+    let mut digests = std::collections::HashMap::new();
+    let mut pauses = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = primary_lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .map_err(|_| {
+                "the primary stopped or stalled before the failure was injected".to_string()
+            })?;
+        if let Some(rest) = line.strip_prefix("sent ") {
+            let epoch: u64 = field(rest, "", ' ')
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if let Some(d) = field(rest, "digest=", ' ') {
+                digests.insert(epoch, d.to_string());
+            }
+            if let Some(p) = field(rest, "pause_us=", ' ').and_then(|v| v.parse::<f64>().ok()) {
+                pauses.push(p);
+            }
+        }
+        if let Some(n) = line
+            .strip_prefix("committed ")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            if n >= args.epochs {
+                break;
+            }
+        }
+    }
+    let killed_at = SystemTime::now();
+    primary
+        .0
+        .kill()
+        .map_err(|e| format!("cannot kill the primary: {e}"))?;
+    let killed_ns = killed_at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let failover = wait_for(&backup_lines, "failover ", Duration::from_secs(30))?;
+    let running = wait_for(&backup_lines, "running ", Duration::from_secs(60))?;
+    let get = |name: &str| {
+        field(&failover, name, ' ')
+            .and_then(|v| v.parse::<u128>().ok())
+            .unwrap_or(0)
+    };
+    let epoch = get("epoch=") as u64;
+    let detect_us = get("detected_ns=").saturating_sub(killed_ns) as f64 / 1e3;
+    let (finish, restore, first) = (get("finish_us="), get("restore_us="), get("first_run_us="));
+    let replica_digest = field(&failover, "digest=", ' ')
+        .unwrap_or_default()
+        .to_string();
+    let matches = digests.get(&epoch) == Some(&replica_digest);
+    let pause = Percentiles::of(&mut pauses);
+    println!(
+        "fgbi demo: {} on {} MiB, primary killed (SIGKILL) after epoch {}",
+        workload,
+        args.mem >> 20,
+        args.epochs
+    );
+    println!(
+        "type II downtime (pause per checkpoint): p50 {:.0} us, p99 {:.0} us, max {:.0} us over {} checkpoints",
+        pause.p50,
+        pause.p99,
+        pause.max,
+        pauses.len()
+    );
+    println!(
+        "type I downtime: {:.1} ms in all",
+        (detect_us + (finish + restore + first) as f64) / 1e3
+    );
+    println!(
+        "  detection (kill to backup's verdict) {:>10.1} ms",
+        detect_us / 1e3
+    );
+    println!(
+        "  finishing the last epoch            {:>10.3} ms",
+        finish as f64 / 1e3
+    );
+    println!(
+        "  rebuilding the program              {:>10.3} ms",
+        restore as f64 / 1e3
+    );
+    println!(
+        "  first epoch of the program          {:>10.3} ms",
+        first as f64 / 1e3
+    );
+    println!(
+        "replica at epoch {epoch}: digest {} the primary's checkpoint",
+        if matches { "equals" } else { "DIFFERS FROM" }
+    );
+    println!("backup: {}", running.trim());
+    if matches {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::FAILURE)
+    }
+}
