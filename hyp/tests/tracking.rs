@@ -245,8 +245,10 @@ fn no_write_is_lost_when_harvesting_while_threads_write() {
 }
 
 #[test]
-fn a_1_gib_region_with_37000_written_pages_is_harvested_exactly() {
-    if !kernel_supports_tracking("a_1_gib_region_with_37000_written_pages_is_harvested_exactly") {
+fn a_1_gib_region_with_37000_written_pages_is_harvested_without_a_miss() {
+    if !kernel_supports_tracking(
+        "a_1_gib_region_with_37000_written_pages_is_harvested_without_a_miss",
+    ) {
         return;
     }
     let pages = (1 << 30) / PAGE;
@@ -275,13 +277,40 @@ fn a_1_gib_region_with_37000_written_pages_is_harvested_exactly() {
         }
         written.sort_unstable();
         let dirty = timed(&mut tracker, &format!("{n} pages written"));
-        assert_eq!(dirty.len(), n);
-        assert!(
-            dirty == written,
-            "{n} pages: harvest differs from what was written"
+        assert_reported(&written, &dirty);
+    }
+    assert_reported(
+        &[],
+        &timed(&mut tracker, "nothing written, huge pages split"),
+    );
+}
+
+/// Every written page was reported. The kernel may, rarely, report a page nobody
+/// wrote (seen once in many runs, on a machine under memory pressure, where pages
+/// are migrated and compacted): that costs an extra page on the wire, never
+/// correctness, so a few are tolerated and printed; a missed page never is.
+fn assert_reported(written: &[u64], reported: &[u64]) {
+    let missed = written
+        .iter()
+        .filter(|p| reported.binary_search(p).is_err())
+        .count();
+    assert_eq!(missed, 0, "the harvest missed {missed} written page(s)");
+    let extra: Vec<u64> = reported
+        .iter()
+        .filter(|p| written.binary_search(p).is_err())
+        .copied()
+        .collect();
+    if !extra.is_empty() {
+        eprintln!(
+            "NOTE: the kernel reported {} page(s) never written: {extra:?}",
+            extra.len()
         );
     }
-    assert!(timed(&mut tracker, "nothing written, huge pages split").is_empty());
+    assert!(
+        extra.len() <= 8,
+        "the kernel reported {} pages never written: far more than the rare spurious one",
+        extra.len()
+    );
 }
 
 #[test]
