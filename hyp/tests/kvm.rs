@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use fgbi_hyp::kvm::ep::{CLASS_S_BATCHES, EpResult};
 use fgbi_hyp::kvm::guest::{DATA, data_pages};
 use fgbi_hyp::kvm::{
     DirtyTracking, GuestStop, KvmError, KvmVm, Privilege, Program, VmConfig, probe,
@@ -208,6 +209,96 @@ fn web_and_dense_guests_write_like_their_workloads() {
     let data: Vec<u64> = dirty.into_iter().filter(|&p| p >= first_data).collect();
     let hot: Vec<u64> = (first_data..first_data + 300).collect();
     assert_eq!(data, hot, "dense rewrites exactly its hot pages");
+}
+
+/// The data pages (from the start of the data area) a guest wrote over at least
+/// `more` iterations after its first `warm` (which include any populating), and how
+/// many iterations it completed meanwhile (one more may have started).
+fn data_pages_written(config: VmConfig, warm: u64, more: u64) -> (KvmVm, Vec<u64>, u64) {
+    let first_data = DATA / PAGE as u64;
+    let mut vm = KvmVm::new(config).unwrap();
+    run_for(&vm, warm);
+    vm.stop().unwrap();
+    let before = vm.status_iterations();
+    vm.harvest(&mut Vec::new()).unwrap();
+    vm.resume().unwrap();
+    run_for(&vm, more);
+    vm.stop().unwrap();
+    let iterations = vm.status_iterations() - before;
+    let mut dirty = Vec::new();
+    vm.harvest(&mut dirty).unwrap();
+    vm.resume().unwrap();
+    dirty.sort_unstable();
+    dirty.dedup();
+    let dirty = dirty
+        .into_iter()
+        .filter(|&p| p >= first_data)
+        .map(|p| p - first_data)
+        .collect();
+    (vm, dirty, iterations)
+}
+
+#[test]
+fn npb_ep_sys_and_dup_guests_write_like_their_workloads() {
+    if !available(DirtyTracking::Classic) {
+        return;
+    }
+    let pages = data_pages(MEM);
+    let config = |program| {
+        let mut config = VmConfig::new(program, MEM, DirtyTracking::Classic);
+        config.args.seed = 5;
+        config
+    };
+    // npb-ep: the 16-page batch buffer and the accumulator page after it, nothing else.
+    let (vm, dirty, _) = data_pages_written(config(Program::NpbEp), 3, 5);
+    assert_eq!(dirty, (0..17).collect::<Vec<u64>>());
+    assert_eq!(vm.console(), "npb-ep: start\n");
+    // sys: slab (first half) and pool (next 30%) written; the cache is only read.
+    let (vm, dirty, _) = data_pages_written(config(Program::Sys), 2, 3);
+    let (slab, pool) = (pages / 2, pages * 3 / 10);
+    assert!(
+        dirty.iter().all(|&p| p < slab + pool),
+        "sys wrote its cache"
+    );
+    let in_pool = dirty.iter().filter(|&&p| p >= slab).count();
+    assert!(in_pool > 60, "sys allocated only {in_pool} pool pages");
+    assert!(dirty.len() - in_pool > 500, "sys touched few slab pages");
+    assert_eq!(vm.console(), "sys: start\n");
+    // dup: at most 8 fresh sources an iteration, copied into many targets.
+    let (vm, dirty, iterations) = data_pages_written(config(Program::Dup), 2, 3);
+    let sources = pages / 50;
+    let fresh = dirty.iter().filter(|&&p| p < sources).count() as u64;
+    assert!(
+        (1..=8 * (iterations + 1)).contains(&fresh),
+        "dup wrote {fresh} source pages in {iterations} iterations"
+    );
+    assert!(
+        dirty.len() as u64 - fresh > 400,
+        "dup copied into few targets"
+    );
+    assert_eq!(vm.console(), "dup: start\n");
+}
+
+#[test]
+fn the_ep_guest_computes_npb_ep_class_s_and_verifies() {
+    if !available(DirtyTracking::Classic) {
+        return;
+    }
+    let vm = KvmVm::new(VmConfig::new(Program::Ep, 8 << 20, DirtyTracking::Classic)).unwrap();
+    let started = Instant::now();
+    let code = vm.wait_finish(Duration::from_secs(120)).unwrap();
+    eprintln!("ep class S in a VM: {:?}", started.elapsed());
+    let console = vm.console();
+    let result = EpResult::parse(&console).expect(&console);
+    assert_eq!(code, 0, "{console}");
+    assert!(result.guest_verified, "{console}");
+    assert!(result.verifies_class_s(), "{result:?}");
+    assert_eq!(vm.progress(), CLASS_S_BATCHES);
+    // A finished guest stays stopped.
+    assert!(matches!(
+        vm.wait_progress(CLASS_S_BATCHES + 1, WAIT),
+        Err(KvmError::Guest(GuestStop::Finished(0)))
+    ));
 }
 
 /// The counter guest's pattern (counter.c).

@@ -63,6 +63,8 @@ pub const PORT_CONSOLE: u16 = 0x3f8;
 pub const PORT_DOORBELL: u16 = 0x510;
 /// The fault port: an `out32` of a code when the guest finds its memory inconsistent.
 pub const PORT_FAULT: u16 = 0x511;
+/// The exit port: an `out32` of a code when the program has finished (0: success).
+pub const PORT_EXIT: u16 = 0x512;
 /// `PARAMS_MAGIC` of guest.h: the parameter page is filled.
 const PARAMS_MAGIC: u64 = 0x6667626967756573;
 
@@ -77,6 +79,7 @@ mod field {
     pub const ROUND: u64 = 48;
     pub const TABLE: u64 = 56;
     pub const TABLE_LEN: u64 = 64;
+    pub const VCPUS: u64 = 72;
 }
 
 /// A guest program, built from `hyp/guest/<name>.c`.
@@ -95,15 +98,33 @@ pub enum Program {
     /// Writes exactly the data pages the VMM lists ([`crate::kvm::KvmVm::post_round`]),
     /// for checking dirty tracking against ground truth.
     Touch,
+    /// The `npb-ep` workload's behaviour, by running the NPB EP kernel for ever: a
+    /// 16-page batch buffer of fresh random numbers and a page of accumulators
+    /// rewritten each iteration. `arg1`: doorbell interval.
+    NpbEp,
+    /// The `sys` workload's behaviour: pointer-sized updates across a slab, pages
+    /// zeroed from a pool, pages copied from a cache. `arg1`: doorbell interval.
+    Sys,
+    /// The `dup` workload's behaviour: fresh source pages copied whole and in
+    /// 64-256 byte pieces into many others. `arg1`: doorbell interval.
+    Dup,
+    /// The NPB EP kernel, class S, verified against the specification's sums; the
+    /// doorbell counts its 256 batches; it prints its result ([`super::ep::EpResult`])
+    /// and finishes. One vCPU.
+    Ep,
 }
 
 impl Program {
     /// Every program.
-    pub const ALL: [Program; 4] = [
+    pub const ALL: [Program; 8] = [
         Program::Counter,
         Program::Web,
         Program::Dense,
         Program::Touch,
+        Program::NpbEp,
+        Program::Sys,
+        Program::Dup,
+        Program::Ep,
     ];
 
     /// The program's name (its source file's).
@@ -113,6 +134,34 @@ impl Program {
             Program::Web => "web",
             Program::Dense => "dense",
             Program::Touch => "touch",
+            Program::NpbEp => "npb-ep",
+            Program::Sys => "sys",
+            Program::Dup => "dup",
+            Program::Ep => "ep",
+        }
+    }
+
+    /// One line on what the program does.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Program::Counter => {
+                "a counter and a memory pattern the guest checks itself (faults on any gap)"
+            }
+            Program::Web => "scattered small writes, like a web server (the web workload)",
+            Program::Dense => "every word of a hot set rewritten (the dense workload)",
+            Program::Touch => {
+                "writes exactly the pages the VMM lists (dirty tracking ground truth)"
+            }
+            Program::NpbEp => {
+                "the NPB EP kernel for ever: a batch buffer and accumulators (the npb-ep workload)"
+            }
+            Program::Sys => {
+                "slab updates, pool pages zeroed, cache pages copied (the sys workload)"
+            }
+            Program::Dup => "fresh pages copied whole and in pieces (the dup workload)",
+            Program::Ep => {
+                "the NPB EP kernel, class S, verified against the specification; finishes"
+            }
         }
     }
 
@@ -123,7 +172,31 @@ impl Program {
             Program::Web => include_bytes!(concat!(env!("OUT_DIR"), "/web.bin")),
             Program::Dense => include_bytes!(concat!(env!("OUT_DIR"), "/dense.bin")),
             Program::Touch => include_bytes!(concat!(env!("OUT_DIR"), "/touch.bin")),
+            Program::NpbEp => include_bytes!(concat!(env!("OUT_DIR"), "/npb-ep.bin")),
+            Program::Sys => include_bytes!(concat!(env!("OUT_DIR"), "/sys.bin")),
+            Program::Dup => include_bytes!(concat!(env!("OUT_DIR"), "/dup.bin")),
+            Program::Ep => include_bytes!(concat!(env!("OUT_DIR"), "/ep.bin")),
         }
+    }
+}
+
+impl std::fmt::Display for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl std::str::FromStr for Program {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|p| p.name()).collect();
+                format!("unknown guest {s:?}: use one of {}", names.join(", "))
+            })
     }
 }
 
@@ -243,6 +316,7 @@ pub fn write_boot(
         (field::ARG0, args.arg0),
         (field::ARG1, args.arg1),
         (field::TABLE, TABLE),
+        (field::VCPUS, 1),
         (field::MAGIC, PARAMS_MAGIC),
     ];
     for (offset, value) in params {
@@ -420,6 +494,9 @@ mod tests {
                 "{}",
                 program.name()
             );
+            assert_eq!(program.name().parse::<Program>(), Ok(program));
         }
+        let err = "linux".parse::<Program>().unwrap_err();
+        assert!(err.contains("npb-ep"), "{err}");
     }
 }

@@ -8,6 +8,7 @@
 //! - [`dirty`]: the three dirty tracking methods;
 //! - [`state`]: machine state capture, restore and its encoding;
 //! - [`guest`]: the guest memory layout, the guest programs and the CPU setup;
+//! - [`ep`]: the result the NPB EP guest reports, and the host's check of it;
 //! - `sys`: the raw ioctls kvm-ioctls lacks, with their `unsafe` blocks (the only other
 //!   one registers guest memory in `vm.rs`).
 //!
@@ -16,6 +17,7 @@
 //! emulated instruction by instruction. [`guest::Privilege`] chooses.
 
 pub mod dirty;
+pub mod ep;
 pub mod guest;
 pub mod state;
 mod sys;
@@ -90,6 +92,16 @@ pub enum KvmError {
     Timeout {
         /// Iterations waited for.
         target: u64,
+        /// Iterations reached.
+        reached: u64,
+        /// How long.
+        waited: Duration,
+    },
+    /// The guest program did not finish in time.
+    #[error(
+        "the guest did not finish within {waited:?} (it reached iteration {reached}): it is stuck or too slow"
+    )]
+    NotFinished {
         /// Iterations reached.
         reached: u64,
         /// How long.

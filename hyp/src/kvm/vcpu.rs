@@ -20,7 +20,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use super::KvmError;
 use super::dirty::SharedRing;
-use super::guest::{PORT_CONSOLE, PORT_DOORBELL, PORT_FAULT};
+use super::guest::{PORT_CONSOLE, PORT_DOORBELL, PORT_EXIT, PORT_FAULT};
 use super::state::DeviceState;
 use super::sys::ImmediateExit;
 
@@ -34,6 +34,8 @@ const KICK_RETRY: Duration = Duration::from_millis(20);
 pub enum GuestStop {
     /// The guest reported an inconsistency on the fault port (a code of guest.h).
     Fault(u32),
+    /// The program finished and reported its exit code (0: success) on the exit port.
+    Finished(u32),
     /// KVM_RUN returned an exit the VMM does not handle (triple fault, MMIO to
     /// unbacked memory, an emulation failure...).
     Exit(String),
@@ -45,6 +47,7 @@ impl std::fmt::Display for GuestStop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             GuestStop::Fault(code) => write!(f, "the guest reported fault code {code}"),
+            GuestStop::Finished(code) => write!(f, "the guest finished with exit code {code}"),
             GuestStop::Exit(exit) => write!(f, "the guest exited with {exit}"),
             GuestStop::RunFailed(e) => write!(f, "KVM_RUN failed: {e}"),
         }
@@ -200,22 +203,53 @@ impl VcpuThread {
     /// Waits until the doorbell reports at least `target` iterations, or the guest
     /// stops, or `timeout` passes; returns the progress reached.
     pub fn wait_progress(&self, target: u64, timeout: Duration) -> Result<u64, KvmError> {
+        self.wait(timeout, |control| {
+            if control.devices.progress >= target {
+                return Some(Ok(control.devices.progress));
+            }
+            control.stop.clone().map(|stop| Err(KvmError::Guest(stop)))
+        })
+        .unwrap_or_else(|reached| {
+            Err(KvmError::Timeout {
+                target,
+                reached,
+                waited: timeout,
+            })
+        })
+    }
+
+    /// Waits until the program finishes and returns its exit code; fails if the guest
+    /// stops otherwise or `timeout` passes first.
+    pub fn wait_finish(&self, timeout: Duration) -> Result<u32, KvmError> {
+        self.wait(timeout, |control| match &control.stop {
+            Some(GuestStop::Finished(code)) => Some(Ok(*code)),
+            Some(stop) => Some(Err(KvmError::Guest(stop.clone()))),
+            None => None,
+        })
+        .unwrap_or_else(|reached| {
+            Err(KvmError::NotFinished {
+                reached,
+                waited: timeout,
+            })
+        })
+    }
+
+    /// Waits until `done` gives an answer or `timeout` passes; then `Err` holds the
+    /// progress reached.
+    fn wait<T>(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&Control) -> Option<T>,
+    ) -> Result<T, u64> {
         let deadline = Instant::now() + timeout;
         let mut control = self.shared.lock();
         loop {
-            if let Some(stop) = &control.stop {
-                return Err(KvmError::Guest(stop.clone()));
-            }
-            if control.devices.progress >= target {
-                return Ok(control.devices.progress);
+            if let Some(answer) = done(&control) {
+                return Ok(answer);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(KvmError::Timeout {
-                    target,
-                    reached: control.devices.progress,
-                    waited: timeout,
-                });
+                return Err(control.devices.progress);
             }
             control = self.shared.wait(control, left);
         }
@@ -358,6 +392,7 @@ impl Runner {
                 devices.fault = value;
                 Next::Stop(GuestStop::Fault(value))
             }
+            PORT_EXIT => Next::Stop(GuestStop::Finished(value)),
             _ => Next::Run,
         }
     }

@@ -278,6 +278,12 @@ impl KvmVm {
         self.vcpu.wait_progress(target, timeout)
     }
 
+    /// Waits until the guest program finishes (the exit port) and returns its exit
+    /// code; fails if the guest stops otherwise or `timeout` passes first.
+    pub fn wait_finish(&self, timeout: Duration) -> Result<u32, KvmError> {
+        self.vcpu.wait_finish(timeout)
+    }
+
     /// The guest's console output so far (the most recent 64 KiB).
     pub fn console(&self) -> String {
         String::from_utf8_lossy(&self.vcpu.devices().console).into_owned()
