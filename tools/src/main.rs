@@ -4,6 +4,7 @@ mod bench_cmd;
 mod record_cmd;
 mod replicate_cmd;
 mod size;
+mod vm_cmd;
 
 use std::process::ExitCode;
 
@@ -32,6 +33,8 @@ enum Command {
     /// Runs a backup and a primary as two processes, kills the primary, and reports
     /// type I and type II downtime.
     Demo(replicate_cmd::DemoArgs),
+    /// Lists the built-in KVM guest programs, or runs one in a micro-VM.
+    Vm(vm_cmd::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Primary(args) => replicate_cmd::primary(args),
         Command::Backup(args) => replicate_cmd::backup(args),
         Command::Demo(args) => replicate_cmd::demo(args),
+        Command::Vm(args) => vm_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -192,3 +192,47 @@ fn replication_commands_refuse_bad_keys_and_addresses_clearly() {
     assert_eq!(code, 2, "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn vm_list_names_every_guest_with_a_description() {
+    let (code, stdout, stderr) = fgbi(&["vm", "list"]);
+    assert_eq!(code, 0, "{stderr}");
+    for program in fgbi_hyp::kvm::Program::ALL {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(program.name()))
+            .unwrap_or_else(|| panic!("{} missing from:\n{stdout}", program.name()));
+        assert!(line.contains(program.summary()), "{line}");
+    }
+}
+
+#[test]
+fn vm_run_refuses_unknown_guests_and_bad_sizes() {
+    let (code, _, stderr) = fgbi(&["vm", "run", "linux"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("unknown guest \"linux\""), "{stderr}");
+    let (code, _, stderr) = fgbi(&["vm", "run", "web", "--mem", "3M"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("multiple of 2 MiB"), "{stderr}");
+}
+
+#[test]
+fn vm_run_prints_progress_and_the_ep_guest_verifies() {
+    use fgbi_hyp::kvm::{DirtyTracking, probe};
+    if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
+        return;
+    }
+    let (code, stdout, stderr) = fgbi(&["vm", "run", "web", "--mem", "8M", "--seconds", "2"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("iterations"), "{stdout}");
+    assert!(stdout.contains("web: start"), "{stdout}");
+    assert!(stdout.contains("stopped after"), "{stdout}");
+    let (code, stdout, stderr) = fgbi(&["vm", "run", "ep", "--mem", "8M", "--seconds", "120"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("finished with exit code 0"), "{stdout}");
+    assert!(stdout.contains(" verified"), "{stdout}");
+    assert!(
+        stdout.contains("host check of the class S sums: verified"),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,135 @@
+//! `fgbi vm`: lists the built-in KVM guest programs, and runs one in a micro-VM,
+//! unprotected, printing its progress.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use fgbi_hyp::kvm::ep::EpResult;
+use fgbi_hyp::kvm::{DirtyTracking, KvmError, KvmVm, Program, VmConfig};
+
+use crate::size::parse_size;
+
+/// Arguments of `fgbi vm`.
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    #[command(subcommand)]
+    command: VmCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// Lists the built-in guest programs.
+    List,
+    /// Runs a guest program in a KVM micro-VM, unprotected, printing its progress
+    /// every second until it finishes or the time is up.
+    Run(RunArgs),
+}
+
+/// Arguments of `fgbi vm run`.
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// The guest program (see `fgbi vm list`).
+    guest: String,
+    /// Guest memory: a multiple of 2 MiB from 4 MiB to 3 GiB (K, M, G suffixes).
+    #[arg(long, default_value = "64M")]
+    mem: String,
+    /// How long to run, seconds (a guest that finishes ends the run earlier).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Seed of the guest's random choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// Runs `fgbi vm`.
+pub fn run(args: VmArgs) -> Result<ExitCode, String> {
+    match args.command {
+        VmCommand::List => {
+            for program in Program::ALL {
+                println!("{:<8} {}", program.name(), program.summary());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Run(args) => run_guest(args),
+    }
+}
+
+fn run_guest(args: RunArgs) -> Result<ExitCode, String> {
+    let program: Program = args.guest.parse()?;
+    if program == Program::Touch {
+        return Err(
+            "the touch guest only writes the pages a test posts to it: run another guest".into(),
+        );
+    }
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        return Err("--seconds must be a positive number".into());
+    }
+    let mem = usize::try_from(parse_size(&args.mem)?)
+        .map_err(|_| format!("--mem {} does not fit this machine", args.mem))?;
+    let mut config = VmConfig::new(program, mem, DirtyTracking::Classic);
+    config.args.seed = args.seed;
+    let vm = KvmVm::new(config).map_err(|e| e.to_string())?;
+    println!(
+        "{program}: {} MiB of guest memory ({:?}), running for up to {} s",
+        mem >> 20,
+        vm.backing(),
+        args.seconds
+    );
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.seconds);
+    let mut last = (0u64, started);
+    let finished = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break None;
+        }
+        match vm.wait_finish(left.min(Duration::from_secs(1))) {
+            Ok(code) => break Some(code),
+            Err(KvmError::NotFinished { reached, .. }) => {
+                let now = Instant::now();
+                let rate = (reached - last.0) as f64 / (now - last.1).as_secs_f64();
+                println!(
+                    "{:>7.1} s  iterations {reached:>10}  ({rate:.0}/s)",
+                    (now - started).as_secs_f64()
+                );
+                last = (reached, now);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let elapsed = started.elapsed();
+    let console = vm.console();
+    println!("console:");
+    for line in console.lines() {
+        println!("  {line}");
+    }
+    let Some(code) = finished else {
+        println!(
+            "stopped after {:.1} s at iteration {}",
+            elapsed.as_secs_f64(),
+            vm.progress()
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    println!(
+        "finished with exit code {code} after {:.2} s",
+        elapsed.as_secs_f64()
+    );
+    let mut ok = code == 0;
+    if program == Program::Ep {
+        let result = EpResult::parse(&console)
+            .ok_or("the ep guest printed no result line: see its console")?;
+        let host = result.verifies_class_s();
+        println!(
+            "host check of the class S sums: {}",
+            if host { "verified" } else { "NOT verified" }
+        );
+        ok &= host;
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
