@@ -13,12 +13,13 @@ use fgbi_hyp::kvm::{DirtyTracking, GuestArgs, KvmVm, MachineState, Program, VmCo
 const MEM: usize = 16 << 20;
 const EPOCHS: u64 = 30;
 
-fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs) {
+fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs, vcpus: usize) {
     if !fgbi_hyp::feature::available("KVM", probe(tracking)) {
         return;
     }
     let mut config = VmConfig::new(program, MEM, tracking);
     config.args = args;
+    config.vcpus = vcpus;
     let mut vm = KvmVm::new(config).unwrap();
     let geometry = Geometry::new(MEM as u64, 64).unwrap();
     let mut replication = LocalReplication::new(EncoderConfig::new(geometry, Mode::Fgbi)).unwrap();
@@ -34,7 +35,7 @@ fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs) {
     }
     pauses.sort_unstable();
     eprintln!(
-        "{tracking} {}: {EPOCHS} epochs verified, {dirty} dirty pages, pause median {:?} max {:?}",
+        "{tracking} {} on {vcpus} vCPUs: {EPOCHS} epochs verified, {dirty} dirty pages, pause median {:?} max {:?}",
         program.name(),
         pauses[pauses.len() / 2],
         pauses[pauses.len() - 1]
@@ -60,17 +61,24 @@ const COUNTER: GuestArgs = GuestArgs {
 
 #[test]
 fn a_counter_guest_is_replicated_and_fails_over_with_classic_dirty_logging() {
-    replicate(DirtyTracking::Classic, Program::Counter, COUNTER);
+    replicate(DirtyTracking::Classic, Program::Counter, COUNTER, 1);
 }
 
 #[test]
 fn a_counter_guest_is_replicated_and_fails_over_with_manual_protect() {
-    replicate(DirtyTracking::ManualProtect, Program::Counter, COUNTER);
+    replicate(DirtyTracking::ManualProtect, Program::Counter, COUNTER, 1);
 }
 
 #[test]
 fn a_counter_guest_is_replicated_and_fails_over_with_the_dirty_ring() {
-    replicate(DirtyTracking::Ring, Program::Counter, COUNTER);
+    replicate(DirtyTracking::Ring, Program::Counter, COUNTER, 1);
+}
+
+#[test]
+fn a_counter_guest_on_three_vcpus_is_replicated_and_fails_over_by_every_method() {
+    for tracking in DirtyTracking::ALL {
+        replicate(tracking, Program::Counter, COUNTER, 3);
+    }
 }
 
 #[test]
@@ -81,7 +89,7 @@ fn a_web_guest_is_replicated_by_every_method() {
         arg1: 1,
     };
     for tracking in DirtyTracking::ALL {
-        replicate(tracking, Program::Web, args);
+        replicate(tracking, Program::Web, args, 1);
     }
 }
 
@@ -105,7 +113,7 @@ fn the_npb_ep_kernel_verifies_after_failing_over_mid_computation() {
         batches = MachineState::decode(replication.state())
             .unwrap()
             .devices
-            .progress;
+            .least_progress();
         epochs += 1;
         std::thread::sleep(Duration::from_millis(2));
     }

@@ -301,33 +301,50 @@ fn the_ep_guest_computes_npb_ep_class_s_and_verifies() {
     ));
 }
 
-/// The counter guest's pattern (counter.c).
-fn pattern(n: u64, word: u64) -> u64 {
+/// The counter guest's pattern (counter.c) of vCPU `cpu`.
+fn pattern(cpu: u64, n: u64, word: u64) -> u64 {
+    let word = word ^ (cpu << 32);
     (n.wrapping_mul(0x9E3779B97F4A7C15)) ^ (word.wrapping_mul(0xD6E8FEB86659FD93)) ^ word
 }
 
-/// Checks, from the host, that every data page holds the pattern of the last
-/// iteration that wrote it, given the guest completed `iterations`. The guest writes
-/// a page before it counts the iteration, so a stop can fall inside iteration
-/// `iterations + 1`: each word of that iteration's page may already hold its new
-/// pattern.
-fn check_pattern(memory: &[u8], iterations: u64) {
-    let pages = data_pages(memory.len());
-    let next = iterations + 1;
-    let next_page = (next - 1) % pages;
-    for page in 0..pages.min(iterations) {
-        // The last n <= iterations with (n - 1) % pages == page.
-        let n = iterations - (iterations - 1 - page) % pages;
-        let at = DATA as usize + page as usize * PAGE;
-        for word in 0..512u64 {
-            let got = u64::from_le_bytes(memory[at + word as usize * 8..][..8].try_into().unwrap());
-            let in_progress = page == next_page && got == pattern(next, word);
-            assert!(
-                got == pattern(n, word) || in_progress,
-                "page {page} word {word} after {iterations}: {got:#x}"
-            );
+/// Checks, from the host, that every page of each vCPU's share of the data area
+/// holds the pattern of the last iteration that wrote it, given the vCPU completed
+/// `iterations[cpu]`. The guest writes a page before it counts the iteration, so a
+/// stop can fall inside iteration `iterations + 1`: each word of that iteration's
+/// page may already hold its new pattern.
+fn check_patterns(memory: &[u8], iterations: &[u64]) {
+    let pages = data_pages(memory.len()) / iterations.len() as u64;
+    for (cpu, &iterations) in iterations.iter().enumerate() {
+        let cpu = cpu as u64;
+        let next = iterations + 1;
+        let next_page = (next - 1) % pages;
+        for page in 0..pages.min(iterations) {
+            // The last n <= iterations with (n - 1) % pages == page.
+            let n = iterations - (iterations - 1 - page) % pages;
+            let at = DATA as usize + (cpu * pages + page) as usize * PAGE;
+            for word in 0..512u64 {
+                let got =
+                    u64::from_le_bytes(memory[at + word as usize * 8..][..8].try_into().unwrap());
+                let in_progress = page == next_page && got == pattern(cpu, next, word);
+                assert!(
+                    got == pattern(cpu, n, word) || in_progress,
+                    "vCPU {cpu} page {page} word {word} after {iterations}: {got:#x}"
+                );
+            }
         }
     }
+}
+
+/// [`check_patterns`] for a one-vCPU guest.
+fn check_pattern(memory: &[u8], iterations: u64) {
+    check_patterns(memory, &[iterations]);
+}
+
+/// Every vCPU's iteration count in the status page.
+fn iterations(vm: &KvmVm) -> Vec<u64> {
+    (0..vm.config().vcpus)
+        .map(|cpu| vm.vcpu_iterations(cpu))
+        .collect()
 }
 
 #[test]
@@ -477,4 +494,88 @@ fn a_checkpoint_restores_in_another_process() {
             .find(|l| l.contains("child:"))
             .unwrap_or_default()
     );
+}
+
+/// Set in the child process of [`a_multi_vcpu_checkpoint_restores_in_another_process`].
+const MULTI_CHILD_DIR: &str = "FGBI_KVM_RESTORE_MULTI_DIR";
+
+#[test]
+fn a_multi_vcpu_checkpoint_restores_in_another_process() {
+    if !available(DirtyTracking::Ring) {
+        return;
+    }
+    // Three vCPUs, each with its own 512-page share, its own ring and its own stack.
+    let mut config = VmConfig::new(Program::Counter, 8 << 20, DirtyTracking::Ring);
+    config.args.arg0 = 1;
+    config.vcpus = 3;
+    if let Some(dir) = std::env::var_os(MULTI_CHILD_DIR) {
+        let dir = std::path::PathBuf::from(dir);
+        let image = std::fs::read(dir.join("memory")).unwrap();
+        let blob = std::fs::read(dir.join("state")).unwrap();
+        let (mut vm, _) = KvmVm::restore(config, &image, &blob).unwrap();
+        let saved: Vec<u64> = (0..3)
+            .map(|cpu| {
+                fgbi_hyp::kvm::guest::read_u64(&image, fgbi_hyp::kvm::guest::STATUS + 8 * cpu)
+            })
+            .collect();
+        let least = *saved.iter().min().unwrap();
+        vm.wait_progress(least + 1500, WAIT).unwrap();
+        vm.stop().unwrap();
+        let now = iterations(&vm);
+        check_patterns(vm.memory(), &now);
+        assert!(
+            now.iter().zip(&saved).all(|(n, s)| n > s),
+            "{saved:?} -> {now:?}"
+        );
+        assert!(*now.iter().min().unwrap() >= least + 1500, "{now:?}");
+        eprintln!("child: restored 3 vCPUs at {saved:?}, ran to {now:?}");
+        return;
+    }
+    let mut vm = KvmVm::new(config).unwrap();
+    vm.wait_progress(1200, WAIT).unwrap();
+    // Every vCPU's ring reports its own share.
+    let dirty = harvest(&mut vm);
+    let share = data_pages(8 << 20) / 3;
+    let first_data = DATA / PAGE as u64;
+    for cpu in 0..3 {
+        let lo = first_data + cpu * share;
+        assert!(
+            dirty.iter().any(|p| (lo..lo + share).contains(p)),
+            "no dirty page in vCPU {cpu}'s share"
+        );
+    }
+    vm.stop().unwrap();
+    let saved = iterations(&vm);
+    check_patterns(vm.memory(), &saved);
+    assert_eq!(vm.vcpu_progress().len(), 3);
+    let mut blob = Vec::new();
+    vm.capture_state(&mut blob).unwrap();
+    let dir = std::env::temp_dir().join(format!("fgbi-kvm-restore-multi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("memory"), vm.memory()).unwrap();
+    std::fs::write(dir.join("state"), &blob).unwrap();
+    drop(vm);
+    // The wrong vCPU count is refused.
+    let mut two = config;
+    two.vcpus = 2;
+    let image = std::fs::read(dir.join("memory")).unwrap();
+    let err = KvmVm::restore(two, &image, &blob).err().unwrap();
+    assert!(err.to_string().contains("3 vCPUs"), "{err}");
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_multi_vcpu_checkpoint_restores_in_another_process",
+            "--nocapture",
+        ])
+        .env(MULTI_CHILD_DIR, &dir)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the child failed:\n{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("child: restored 3 vCPUs"));
+    assert!(line.is_some(), "the child did not restore:\n{stderr}");
+    eprintln!("saved at {saved:?}; {}", line.unwrap_or_default());
 }

@@ -34,6 +34,9 @@ struct RunArgs {
     /// Guest memory: a multiple of 2 MiB from 4 MiB to 3 GiB (K, M, G suffixes).
     #[arg(long, default_value = "64M")]
     mem: String,
+    /// vCPUs, each running the guest in its own share of the data area (ep: 1).
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
     /// How long to run, seconds (a guest that finishes ends the run earlier).
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
@@ -69,11 +72,13 @@ fn run_guest(args: RunArgs) -> Result<ExitCode, String> {
         .map_err(|_| format!("--mem {} does not fit this machine", args.mem))?;
     let mut config = VmConfig::new(program, mem, DirtyTracking::Classic);
     config.args.seed = args.seed;
+    config.vcpus = args.vcpus;
     let vm = KvmVm::new(config).map_err(|e| e.to_string())?;
     println!(
-        "{program}: {} MiB of guest memory ({:?}), running for up to {} s",
+        "{program}: {} MiB of guest memory ({:?}), {} vCPU(s), running for up to {} s",
         mem >> 20,
         vm.backing(),
+        args.vcpus,
         args.seconds
     );
     let started = Instant::now();
@@ -89,8 +94,12 @@ fn run_guest(args: RunArgs) -> Result<ExitCode, String> {
             Err(KvmError::NotFinished { reached, .. }) => {
                 let now = Instant::now();
                 let rate = (reached - last.0) as f64 / (now - last.1).as_secs_f64();
+                let each = match vm.vcpu_progress() {
+                    per if per.len() > 1 => format!("  per vCPU {per:?}"),
+                    _ => String::new(),
+                };
                 println!(
-                    "{:>7.1} s  iterations {reached:>10}  ({rate:.0}/s)",
+                    "{:>7.1} s  iterations {reached:>10}  ({rate:.0}/s){each}",
                     (now - started).as_secs_f64()
                 );
                 last = (reached, now);

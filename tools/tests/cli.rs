@@ -214,6 +214,9 @@ fn vm_run_refuses_unknown_guests_and_bad_sizes() {
     let (code, _, stderr) = fgbi(&["vm", "run", "web", "--mem", "3M"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("multiple of 2 MiB"), "{stderr}");
+    let (code, _, stderr) = fgbi(&["vm", "run", "ep", "--vcpus", "2"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("use 1 to 1"), "{stderr}");
 }
 
 #[test]
@@ -222,9 +225,20 @@ fn vm_run_prints_progress_and_the_ep_guest_verifies() {
     if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
         return;
     }
-    let (code, stdout, stderr) = fgbi(&["vm", "run", "web", "--mem", "8M", "--seconds", "2"]);
+    let (code, stdout, stderr) = fgbi(&[
+        "vm",
+        "run",
+        "web",
+        "--mem",
+        "8M",
+        "--seconds",
+        "2",
+        "--vcpus",
+        "2",
+    ]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("iterations"), "{stdout}");
+    assert!(stdout.contains("2 vCPU(s)"), "{stdout}");
+    assert!(stdout.contains("per vCPU"), "{stdout}");
     assert!(stdout.contains("web: start"), "{stdout}");
     assert!(stdout.contains("stopped after"), "{stdout}");
     let (code, stdout, stderr) = fgbi(&["vm", "run", "ep", "--mem", "8M", "--seconds", "120"]);

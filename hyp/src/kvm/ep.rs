@@ -55,8 +55,9 @@ impl EpResult {
                 Some(("pairs", n)) => pairs = Some(n.parse().ok()?),
                 Some(("sx", bits)) => sx = Some(hex_f64(bits)?),
                 Some(("sy", bits)) => sy = Some(hex_f64(bits)?),
-                None if word == "verified" => verdict = Some(true),
+                // "NOT verified" is final; "verified" alone means verified.
                 None if word == "NOT" => verdict = Some(false),
+                None if word == "verified" => verdict = verdict.or(Some(true)),
                 _ => {}
             }
         }

@@ -12,12 +12,12 @@
 //! | `0x8000` | parameters (VMM writes, guest reads) |
 //! | `0x9000` | status (guest writes) |
 //! | `0xa000` | TSS with an I/O bitmap allowing every port |
-//! | `0x10000` | the program image, entered at its first byte |
-//! | `..0x100000` | the stack, growing down from `0x100000` |
+//! | `0x10000` | the program image (up to `0x80000`), entered at its first byte |
+//! | `0x80000..0x100000` | the stacks, 64 KiB per vCPU, vCPU *i*'s growing down from `0x100000 - i * 0x10000` |
 //! | `0x100000` | the touch program's page table (VMM writes), up to 256 Ki entries |
 //! | `0x200000` | the data area the programs write, to the end of memory |
 
-use kvm_bindings::{kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use crate::workload::{PAGE, write_at};
 
@@ -44,8 +44,13 @@ pub const STATUS: u64 = 0x9000;
 pub const IMAGE: u64 = 0x10000;
 /// The largest program image.
 const IMAGE_MAX: usize = 0x70000;
-/// The initial stack pointer: as if `_start` had been called from `0x100000`.
-const STACK: u64 = 0x100000 - 8;
+/// The top of vCPU 0's stack.
+const STACK_TOP: u64 = 0x100000;
+/// Each vCPU's stack, below the previous one's (`MAX_VCPUS` of them end at the image
+/// area's end).
+const STACK_BYTES: u64 = 0x10000;
+/// The most vCPUs a VM has (guest.h `MAX_VCPUS`: the status page has a slot each).
+pub const MAX_VCPUS: usize = 8;
 /// Guest-physical address of the touch program's page table.
 pub const TABLE: u64 = 0x100000;
 /// Entries the touch table holds (u32 each).
@@ -112,6 +117,17 @@ pub enum Program {
     /// doorbell counts its 256 batches; it prints its result ([`super::ep::EpResult`])
     /// and finishes. One vCPU.
     Ep,
+}
+
+impl Program {
+    /// The most vCPUs the program uses: each vCPU of the others works in its own
+    /// share of the data area.
+    pub fn max_vcpus(self) -> usize {
+        match self {
+            Program::Touch | Program::Ep => 1,
+            _ => MAX_VCPUS,
+        }
+    }
 }
 
 impl Program {
@@ -253,14 +269,22 @@ pub fn check_size(mem_bytes: usize) -> Result<(), String> {
 }
 
 /// Writes the GDT, TSS, page tables, parameter page and program image into fresh
-/// (zeroed) guest memory, recording the pages written in `written`.
+/// (zeroed) guest memory for `vcpus` vCPUs, recording the pages written in `written`.
 pub fn write_boot(
     memory: &mut [u8],
     program: Program,
     args: GuestArgs,
+    vcpus: usize,
     written: &mut Vec<u64>,
 ) -> Result<(), String> {
     check_size(memory.len())?;
+    if !(1..=program.max_vcpus()).contains(&vcpus) {
+        return Err(format!(
+            "{vcpus} vCPUs for the {} guest: use 1 to {}",
+            program.name(),
+            program.max_vcpus()
+        ));
+    }
     let image = program.image();
     if image.len() > IMAGE_MAX {
         return Err(format!(
@@ -316,7 +340,7 @@ pub fn write_boot(
         (field::ARG0, args.arg0),
         (field::ARG1, args.arg1),
         (field::TABLE, TABLE),
-        (field::VCPUS, 1),
+        (field::VCPUS, vcpus as u64),
         (field::MAGIC, PARAMS_MAGIC),
     ];
     for (offset, value) in params {
@@ -418,9 +442,17 @@ pub fn set_long_mode(sregs: &mut kvm_sregs, privilege: Privilege) {
 /// code reaches the device ports through the TSS's I/O bitmap).
 const RFLAGS: u64 = 0x2;
 
-/// The entry point, stack pointer and flags of a fresh guest.
-pub fn entry() -> (u64, u64, u64) {
-    (IMAGE, STACK, RFLAGS)
+/// The registers of vCPU `cpu` of a fresh guest: the entry point, its own stack (as
+/// if `_start` had been called from its top) and its index in RDI, `_start`'s
+/// argument.
+pub fn entry(cpu: usize) -> kvm_regs {
+    kvm_regs {
+        rip: IMAGE,
+        rsp: STACK_TOP - cpu as u64 * STACK_BYTES - 8,
+        rflags: RFLAGS,
+        rdi: cpu as u64,
+        ..Default::default()
+    }
 }
 
 /// The low half of the TSS descriptor: base, limit 0x67, type 11 (busy 64-bit TSS),
@@ -450,7 +482,8 @@ mod tests {
             arg0: 7,
             arg1: 9,
         };
-        write_boot(&mut memory, Program::Counter, args, &mut written).unwrap();
+        write_boot(&mut memory, Program::Counter, args, 1, &mut written).unwrap();
+        assert_eq!(read_u64(&memory, PARAMS + field::VCPUS), 1);
         assert_eq!(read_u64(&memory, PARAMS), PARAMS_MAGIC);
         assert_eq!(
             read_u64(&memory, PARAMS + field::DATA_PAGES),
@@ -477,6 +510,25 @@ mod tests {
         assert!(check_size((4 << 20) + 4096).is_err());
         assert!(check_size(8 << 30).is_err());
         assert!(check_size(64 << 20).is_ok());
+        let mut fresh = vec![0u8; 4 << 20];
+        let args = GuestArgs::default();
+        assert!(write_boot(&mut fresh, Program::Ep, args, 2, &mut Vec::new()).is_err());
+        assert!(
+            write_boot(
+                &mut fresh,
+                Program::Web,
+                args,
+                MAX_VCPUS + 1,
+                &mut Vec::new()
+            )
+            .is_err()
+        );
+        assert!(write_boot(&mut fresh, Program::Web, args, 0, &mut Vec::new()).is_err());
+        // The last vCPU's stack ends where the image area does.
+        assert_eq!(
+            entry(MAX_VCPUS - 1).rsp + 8 - STACK_BYTES,
+            IMAGE + IMAGE_MAX as u64
+        );
         let mut memory = vec![0u8; 4 << 20];
         let mut written = Vec::new();
         assert!(write_round(&mut memory, 1, &[512], &mut written).is_err());

@@ -1,13 +1,17 @@
-//! The vCPU thread and how the VMM stops and resumes it.
+//! The vCPU threads and how the VMM stops and resumes them.
 //!
-//! The vCPU runs `KVM_RUN` in a loop on its own thread, handling port I/O exits
-//! itself (the console and doorbell devices) and, with ring tracking, ring-full exits.
-//! To stop it the VMM asks for a park, sets the vCPU's `immediate_exit` byte and sends
-//! the thread a signal whose handler does nothing: a `KVM_RUN` in progress returns
-//! `EINTR` because of the signal, one about to start returns `EINTR` because of the
-//! byte, and either way KVM first completes the I/O the vCPU last exited for. The
-//! thread parks only after such an `EINTR`, so a parked vCPU's state is always
-//! consistent for capture. This is how firecracker and cloud-hypervisor kick vCPUs.
+//! Each vCPU runs `KVM_RUN` in a loop on its own thread, handling port I/O exits
+//! itself (the console and doorbell devices) and, with ring tracking, its ring's
+//! ring-full exits. To stop the VM the VMM asks for a park, sets every vCPU's
+//! `immediate_exit` byte and sends every thread a signal whose handler does nothing:
+//! a `KVM_RUN` in progress returns `EINTR` because of the signal, one about to start
+//! returns `EINTR` because of the byte, and either way KVM first completes the I/O the
+//! vCPU last exited for. A thread parks only after such an `EINTR`, so a parked
+//! vCPU's state is always consistent for capture; the VM is stopped when all are
+//! parked. This is how firecracker and cloud-hypervisor kick vCPUs.
+//!
+//! A guest stop (fault, finish, unhandled exit) parks the vCPU that hit it at once;
+//! the others run on until the next [`VcpuThreads::stop`], after which none resumes.
 
 use std::os::raw::c_int;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -62,17 +66,18 @@ enum Want {
     Exit,
 }
 
-/// State shared by the vCPU thread and the VMM, under one lock.
+/// State shared by the vCPU threads and the VMM, under one lock.
 struct Control {
     want: Want,
-    parked: bool,
+    /// vCPU threads parked outside KVM_RUN.
+    parked: usize,
     stop: Option<GuestStop>,
     devices: DeviceState,
 }
 
 struct Shared {
     control: Mutex<Control>,
-    /// Signalled when `want`, `parked` or the doorbell changes.
+    /// Signalled when `want`, `parked`, `stop` or a doorbell changes.
     changed: Condvar,
 }
 
@@ -109,85 +114,114 @@ fn kick_signal() -> Result<c_int, KvmError> {
         .map_err(KvmError::Signal)
 }
 
-/// A vCPU running on its own thread.
-pub struct VcpuThread {
-    vcpu: Arc<Mutex<VcpuFd>>,
-    shared: Arc<Shared>,
+/// One vCPU's handles on the VMM side.
+struct Handle {
+    fd: Arc<Mutex<VcpuFd>>,
     immediate_exit: ImmediateExit,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The VM's vCPUs, each running on its own thread; they stop and resume together.
+pub struct VcpuThreads {
+    handles: Vec<Handle>,
+    shared: Arc<Shared>,
     signal: c_int,
 }
 
-impl VcpuThread {
-    /// Starts a thread for `vcpu`, parked; [`VcpuThread::resume`] lets it run.
+impl VcpuThreads {
+    /// Starts a thread for each vCPU of `vcpus`, all parked; [`VcpuThreads::resume`]
+    /// lets them run. `rings` holds each vCPU's dirty ring (ring tracking) or is
+    /// empty; `devices.progress` has one entry per vCPU.
     pub fn spawn(
-        vcpu: VcpuFd,
+        vcpus: Vec<VcpuFd>,
         vm: Arc<VmFd>,
-        ring: Option<SharedRing>,
+        rings: Vec<SharedRing>,
         devices: DeviceState,
     ) -> Result<Self, KvmError> {
         let signal = kick_signal()?;
-        let vcpu = Arc::new(Mutex::new(vcpu));
-        let immediate_exit = ImmediateExit::new(Arc::clone(&vcpu));
-        // The first KVM_RUN returns at once: the thread parks before any guest code.
-        immediate_exit.set(true);
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
                 want: Want::Park,
-                parked: false,
+                parked: 0,
                 stop: None,
                 devices,
             }),
             changed: Condvar::new(),
         });
-        let runner = Runner {
-            vcpu: Arc::clone(&vcpu),
-            shared: Arc::clone(&shared),
-            immediate_exit: ImmediateExit::new(Arc::clone(&vcpu)),
-            vm,
-            ring,
-        };
-        let thread = std::thread::Builder::new()
-            .name("vcpu0".into())
-            .spawn(move || runner.run())
-            .map_err(KvmError::Thread)?;
         let mut this = Self {
-            vcpu,
+            handles: Vec::with_capacity(vcpus.len()),
             shared,
-            immediate_exit,
-            thread: Some(thread),
             signal,
         };
+        let mut rings = rings.into_iter();
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
+            let fd = Arc::new(Mutex::new(vcpu));
+            let immediate_exit = ImmediateExit::new(Arc::clone(&fd));
+            // The first KVM_RUN returns at once: the thread parks before any guest code.
+            immediate_exit.set(true);
+            let runner = Runner {
+                index,
+                vcpu: Arc::clone(&fd),
+                shared: Arc::clone(&this.shared),
+                immediate_exit: ImmediateExit::new(Arc::clone(&fd)),
+                vm: Arc::clone(&vm),
+                ring: rings.next(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || runner.run())
+                .map_err(KvmError::Thread)?;
+            this.handles.push(Handle {
+                fd,
+                immediate_exit,
+                thread: Some(thread),
+            });
+        }
         this.stop()?;
         Ok(this)
     }
 
-    /// Stops the vCPU and waits until it is parked outside `KVM_RUN`; returns how
-    /// long that took.
+    /// The number of vCPUs.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are none (never, for a VM).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Stops every vCPU and waits until all are parked outside `KVM_RUN`; returns
+    /// how long that took.
     pub fn stop(&mut self) -> Result<Duration, KvmError> {
         let started = Instant::now();
         let mut control = self.shared.lock();
         if control.want == Want::Run {
             control.want = Want::Park;
         }
-        while !control.parked {
+        while control.parked < self.handles.len() {
             self.kick()?;
             control = self.shared.wait(control, KICK_RETRY);
         }
         Ok(started.elapsed())
     }
 
-    /// Lets a parked vCPU run again.
+    /// Lets parked vCPUs run again.
     pub fn resume(&mut self) {
         let mut control = self.shared.lock();
         control.want = Want::Run;
         self.shared.changed.notify_all();
     }
 
-    /// The parked vCPU, for state ioctls. `None` while it runs.
-    pub fn parked(&self) -> Option<MutexGuard<'_, VcpuFd>> {
-        let parked = self.shared.lock().parked;
-        parked.then(|| self.vcpu.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Every vCPU, in index order, for state ioctls; `None` unless all are parked.
+    pub fn parked(&self) -> Option<Vec<MutexGuard<'_, VcpuFd>>> {
+        let parked = self.shared.lock().parked == self.handles.len();
+        parked.then(|| {
+            self.handles
+                .iter()
+                .map(|h| h.fd.lock().unwrap_or_else(|e| e.into_inner()))
+                .collect()
+        })
     }
 
     /// The devices' state.
@@ -200,12 +234,14 @@ impl VcpuThread {
         self.shared.lock().stop.clone()
     }
 
-    /// Waits until the doorbell reports at least `target` iterations, or the guest
-    /// stops, or `timeout` passes; returns the progress reached.
+    /// Waits until every vCPU's doorbell reports at least `target` iterations, or
+    /// the guest stops, or `timeout` passes; returns the progress reached (the least
+    /// of the vCPUs').
     pub fn wait_progress(&self, target: u64, timeout: Duration) -> Result<u64, KvmError> {
         self.wait(timeout, |control| {
-            if control.devices.progress >= target {
-                return Some(Ok(control.devices.progress));
+            let progress = control.devices.least_progress();
+            if progress >= target {
+                return Some(Ok(progress));
             }
             control.stop.clone().map(|stop| Err(KvmError::Guest(stop)))
         })
@@ -249,38 +285,43 @@ impl VcpuThread {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(control.devices.progress);
+                return Err(control.devices.least_progress());
             }
             control = self.shared.wait(control, left);
         }
     }
 
-    /// Interrupts `KVM_RUN`, now or at its next entry.
+    /// Interrupts every vCPU's `KVM_RUN`, now or at its next entry.
     fn kick(&self) -> Result<(), KvmError> {
-        self.immediate_exit.set(true);
-        match &self.thread {
-            Some(thread) => thread
-                .kill(self.signal)
-                .map_err(|e| KvmError::Signal(e.to_string())),
-            None => Ok(()),
+        for handle in &self.handles {
+            handle.immediate_exit.set(true);
+            if let Some(thread) = &handle.thread {
+                thread
+                    .kill(self.signal)
+                    .map_err(|e| KvmError::Signal(e.to_string()))?;
+            }
         }
+        Ok(())
     }
 }
 
-impl Drop for VcpuThread {
+impl Drop for VcpuThreads {
     fn drop(&mut self) {
         self.shared.lock().want = Want::Exit;
         self.shared.changed.notify_all();
-        // A failed kick leaves the thread to notice at its next exit.
+        // A failed kick leaves the threads to notice at their next exit.
         let _ = self.kick();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        for handle in &mut self.handles {
+            if let Some(thread) = handle.thread.take() {
+                let _ = thread.join();
+            }
         }
     }
 }
 
-/// The vCPU thread's side.
+/// A vCPU thread's side.
 struct Runner {
+    index: usize,
     vcpu: Arc<Mutex<VcpuFd>>,
     shared: Arc<Shared>,
     immediate_exit: ImmediateExit,
@@ -326,9 +367,11 @@ impl Runner {
     /// thread must end. Called only after KVM_RUN returned EINTR.
     fn park(&self) -> bool {
         let mut control = self.shared.lock();
+        let mut counted = false;
         while control.want != Want::Exit && (control.want == Want::Park || control.stop.is_some()) {
-            if !control.parked {
-                control.parked = true;
+            if !counted {
+                control.parked += 1;
+                counted = true;
                 self.shared.changed.notify_all();
             }
             control = self
@@ -337,7 +380,9 @@ impl Runner {
                 .wait(control)
                 .unwrap_or_else(|e| e.into_inner());
         }
-        control.parked = false;
+        if counted {
+            control.parked -= 1;
+        }
         control.want != Want::Exit
     }
 
@@ -383,8 +428,9 @@ impl Runner {
             }
             PORT_DOORBELL => {
                 // The guest reports the low 32 bits; progress only moves forward.
-                let delta = value.wrapping_sub(devices.progress as u32);
-                devices.progress += u64::from(delta);
+                let progress = &mut devices.progress[self.index];
+                let delta = value.wrapping_sub(*progress as u32);
+                *progress += u64::from(delta);
                 self.shared.changed.notify_all();
                 Next::Run
             }

@@ -1,17 +1,20 @@
-//! The VM: one memory slot over a [`Region`], an optional in-kernel irqchip, one vCPU
-//! on its own thread, a guest program; created fresh or restored from a checkpoint,
-//! and driven through [`Protected`].
+//! The VM: one memory slot over a [`Region`], an optional in-kernel irqchip, one or
+//! more vCPUs each on its own thread, a guest program; created fresh or restored from
+//! a checkpoint, and driven through [`Protected`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE, kvm_mp_state,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
+use super::dirty::SharedRing;
 use super::dirty::{DirtyLog, DirtyTracking, SLOT};
 use super::guest::{self, GuestArgs, Privilege, Program};
-use super::state::{self, DeviceState, MachineState, RestoreReport};
-use super::vcpu::{GuestStop, VcpuThread};
+use super::state::{self, DeviceState, Machine, MachineState, RestoreReport};
+use super::vcpu::{GuestStop, VcpuThreads};
 use super::{KvmError, sys};
 use crate::memory::{Backing, Region};
 use crate::protected::{HypError, Protected};
@@ -36,6 +39,9 @@ pub struct VmConfig {
     /// Whether to create an in-kernel irqchip (PIC, IOAPIC, LAPIC); its LAPIC state
     /// is then part of the checkpoint.
     pub irqchip: bool,
+    /// vCPUs: 1 to [`guest::MAX_VCPUS`] (at most [`Program::max_vcpus`]); each runs
+    /// the program in its own share of the data area.
+    pub vcpus: usize,
 }
 
 impl VmConfig {
@@ -50,6 +56,7 @@ impl VmConfig {
             tracking,
             ring_bytes: None,
             irqchip: true,
+            vcpus: 1,
         }
     }
 }
@@ -67,10 +74,10 @@ pub struct PauseTimes {
     pub dirty_pages: usize,
 }
 
-/// A KVM micro-VM running one guest program on one vCPU.
+/// A KVM micro-VM running one guest program on one or more vCPUs.
 pub struct KvmVm {
-    // Fields drop in order: the vCPU thread ends before the VM and its memory go.
-    vcpu: VcpuThread,
+    // Fields drop in order: the vCPU threads end before the VM and its memory go.
+    vcpus: VcpuThreads,
     dirty: DirtyLog,
     vm: Arc<VmFd>,
     _kvm: Kvm,
@@ -85,13 +92,13 @@ pub struct KvmVm {
     memory: Region,
 }
 
-/// A VM with memory and a vCPU, not yet running.
+/// A VM with memory and vCPUs, not yet running.
 struct Parts {
     kvm: Kvm,
     vm: VmFd,
     dirty: DirtyLog,
-    vcpu: kvm_ioctls::VcpuFd,
-    ring: Option<super::dirty::SharedRing>,
+    vcpus: Vec<VcpuFd>,
+    rings: Vec<SharedRing>,
     msrs: Vec<u32>,
     xsave_size: usize,
     memory: Region,
@@ -100,6 +107,14 @@ struct Parts {
 impl Parts {
     fn new(config: &VmConfig) -> Result<Self, KvmError> {
         guest::check_size(config.mem_bytes).map_err(KvmError::Config)?;
+        if !(1..=config.program.max_vcpus()).contains(&config.vcpus) {
+            return Err(KvmError::Config(format!(
+                "{} vCPUs for the {} guest: use 1 to {}",
+                config.vcpus,
+                config.program.name(),
+                config.program.max_vcpus()
+            )));
+        }
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let vm = kvm
             .create_vm()
@@ -132,16 +147,21 @@ impl Parts {
             )
         }
         .map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
-        let vcpu = vm
-            .create_vcpu(0)
-            .map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
-        let cpuid = kvm
+        let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| KvmError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
-        // Without it KVM refuses EFER.LME.
-        vcpu.set_cpuid2(&cpuid)
-            .map_err(|e| KvmError::ioctl("KVM_SET_CPUID2", e))?;
-        let ring = dirty.attach(&vcpu)?;
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        let mut rings = Vec::new();
+        for id in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(id as u64)
+                .map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
+            // Without it KVM refuses EFER.LME.
+            vcpu.set_cpuid2(&with_apic_id(&supported, id as u32))
+                .map_err(|e| KvmError::ioctl("KVM_SET_CPUID2", e))?;
+            rings.extend(dirty.attach(&vcpu)?);
+            vcpus.push(vcpu);
+        }
         let msrs = kvm
             .get_msr_index_list()
             .map_err(|e| KvmError::ioctl("KVM_GET_MSR_INDEX_LIST", e))?
@@ -151,15 +171,15 @@ impl Parts {
             kvm,
             vm,
             dirty,
-            vcpu,
-            ring,
+            vcpus,
+            rings,
             msrs,
             xsave_size,
             memory,
         })
     }
 
-    /// Starts the vCPU thread and lets the guest run.
+    /// Starts the vCPU threads and lets the guest run.
     fn start(
         self,
         config: VmConfig,
@@ -167,10 +187,10 @@ impl Parts {
         host_writes: Vec<u64>,
     ) -> Result<KvmVm, KvmError> {
         let vm = Arc::new(self.vm);
-        let mut vcpu = VcpuThread::spawn(self.vcpu, Arc::clone(&vm), self.ring, devices)?;
-        vcpu.resume();
+        let mut vcpus = VcpuThreads::spawn(self.vcpus, Arc::clone(&vm), self.rings, devices)?;
+        vcpus.resume();
         Ok(KvmVm {
-            vcpu,
+            vcpus,
             dirty: self.dirty,
             vm,
             _kvm: self.kvm,
@@ -195,30 +215,28 @@ impl KvmVm {
             &mut parts.memory,
             config.program,
             config.args,
+            config.vcpus,
             &mut host_writes,
         )
         .map_err(KvmError::Config)?;
-        let mut sregs = parts
-            .vcpu
-            .get_sregs()
-            .map_err(|e| KvmError::ioctl("KVM_GET_SREGS", e))?;
-        guest::set_long_mode(&mut sregs, config.privilege);
-        parts
-            .vcpu
-            .set_sregs(&sregs)
-            .map_err(|e| KvmError::ioctl("KVM_SET_SREGS", e))?;
-        let (rip, rsp, rflags) = guest::entry();
-        let regs = kvm_bindings::kvm_regs {
-            rip,
-            rsp,
-            rflags,
-            ..Default::default()
-        };
-        parts
-            .vcpu
-            .set_regs(&regs)
-            .map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
-        parts.start(config, DeviceState::default(), host_writes)
+        for (cpu, vcpu) in parts.vcpus.iter().enumerate() {
+            let mut sregs = vcpu
+                .get_sregs()
+                .map_err(|e| KvmError::ioctl("KVM_GET_SREGS", e))?;
+            guest::set_long_mode(&mut sregs, config.privilege);
+            vcpu.set_sregs(&sregs)
+                .map_err(|e| KvmError::ioctl("KVM_SET_SREGS", e))?;
+            vcpu.set_regs(&guest::entry(cpu))
+                .map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
+            // With an in-kernel irqchip every vCPU but the first would wait for a
+            // startup IPI; the VMM starts them all.
+            let runnable = kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            };
+            vcpu.set_mp_state(runnable)
+                .map_err(|e| KvmError::ioctl("KVM_SET_MP_STATE", e))?;
+        }
+        parts.start(config, DeviceState::new(config.vcpus), host_writes)
     }
 
     /// Builds a VM from a checkpoint: guest memory `image` and the state blob
@@ -245,14 +263,21 @@ impl KvmVm {
                 state.privilege, config.privilege
             )));
         }
-        if state.lapic.is_some() != config.irqchip {
+        if state.irqchip() != config.irqchip {
             return Err(KvmError::Config(
                 "the checkpoint and the VM differ in having an in-kernel irqchip".into(),
             ));
         }
+        if state.vcpus.len() != config.vcpus {
+            return Err(KvmError::Config(format!(
+                "the checkpoint has {} vCPUs, the VM is configured for {}: use the checkpoint's count",
+                state.vcpus.len(),
+                config.vcpus
+            )));
+        }
         let mut parts = Parts::new(&config)?;
         parts.memory.copy_from_slice(image);
-        let report = state::restore(&parts.vcpu, &parts.vm, &state, parts.xsave_size)?;
+        let report = state::restore(&parts.vcpus, &parts.vm, &state, parts.xsave_size)?;
         let all = (0..(config.mem_bytes / PAGE) as u64).collect();
         Ok((parts.start(config, state.devices, all)?, report))
     }
@@ -267,36 +292,48 @@ impl KvmVm {
         self.memory.backing()
     }
 
-    /// The guest's iteration count as last reported on the doorbell.
+    /// The guest's iteration count as last reported on the doorbells: the least of
+    /// its vCPUs'.
     pub fn progress(&self) -> u64 {
-        self.vcpu.devices().progress
+        self.vcpus.devices().least_progress()
     }
 
-    /// Waits until the guest reports at least `target` iterations; fails if the guest
-    /// stops for good or `timeout` passes first.
+    /// Each vCPU's iteration count as last reported on its doorbell.
+    pub fn vcpu_progress(&self) -> Vec<u64> {
+        self.vcpus.devices().progress
+    }
+
+    /// Waits until every vCPU reports at least `target` iterations; fails if the
+    /// guest stops for good or `timeout` passes first.
     pub fn wait_progress(&self, target: u64, timeout: Duration) -> Result<u64, KvmError> {
-        self.vcpu.wait_progress(target, timeout)
+        self.vcpus.wait_progress(target, timeout)
     }
 
     /// Waits until the guest program finishes (the exit port) and returns its exit
     /// code; fails if the guest stops otherwise or `timeout` passes first.
     pub fn wait_finish(&self, timeout: Duration) -> Result<u32, KvmError> {
-        self.vcpu.wait_finish(timeout)
+        self.vcpus.wait_finish(timeout)
     }
 
     /// The guest's console output so far (the most recent 64 KiB).
     pub fn console(&self) -> String {
-        String::from_utf8_lossy(&self.vcpu.devices().console).into_owned()
+        String::from_utf8_lossy(&self.vcpus.devices().console).into_owned()
     }
 
     /// Why the guest stopped for good, if it did.
     pub fn guest_stop(&self) -> Option<GuestStop> {
-        self.vcpu.guest_stop()
+        self.vcpus.guest_stop()
     }
 
-    /// The iteration count in the guest's status page (exact while stopped).
+    /// vCPU 0's iteration count in the guest's status page (exact while stopped).
     pub fn status_iterations(&self) -> u64 {
-        guest::read_u64(&self.memory, guest::STATUS)
+        self.vcpu_iterations(0)
+    }
+
+    /// vCPU `cpu`'s iteration count in the guest's status page (exact while
+    /// stopped).
+    pub fn vcpu_iterations(&self, cpu: usize) -> u64 {
+        guest::read_u64(&self.memory, guest::STATUS + 8 * cpu as u64)
     }
 
     /// How long the parts of the last pause took.
@@ -342,7 +379,7 @@ impl Protected for KvmVm {
 
     fn stop(&mut self) -> Result<(), HypError> {
         if !self.stopped {
-            self.times.stop = self.vcpu.stop()?;
+            self.times.stop = self.vcpus.stop()?;
             self.stopped = true;
         }
         Ok(())
@@ -362,21 +399,18 @@ impl Protected for KvmVm {
     fn capture_state(&mut self, out: &mut Vec<u8>) -> Result<(), HypError> {
         self.require_stopped("capture_state while running")?;
         let started = Instant::now();
-        let devices = self.vcpu.devices();
-        let vcpu = self
-            .vcpu
+        let devices = self.vcpus.devices();
+        let vcpus = self
+            .vcpus
             .parked()
-            .ok_or(KvmError::Order("capture_state: the vCPU is not parked"))?;
-        let state = state::capture(
-            &vcpu,
-            &self.vm,
-            &mut self.msrs,
-            self.config.irqchip,
-            self.memory.len() as u64,
-            self.config.privilege,
-            devices,
-        )?;
-        drop(vcpu);
+            .ok_or(KvmError::Order("capture_state: the vCPUs are not parked"))?;
+        let machine = Machine {
+            mem_bytes: self.memory.len() as u64,
+            privilege: self.config.privilege,
+            irqchip: self.config.irqchip,
+        };
+        let state = state::capture(&vcpus, &self.vm, &mut self.msrs, machine, devices)?;
+        drop(vcpus);
         state.encode(out);
         self.times.state = started.elapsed();
         Ok(())
@@ -388,11 +422,25 @@ impl Protected for KvmVm {
 
     fn resume(&mut self) -> Result<(), HypError> {
         self.require_stopped("resume while running")?;
-        self.vcpu.resume();
+        self.vcpus.resume();
         self.stopped = false;
-        match self.vcpu.guest_stop() {
+        match self.vcpus.guest_stop() {
             Some(stop) => Err(KvmError::Guest(stop).into()),
             None => Ok(()),
         }
     }
+}
+
+/// `supported` with vCPU `id`'s initial APIC ID in CPUID leaves 1 (EBX[31:24]),
+/// 0xB and 0x1F (EDX).
+fn with_apic_id(supported: &CpuId, id: u32) -> CpuId {
+    let mut cpuid = supported.clone();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (id << 24),
+            0xb | 0x1f => entry.edx = id,
+            _ => {}
+        }
+    }
+    cpuid
 }
