@@ -42,6 +42,7 @@ struct status {
 #define FAULT_PATTERN 1 /* a data word does not hold what the guest wrote */
 #define FAULT_COUNTER 2 /* the counter in memory and in a register disagree */
 #define FAULT_PARAMS 3  /* the parameter page was not filled */
+#define FAULT_DEVICES 4 /* an in-kernel device lost its programming (pit.c) */
 
 static inline void outb(uint16_t port, uint8_t v)
 {

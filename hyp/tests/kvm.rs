@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use fgbi_hyp::kvm::ep::{CLASS_S_BATCHES, EpResult};
 use fgbi_hyp::kvm::guest::{DATA, data_pages};
 use fgbi_hyp::kvm::{
-    DirtyTracking, GuestStop, KvmError, KvmVm, Privilege, Program, VmConfig, probe,
+    DirtyTracking, GuestStop, KvmError, KvmVm, MachineState, Privilege, Program, VmConfig, probe,
 };
 use fgbi_hyp::protected::{HypError, Protected};
 use fgbi_hyp::workload::{PAGE, Rng};
+use zerocopy::{FromBytes, IntoBytes};
 
 const MEM: usize = 32 << 20;
 const WAIT: Duration = Duration::from_secs(20);
@@ -578,4 +579,67 @@ fn a_multi_vcpu_checkpoint_restores_in_another_process() {
         .find(|l| l.contains("child: restored 3 vCPUs"));
     assert!(line.is_some(), "the child did not restore:\n{stderr}");
     eprintln!("saved at {saved:?}; {}", line.unwrap_or_default());
+}
+
+/// Byte offsets in a `kvm_irqchip` holding a PIC: after chip_id and pad, the
+/// `kvm_pic_state` fields imr (2) and irq_base (5).
+const PIC_IMR: usize = 8 + 2;
+const PIC_IRQ_BASE: usize = 8 + 5;
+
+#[test]
+fn the_in_kernel_pics_and_pit_survive_a_restore_and_a_lost_one_is_noticed() {
+    if !available(DirtyTracking::Classic) {
+        return;
+    }
+    let config = VmConfig::new(Program::Pit, 8 << 20, DirtyTracking::Classic);
+    let mut vm = KvmVm::new(config).unwrap();
+    // About 73 PIT periods a second.
+    vm.wait_progress(5, WAIT).unwrap();
+    vm.stop().unwrap();
+    let saved = vm.progress();
+    let mut blob = Vec::new();
+    vm.capture_state(&mut blob).unwrap();
+    let image = vm.memory().to_vec();
+    drop(vm);
+    let state = MachineState::decode(&blob).unwrap();
+    let kernel = state.kernel_devices.as_ref().unwrap();
+    let (master, slave) = (kernel.pic_master.as_bytes(), kernel.pic_slave.as_bytes());
+    assert_eq!((master[PIC_IMR], slave[PIC_IMR]), (0xa5, 0x5a));
+    assert_eq!((master[PIC_IRQ_BASE], slave[PIC_IRQ_BASE]), (0x20, 0x28));
+    let channel = kernel.pit.channels[0];
+    assert_eq!((channel.mode, channel.count), (2, 0x4000));
+
+    // Restored, the guest finds its devices as it programmed them and counts on,
+    // and the VM's clock continues from the checkpoint's (a fresh VM's starts near 0).
+    let (mut restored, _) = KvmVm::restore(config, &image, &blob).unwrap();
+    restored.wait_progress(saved + 5, WAIT).unwrap();
+    assert_eq!(restored.guest_stop(), None);
+    restored.stop().unwrap();
+    let mut again = Vec::new();
+    restored.capture_state(&mut again).unwrap();
+    let clock = MachineState::decode(&again).unwrap().clock.clock;
+    assert!(
+        clock >= state.clock.clock,
+        "{clock} < {}",
+        state.clock.clock
+    );
+    drop(restored);
+
+    // A checkpoint whose master PIC lost its mask: the guest notices.
+    let mut state = MachineState::decode(&blob).unwrap();
+    let kernel = state.kernel_devices.as_mut().unwrap();
+    let mut bytes = kernel.pic_master.as_bytes().to_vec();
+    bytes[PIC_IMR] = 0;
+    kernel.pic_master = FromBytes::read_from_bytes(&bytes).unwrap();
+    let mut lost = Vec::new();
+    state.encode(&mut lost);
+    let (restored, _) = KvmVm::restore(config, &image, &lost).unwrap();
+    let err = restored.wait_progress(saved + 5, WAIT).unwrap_err();
+    assert!(matches!(err, KvmError::Guest(GuestStop::Fault(4))), "{err}");
+
+    // The pit guest needs the irqchip.
+    let mut bare = config;
+    bare.irqchip = false;
+    let err = KvmVm::new(bare).err().unwrap();
+    assert!(err.to_string().contains("enable the irqchip"), "{err}");
 }

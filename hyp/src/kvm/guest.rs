@@ -117,6 +117,10 @@ pub enum Program {
     /// doorbell counts its 256 batches; it prints its result ([`super::ep::EpResult`])
     /// and finishes. One vCPU.
     Ep,
+    /// Programs the in-kernel PICs and PIT through their ports, counts PIT periods
+    /// by polling its counter, and faults if the devices lose their programming
+    /// (a restore without their state). Needs the irqchip; one vCPU.
+    Pit,
 }
 
 impl Program {
@@ -124,7 +128,7 @@ impl Program {
     /// share of the data area.
     pub fn max_vcpus(self) -> usize {
         match self {
-            Program::Touch | Program::Ep => 1,
+            Program::Touch | Program::Ep | Program::Pit => 1,
             _ => MAX_VCPUS,
         }
     }
@@ -132,7 +136,7 @@ impl Program {
 
 impl Program {
     /// Every program.
-    pub const ALL: [Program; 8] = [
+    pub const ALL: [Program; 9] = [
         Program::Counter,
         Program::Web,
         Program::Dense,
@@ -141,6 +145,7 @@ impl Program {
         Program::Sys,
         Program::Dup,
         Program::Ep,
+        Program::Pit,
     ];
 
     /// The program's name (its source file's).
@@ -154,6 +159,7 @@ impl Program {
             Program::Sys => "sys",
             Program::Dup => "dup",
             Program::Ep => "ep",
+            Program::Pit => "pit",
         }
     }
 
@@ -178,6 +184,9 @@ impl Program {
             Program::Ep => {
                 "the NPB EP kernel, class S, verified against the specification; finishes"
             }
+            Program::Pit => {
+                "programs the in-kernel PICs and PIT, counts PIT periods, checks they keep it"
+            }
         }
     }
 
@@ -192,6 +201,7 @@ impl Program {
             Program::Sys => include_bytes!(concat!(env!("OUT_DIR"), "/sys.bin")),
             Program::Dup => include_bytes!(concat!(env!("OUT_DIR"), "/dup.bin")),
             Program::Ep => include_bytes!(concat!(env!("OUT_DIR"), "/ep.bin")),
+            Program::Pit => include_bytes!(concat!(env!("OUT_DIR"), "/pit.bin")),
         }
     }
 }

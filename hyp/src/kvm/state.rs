@@ -2,7 +2,7 @@
 //! that is not guest memory, captured while every vCPU is stopped, and a versioned,
 //! checksummed encoding of it.
 //!
-//! # Format (version 2)
+//! # Format (version 3)
 //!
 //! ```text
 //! magic "FGBIKVM\0" | version u32 | flags u32 (0)
@@ -16,7 +16,9 @@
 //!
 //! - the VM's: machine (memory size u64, privilege u32, vCPU count u32), CLOCK
 //!   (`kvm_clock_data`), devices (vCPU count u32, each vCPU's doorbell progress u64,
-//!   fault code u32, then the console bytes);
+//!   fault code u32, then the console bytes), and with an in-kernel irqchip PIC_MASTER,
+//!   PIC_SLAVE and IOAPIC (each a `kvm_irqchip` of its chip id) and PIT
+//!   (`kvm_pit_state2`);
 //! - each vCPU's, in vCPU order: REGS, SREGS, XSAVE (x87, SSE and AVX state: it
 //!   supersedes KVM_GET_FPU), XCRS, MSRS (an array of `kvm_msr_entry`), VCPU_EVENTS,
 //!   MP_STATE, DEBUGREGS, LAPIC (every vCPU's or none: only with an in-kernel
@@ -24,14 +26,17 @@
 //!
 //! A decoder refuses a bad magic, another version, a bad checksum, an unknown or
 //! repeated tag, a section of a vCPU the machine does not have, a wrong section size,
-//! a missing section, or a vCPU count out of range or differing between sections.
+//! a missing section, a vCPU count out of range or differing between sections, an
+//! irqchip section holding another chip, and irqchip or PIT sections without LAPICs
+//! (or LAPICs without them).
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
 
 use kvm_bindings::{
-    Msrs, kvm_clock_data, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
+    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use thiserror::Error;
@@ -45,7 +50,7 @@ use super::sys;
 /// The blob's first bytes.
 const MAGIC: &[u8; 8] = b"FGBIKVM\0";
 /// The format version this module writes and reads.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Section kinds (a tag's low 16 bits).
 mod tag {
@@ -61,6 +66,10 @@ mod tag {
     pub const LAPIC: u32 = 10;
     pub const CLOCK: u32 = 11;
     pub const DEVICES: u32 = 12;
+    pub const PIC_MASTER: u32 = 13;
+    pub const PIC_SLAVE: u32 = 14;
+    pub const IOAPIC: u32 = 15;
+    pub const PIT: u32 = 16;
 
     /// The tag of vCPU `vcpu`'s section of kind `kind`.
     pub fn of(kind: u32, vcpu: usize) -> u32 {
@@ -170,6 +179,71 @@ pub struct VcpuState {
     pub lapic: Option<kvm_lapic_state>,
 }
 
+/// The state of the devices KVM emulates in the kernel with an irqchip: the two
+/// 8259 PICs, the IOAPIC and the 8254 PIT.
+pub struct KernelDevices {
+    /// The master PIC (`KVM_GET_IRQCHIP`, chip 0).
+    pub pic_master: kvm_irqchip,
+    /// The slave PIC (chip 1).
+    pub pic_slave: kvm_irqchip,
+    /// The IOAPIC (chip 2).
+    pub ioapic: kvm_irqchip,
+    /// The PIT (`KVM_GET_PIT2`).
+    pub pit: kvm_pit_state2,
+}
+
+impl KernelDevices {
+    /// The irqchip sections: tag, name, chip id, state.
+    fn chips(&self) -> [(u32, &'static str, u32, &kvm_irqchip); 3] {
+        [
+            (
+                tag::PIC_MASTER,
+                "PIC_MASTER",
+                KVM_IRQCHIP_PIC_MASTER,
+                &self.pic_master,
+            ),
+            (
+                tag::PIC_SLAVE,
+                "PIC_SLAVE",
+                KVM_IRQCHIP_PIC_SLAVE,
+                &self.pic_slave,
+            ),
+            (tag::IOAPIC, "IOAPIC", KVM_IRQCHIP_IOAPIC, &self.ioapic),
+        ]
+    }
+
+    /// Reads them from `vm`.
+    fn capture(vm: &VmFd) -> Result<Self, KvmError> {
+        let chip = |chip_id| {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map(|()| chip)
+                .map_err(|x| KvmError::ioctl("KVM_GET_IRQCHIP", x))
+        };
+        Ok(Self {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: vm
+                .get_pit2()
+                .map_err(|x| KvmError::ioctl("KVM_GET_PIT2", x))?,
+        })
+    }
+
+    /// Loads them into `vm` (which has an irqchip and a PIT).
+    fn restore(&self, vm: &VmFd) -> Result<(), KvmError> {
+        for (_, _, _, chip) in self.chips() {
+            vm.set_irqchip(chip)
+                .map_err(|x| KvmError::ioctl("KVM_SET_IRQCHIP", x))?;
+        }
+        vm.set_pit2(&self.pit)
+            .map_err(|x| KvmError::ioctl("KVM_SET_PIT2", x))
+    }
+}
+
 /// Everything of a stopped machine that is not guest memory.
 pub struct MachineState {
     /// Guest memory size in bytes.
@@ -180,6 +254,8 @@ pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     /// The VM's kvmclock.
     pub clock: kvm_clock_data,
+    /// The in-kernel PICs, IOAPIC and PIT (with an irqchip).
+    pub kernel_devices: Option<KernelDevices>,
     /// The VMM's devices.
     pub devices: DeviceState,
 }
@@ -221,7 +297,7 @@ pub struct Machine {
     pub mem_bytes: u64,
     /// The guest's privilege level.
     pub privilege: Privilege,
-    /// Whether the VM has an in-kernel irqchip.
+    /// Whether the VM has an in-kernel irqchip (and PIT).
     pub irqchip: bool,
 }
 
@@ -268,6 +344,10 @@ pub fn capture<V: Deref<Target = VcpuFd>>(
         clock: vm
             .get_clock()
             .map_err(|x| KvmError::ioctl("KVM_GET_CLOCK", x))?,
+        kernel_devices: match machine.irqchip {
+            true => Some(KernelDevices::capture(vm)?),
+            false => None,
+        },
         devices,
     })
 }
@@ -313,7 +393,8 @@ fn restore_vcpu(
 }
 
 /// Loads `state` into fresh vCPUs (as many as it has, in order) and a fresh VM: each
-/// vCPU's registers, then CLOCK, then each LAPIC.
+/// vCPU's registers, then CLOCK, then each LAPIC, then the PICs, the IOAPIC and the
+/// PIT.
 pub fn restore(
     vcpus: &[VcpuFd],
     vm: &VmFd,
@@ -342,6 +423,9 @@ pub fn restore(
             vcpu.set_lapic(lapic)
                 .map_err(|x| KvmError::ioctl("KVM_SET_LAPIC", x))?;
         }
+    }
+    if let Some(devices) = &state.kernel_devices {
+        devices.restore(vm)?;
     }
     Ok(report)
 }
@@ -381,6 +465,12 @@ impl MachineState {
             }
         }
         section(out, tag::CLOCK, self.clock.as_bytes());
+        if let Some(kernel) = &self.kernel_devices {
+            for (tag, _, _, chip) in kernel.chips() {
+                section(out, tag, chip.as_bytes());
+            }
+            section(out, tag::PIT, kernel.pit.as_bytes());
+        }
         let mut devices = (self.devices.progress.len() as u32).to_le_bytes().to_vec();
         for progress in &self.devices.progress {
             devices.extend_from_slice(&progress.to_le_bytes());
@@ -480,6 +570,29 @@ impl MachineState {
             });
         }
         let clock = sections.structure(tag::CLOCK, "CLOCK", None)?;
+        // With LAPICs (an irqchip) the PICs, IOAPIC and PIT are required; without,
+        // any of their sections is left over and refused below.
+        let kernel_devices = match vcpus[0].lapic.is_some() {
+            true => {
+                let mut chip = |tag: u32, name: &'static str, id: u32| {
+                    let chip: kvm_irqchip = sections.structure(tag, name, None)?;
+                    match chip.chip_id == id {
+                        true => Ok(chip),
+                        false => Err(StateError::Inconsistent(format!(
+                            "the {name} section holds irqchip {}",
+                            chip.chip_id
+                        ))),
+                    }
+                };
+                Some(KernelDevices {
+                    pic_master: chip(tag::PIC_MASTER, "PIC_MASTER", KVM_IRQCHIP_PIC_MASTER)?,
+                    pic_slave: chip(tag::PIC_SLAVE, "PIC_SLAVE", KVM_IRQCHIP_PIC_SLAVE)?,
+                    ioapic: chip(tag::IOAPIC, "IOAPIC", KVM_IRQCHIP_IOAPIC)?,
+                    pit: sections.structure(tag::PIT, "PIT", None)?,
+                })
+            }
+            false => None,
+        };
         let devices = sections.take(tag::DEVICES, "devices", None)?;
         let fixed = 4 + 8 * count + 4;
         if devices.len() < fixed {
@@ -509,6 +622,7 @@ impl MachineState {
             privilege,
             vcpus,
             clock,
+            kernel_devices,
             devices,
         })
     }
@@ -627,12 +741,33 @@ mod tests {
                 clock: 123_456_789,
                 ..Default::default()
             },
+            kernel_devices: Some(KernelDevices {
+                pic_master: patterned_chip(KVM_IRQCHIP_PIC_MASTER),
+                pic_slave: patterned_chip(KVM_IRQCHIP_PIC_SLAVE),
+                ioapic: patterned_chip(KVM_IRQCHIP_IOAPIC),
+                pit: kvm_pit_state2::read_from_bytes(&patterned(size_of::<kvm_pit_state2>(), 7))
+                    .unwrap(),
+            }),
             devices: DeviceState {
                 progress: (0..vcpus as u64).map(|i| 99 + i).collect(),
                 fault: 0,
                 console: b"hello\n".to_vec(),
             },
         }
+    }
+
+    /// `len` bytes, none zero, different for each `seed`.
+    fn patterned(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed | 1)
+            .collect()
+    }
+
+    /// An irqchip state of chip `id` with every other byte set.
+    fn patterned_chip(id: u32) -> kvm_irqchip {
+        let mut bytes = patterned(size_of::<kvm_irqchip>(), id as u8);
+        bytes[..4].copy_from_slice(&id.to_le_bytes());
+        kvm_irqchip::read_from_bytes(&bytes).unwrap()
     }
 
     /// A blob's sections: (tag, payload).
@@ -682,7 +817,15 @@ mod tests {
                 assert_eq!(b.msrs.as_bytes(), s.msrs.as_bytes());
                 assert_eq!(b.lapic.map(|l| l.regs), s.lapic.map(|l| l.regs));
             }
-            assert_eq!(back.clock.clock, state.clock.clock);
+            assert_eq!(back.clock.as_bytes(), state.clock.as_bytes());
+            let (b, s) = (
+                back.kernel_devices.as_ref().unwrap(),
+                state.kernel_devices.as_ref().unwrap(),
+            );
+            for ((_, _, _, b), (_, _, _, s)) in b.chips().into_iter().zip(s.chips()) {
+                assert_eq!(b.as_bytes(), s.as_bytes());
+            }
+            assert_eq!(b.pit.as_bytes(), s.pit.as_bytes());
             assert_eq!(back.devices, state.devices);
             let mut again = Vec::new();
             back.encode(&mut again);
@@ -772,6 +915,47 @@ mod tests {
                 ..
             })
         ));
+        // With LAPICs, no PIT; a PIT one byte short; the slave PIC's section holding
+        // the master's state.
+        assert_eq!(
+            edited(&|s| s.retain(|x| x.0 != tag::PIT)),
+            Some(StateError::Missing {
+                section: "PIT",
+                owner: "the VM".into()
+            })
+        );
+        assert!(matches!(
+            edited(&|s| s
+                .iter_mut()
+                .find(|x| x.0 == tag::PIT)
+                .unwrap()
+                .1
+                .pop()
+                .map(drop)
+                .unwrap()),
+            Some(StateError::SectionSize { tag: tag::PIT, .. })
+        ));
+        let master = good
+            .iter()
+            .find(|x| x.0 == tag::PIC_MASTER)
+            .unwrap()
+            .1
+            .clone();
+        assert!(matches!(
+            edited(&|s| s.iter_mut().find(|x| x.0 == tag::PIC_SLAVE).unwrap().1 = master.clone()),
+            Some(StateError::Inconsistent(_))
+        ));
+        // Without LAPICs (no irqchip) the irqchip and PIT sections are refused.
+        let lapics = [tag::of(tag::LAPIC, 0), tag::of(tag::LAPIC, 1)];
+        assert_eq!(
+            edited(&|s| s.retain(|x| !lapics.contains(&x.0))),
+            Some(StateError::Section(tag::PIC_MASTER))
+        );
+        let kernel = [tag::PIC_MASTER, tag::PIC_SLAVE, tag::IOAPIC, tag::PIT];
+        assert_eq!(
+            edited(&|s| s.retain(|x| !lapics.contains(&x.0) && !kernel.contains(&x.0))),
+            None
+        );
         // A vCPU count out of range, and devices for another count.
         let machine = |vcpus: u32| {
             let mut m = (64u64 << 20).to_le_bytes().to_vec();

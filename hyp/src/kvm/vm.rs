@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE, kvm_mp_state,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE,
+    KVM_PIT_SPEAKER_DUMMY, kvm_mp_state, kvm_pit_config,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
@@ -36,8 +37,8 @@ pub struct VmConfig {
     /// The dirty ring's size in bytes (ring tracking): a power of two of at least
     /// 4096; by default as large as KVM allows, up to 1 MiB.
     pub ring_bytes: Option<u32>,
-    /// Whether to create an in-kernel irqchip (PIC, IOAPIC, LAPIC); its LAPIC state
-    /// is then part of the checkpoint.
+    /// Whether to create an in-kernel irqchip (PICs, IOAPIC, LAPICs) and PIT; their
+    /// state is then part of the checkpoint.
     pub irqchip: bool,
     /// vCPUs: 1 to [`guest::MAX_VCPUS`] (at most [`Program::max_vcpus`]); each runs
     /// the program in its own share of the data area.
@@ -115,6 +116,11 @@ impl Parts {
                 config.program.max_vcpus()
             )));
         }
+        if config.program == Program::Pit && !config.irqchip {
+            return Err(KvmError::Config(
+                "the pit guest drives the in-kernel PIC and PIT: enable the irqchip".into(),
+            ));
+        }
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let vm = kvm
             .create_vm()
@@ -133,6 +139,12 @@ impl Parts {
         if config.irqchip {
             vm.create_irq_chip()
                 .map_err(|e| KvmError::ioctl("KVM_CREATE_IRQCHIP", e))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit)
+                .map_err(|e| KvmError::ioctl("KVM_CREATE_PIT2", e))?;
         }
         let mut memory = Region::new(config.mem_bytes)?;
         // SAFETY: `memory` is a private anonymous mapping that `KvmVm` owns and drops
