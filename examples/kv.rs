@@ -16,8 +16,6 @@
 mod commands;
 #[path = "kv/memory.rs"]
 mod memory;
-#[path = "kv/resp.rs"]
-mod resp;
 #[path = "kv/server.rs"]
 mod server;
 #[path = "../tools/src/size.rs"]

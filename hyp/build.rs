@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The guest programs, one `guest/<name>.c` each.
-const PROGRAMS: [&str; 9] = [
-    "counter", "web", "dense", "touch", "npb-ep", "sys", "dup", "ep", "pit",
+const PROGRAMS: [&str; 10] = [
+    "counter", "web", "dense", "touch", "npb-ep", "sys", "dup", "ep", "pit", "kv",
 ];
 
 /// Flags for code that runs with no library, no runtime and no kernel, at a fixed

@@ -2,7 +2,8 @@
 
 use std::ops::Range;
 
-use crate::resp::Reply;
+use fgbi_hyp::resp::Reply;
+
 use crate::store::{Store, StoreError};
 
 /// What the connection does after a command.

@@ -13,10 +13,10 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fgbi_hyp::process::ProcessHandle;
+use fgbi_hyp::resp::{self, Reply};
 use fgbi_hyp::safepoint::Safepoint;
 
 use crate::commands::{self, LiveStore, Next, Request};
-use crate::resp::{self, Reply};
 
 /// Most connections served at once; more are told so and closed.
 const MAX_CLIENTS: usize = 256;

@@ -38,6 +38,7 @@ struct status {
 #define PORT_DOORBELL 0x510 /* out32: low 32 bits of this vCPU's iteration count */
 #define PORT_FAULT 0x511    /* out32: the guest found an inconsistency (a code) */
 #define PORT_EXIT 0x512     /* out32: the program finished (0: success) */
+#define PORT_KV 0x513       /* the key-value device: see below */
 
 #define FAULT_PATTERN 1 /* a data word does not hold what the guest wrote */
 #define FAULT_COUNTER 2 /* the counter in memory and in a register disagree */
@@ -53,6 +54,32 @@ static inline void outl(uint16_t port, uint32_t v)
 {
 	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory");
 }
+
+static inline uint8_t inb(uint16_t port)
+{
+	uint8_t v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+	return v;
+}
+
+static inline uint32_t inl(uint16_t port)
+{
+	uint32_t v;
+	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+	return v;
+}
+
+/* The key-value device (kv.c; the VMM's side is hyp/src/kvm/kv.rs): request and reply
+ * slots in guest memory. `inl(PORT_KV)` waits in the VMM until requests arrive and
+ * returns how many it wrote into request slots 0..n (0: none, ask again; the VMM
+ * returns 0 when it stops the VM); the guest writes reply i into reply slot i and
+ * submits them with `outl(PORT_KV, n)`.
+ * A request slot: u32 bytes (of what follows), u32 argc, then argc times (u32 len,
+ * len bytes). A reply slot: u32 bytes, u32 0, then the reply in RESP. */
+#define KV_REQUESTS 0x100000ull
+#define KV_REPLIES 0x140000ull
+#define KV_SLOTS 32
+#define KV_SLOT_BYTES 8192
 
 static inline void puts(const char *s)
 {

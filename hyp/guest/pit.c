@@ -20,13 +20,6 @@
 #define PIT_MODE 0x34
 #define PIT_DIVISOR 0x4000
 
-static inline uint8_t inb(uint16_t port)
-{
-	uint8_t v;
-	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port) : "memory");
-	return v;
-}
-
 static uint16_t pit_count(void)
 {
 	outb(PIT_CMD, 0x00); /* latch channel 0's count */

@@ -14,7 +14,7 @@
 //! | `0xa000` | TSS with an I/O bitmap allowing every port |
 //! | `0x10000` | the program image (up to `0x80000`), entered at its first byte |
 //! | `0x80000..0x100000` | the stacks, 64 KiB per vCPU, vCPU *i*'s growing down from `0x100000 - i * 0x10000` |
-//! | `0x100000` | the touch program's page table (VMM writes), up to 256 Ki entries |
+//! | `0x100000` | the touch program's page table (VMM writes), up to 256 Ki entries; or the key-value device's request slots, and from `0x140000` its reply slots |
 //! | `0x200000` | the data area the programs write, to the end of memory |
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -121,6 +121,10 @@ pub enum Program {
     /// by polling its counter, and faults if the devices lose their programming
     /// (a restore without their state). Needs the irqchip; one vCPU.
     Pit,
+    /// A key-value store in guest memory served through the key-value device
+    /// ([`super::kv`]); [`super::kv_server`] exposes it over TCP in the Redis
+    /// protocol. One vCPU.
+    Kv,
 }
 
 impl Program {
@@ -128,7 +132,7 @@ impl Program {
     /// share of the data area.
     pub fn max_vcpus(self) -> usize {
         match self {
-            Program::Touch | Program::Ep | Program::Pit => 1,
+            Program::Touch | Program::Ep | Program::Pit | Program::Kv => 1,
             _ => MAX_VCPUS,
         }
     }
@@ -136,7 +140,7 @@ impl Program {
 
 impl Program {
     /// Every program.
-    pub const ALL: [Program; 9] = [
+    pub const ALL: [Program; 10] = [
         Program::Counter,
         Program::Web,
         Program::Dense,
@@ -146,6 +150,7 @@ impl Program {
         Program::Dup,
         Program::Ep,
         Program::Pit,
+        Program::Kv,
     ];
 
     /// The program's name (its source file's).
@@ -160,6 +165,7 @@ impl Program {
             Program::Dup => "dup",
             Program::Ep => "ep",
             Program::Pit => "pit",
+            Program::Kv => "kv",
         }
     }
 
@@ -187,6 +193,7 @@ impl Program {
             Program::Pit => {
                 "programs the in-kernel PICs and PIT, counts PIT periods, checks they keep it"
             }
+            Program::Kv => "a key-value store in guest memory, served in the Redis protocol",
         }
     }
 
@@ -202,6 +209,7 @@ impl Program {
             Program::Dup => include_bytes!(concat!(env!("OUT_DIR"), "/dup.bin")),
             Program::Ep => include_bytes!(concat!(env!("OUT_DIR"), "/ep.bin")),
             Program::Pit => include_bytes!(concat!(env!("OUT_DIR"), "/pit.bin")),
+            Program::Kv => include_bytes!(concat!(env!("OUT_DIR"), "/kv.bin")),
         }
     }
 }

@@ -1,6 +1,6 @@
-//! KVM micro-VMs as protected programs: one vCPU running a small freestanding guest
+//! KVM micro-VMs as protected programs: vCPUs running a small freestanding guest
 //! program in 64-bit long mode, its memory a [`crate::memory::Region`] registered with
-//! KVM's dirty logging, stopped and resumed per epoch by signalling its thread, its
+//! KVM's dirty logging, stopped and resumed per epoch by signalling their threads, its
 //! machine state captured into a versioned, checksummed blob that a fresh VM restores.
 //!
 //! - [`vm`]: the VM ([`KvmVm`]): creation, boot, restore, the [`crate::protected::Protected`] impl;
@@ -9,6 +9,8 @@
 //! - [`state`]: machine state capture, restore and its encoding;
 //! - [`guest`]: the guest memory layout, the guest programs and the CPU setup;
 //! - [`ep`]: the result the NPB EP guest reports, and the host's check of it;
+//! - [`kv`]: the key-value device and its output commit; [`kv_server`]: its TCP
+//!   front end in the Redis protocol;
 //! - `sys`: the raw ioctls kvm-ioctls lacks, with their `unsafe` blocks (the only other
 //!   one registers guest memory in `vm.rs`).
 //!
@@ -19,6 +21,8 @@
 pub mod dirty;
 pub mod ep;
 pub mod guest;
+pub mod kv;
+pub mod kv_server;
 pub mod state;
 mod sys;
 pub mod vcpu;

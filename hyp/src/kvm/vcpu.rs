@@ -25,8 +25,9 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 use super::KvmError;
 use super::dirty::SharedRing;
 use super::guest::{PORT_CONSOLE, PORT_DOORBELL, PORT_EXIT, PORT_FAULT};
+use super::kv::{KvDevice, PORT_KV};
 use super::state::DeviceState;
-use super::sys::ImmediateExit;
+use super::sys::{GuestMemory, ImmediateExit};
 
 /// Console bytes kept (the most recent).
 const CONSOLE_MAX: usize = 64 << 10;
@@ -73,6 +74,8 @@ struct Control {
     parked: usize,
     stop: Option<GuestStop>,
     devices: DeviceState,
+    /// Pages the devices wrote into guest memory since the last harvest.
+    host_writes: Vec<u64>,
 }
 
 struct Shared {
@@ -126,6 +129,15 @@ pub struct VcpuThreads {
     handles: Vec<Handle>,
     shared: Arc<Shared>,
     signal: c_int,
+    kv: Option<Arc<KvDevice>>,
+}
+
+/// What the vCPU threads' devices reach besides the shared state.
+pub struct DeviceIo {
+    /// Guest memory.
+    pub memory: GuestMemory,
+    /// The key-value device, for the `kv` guest.
+    pub kv: Option<Arc<KvDevice>>,
 }
 
 impl VcpuThreads {
@@ -137,6 +149,7 @@ impl VcpuThreads {
         vm: Arc<VmFd>,
         rings: Vec<SharedRing>,
         devices: DeviceState,
+        io: DeviceIo,
     ) -> Result<Self, KvmError> {
         let signal = kick_signal()?;
         let shared = Arc::new(Shared {
@@ -145,6 +158,7 @@ impl VcpuThreads {
                 parked: 0,
                 stop: None,
                 devices,
+                host_writes: Vec::new(),
             }),
             changed: Condvar::new(),
         });
@@ -152,6 +166,7 @@ impl VcpuThreads {
             handles: Vec::with_capacity(vcpus.len()),
             shared,
             signal,
+            kv: io.kv.clone(),
         };
         let mut rings = rings.into_iter();
         for (index, vcpu) in vcpus.into_iter().enumerate() {
@@ -166,6 +181,8 @@ impl VcpuThreads {
                 immediate_exit: ImmediateExit::new(Arc::clone(&fd)),
                 vm: Arc::clone(&vm),
                 ring: rings.next(),
+                memory: io.memory,
+                kv: io.kv.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -192,16 +209,20 @@ impl VcpuThreads {
     }
 
     /// Stops every vCPU and waits until all are parked outside `KVM_RUN`; returns
-    /// how long that took.
+    /// how long that took. Stopping a running VM closes its epoch.
     pub fn stop(&mut self) -> Result<Duration, KvmError> {
         let started = Instant::now();
         let mut control = self.shared.lock();
-        if control.want == Want::Run {
+        let running = control.want == Want::Run;
+        if running {
             control.want = Want::Park;
         }
         while control.parked < self.handles.len() {
             self.kick()?;
             control = self.shared.wait(control, KICK_RETRY);
+        }
+        if let Some(kv) = self.kv.as_ref().filter(|_| running) {
+            kv.close_epoch();
         }
         Ok(started.elapsed())
     }
@@ -210,7 +231,15 @@ impl VcpuThreads {
     pub fn resume(&mut self) {
         let mut control = self.shared.lock();
         control.want = Want::Run;
+        if let Some(kv) = &self.kv {
+            kv.interrupt(false);
+        }
         self.shared.changed.notify_all();
+    }
+
+    /// Takes the pages the devices wrote into guest memory since the last call.
+    pub fn take_host_writes(&self) -> Vec<u64> {
+        std::mem::take(&mut self.shared.lock().host_writes)
     }
 
     /// Every vCPU, in index order, for state ioctls; `None` unless all are parked.
@@ -291,8 +320,12 @@ impl VcpuThreads {
         }
     }
 
-    /// Interrupts every vCPU's `KVM_RUN`, now or at its next entry.
+    /// Interrupts every vCPU's `KVM_RUN`, now or at its next entry, and a wait for
+    /// key-value requests.
     fn kick(&self) -> Result<(), KvmError> {
+        if let Some(kv) = &self.kv {
+            kv.interrupt(true);
+        }
         for handle in &self.handles {
             handle.immediate_exit.set(true);
             if let Some(thread) = &handle.thread {
@@ -309,6 +342,9 @@ impl Drop for VcpuThreads {
     fn drop(&mut self) {
         self.shared.lock().want = Want::Exit;
         self.shared.changed.notify_all();
+        if let Some(kv) = &self.kv {
+            kv.close();
+        }
         // A failed kick leaves the threads to notice at their next exit.
         let _ = self.kick();
         for handle in &mut self.handles {
@@ -327,6 +363,8 @@ struct Runner {
     immediate_exit: ImmediateExit,
     vm: Arc<VmFd>,
     ring: Option<SharedRing>,
+    memory: GuestMemory,
+    kv: Option<Arc<KvDevice>>,
 }
 
 /// What one exit asks of the loop.
@@ -388,6 +426,14 @@ impl Runner {
 
     fn handle(&self, exit: VcpuExit<'_>) -> Next {
         match exit {
+            VcpuExit::IoIn(PORT_KV, data) if self.kv.is_some() => {
+                self.kv_wait(data);
+                Next::Run
+            }
+            VcpuExit::IoOut(PORT_KV, data) if self.kv.is_some() => {
+                self.kv_submit(data);
+                Next::Run
+            }
             VcpuExit::IoOut(port, data) => self.port_out(port, data),
             VcpuExit::IoIn(_, data) => {
                 // Nothing is readable: an open bus reads as all ones.
@@ -411,11 +457,35 @@ impl Runner {
         }
     }
 
+    /// The key-value device's `in`: waits for requests and returns their count.
+    fn kv_wait(&self, data: &mut [u8]) {
+        let mut written = Vec::new();
+        let count = self
+            .kv
+            .as_ref()
+            .map_or(0, |kv| kv.fill(&self.memory, &mut written));
+        let bytes = count.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = bytes.get(i).copied().unwrap_or(0);
+        }
+        if !written.is_empty() {
+            self.shared.lock().host_writes.append(&mut written);
+        }
+    }
+
+    /// The key-value device's `out`: takes the replies; each counts as progress.
+    fn kv_submit(&self, data: &[u8]) {
+        let taken = self
+            .kv
+            .as_ref()
+            .map_or(0, |kv| kv.take(&self.memory, port_value(data)));
+        let mut control = self.shared.lock();
+        control.devices.progress[self.index] += u64::from(taken);
+        self.shared.changed.notify_all();
+    }
+
     fn port_out(&self, port: u16, data: &[u8]) -> Next {
-        let mut value = [0u8; 4];
-        let n = data.len().min(4);
-        value[..n].copy_from_slice(&data[..n]);
-        let value = u32::from_le_bytes(value);
+        let value = port_value(data);
         let mut control = self.shared.lock();
         let devices = &mut control.devices;
         match port {
@@ -442,4 +512,12 @@ impl Runner {
             _ => Next::Run,
         }
     }
+}
+
+/// The value of an `out` of up to 4 bytes.
+fn port_value(data: &[u8]) -> u32 {
+    let mut value = [0u8; 4];
+    let n = data.len().min(4);
+    value[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(value)
 }

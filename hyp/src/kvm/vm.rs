@@ -11,11 +11,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
-use super::dirty::SharedRing;
-use super::dirty::{DirtyLog, DirtyTracking, SLOT};
+use super::dirty::{DirtyLog, DirtyTracking, SLOT, SharedRing};
 use super::guest::{self, GuestArgs, Privilege, Program};
+use super::kv::KvDevice;
 use super::state::{self, DeviceState, Machine, MachineState, RestoreReport};
-use super::vcpu::{GuestStop, VcpuThreads};
+use super::sys::GuestMemory;
+use super::vcpu::{DeviceIo, GuestStop, VcpuThreads};
 use super::{KvmError, sys};
 use crate::memory::{Backing, Region};
 use crate::protected::{HypError, Protected};
@@ -43,6 +44,10 @@ pub struct VmConfig {
     /// vCPUs: 1 to [`guest::MAX_VCPUS`] (at most [`Program::max_vcpus`]); each runs
     /// the program in its own share of the data area.
     pub vcpus: usize,
+    /// Output commit: the key-value device holds each reply until
+    /// [`KvmVm::committed`] says the epoch that produced it is on the backup (set it
+    /// when the VM is protected); otherwise replies leave at once.
+    pub output_commit: bool,
 }
 
 impl VmConfig {
@@ -58,6 +63,7 @@ impl VmConfig {
             ring_bytes: None,
             irqchip: true,
             vcpus: 1,
+            output_commit: false,
         }
     }
 }
@@ -82,6 +88,7 @@ pub struct KvmVm {
     dirty: DirtyLog,
     vm: Arc<VmFd>,
     _kvm: Kvm,
+    kv: Option<Arc<KvDevice>>,
     config: VmConfig,
     msrs: Vec<u32>,
     /// Pages the VMM wrote into guest memory since the last harvest (KVM logs only
@@ -199,20 +206,33 @@ impl Parts {
         host_writes: Vec<u64>,
     ) -> Result<KvmVm, KvmError> {
         let vm = Arc::new(self.vm);
-        let mut vcpus = VcpuThreads::spawn(self.vcpus, Arc::clone(&vm), self.rings, devices)?;
+        let mut memory = self.memory;
+        // SAFETY: `memory` moves into the `KvmVm`, which drops it only after the vCPU
+        // threads (field order); its devices copy only while their vCPU is out of
+        // KVM_RUN, into slots the guest reads after the exit.
+        let view = unsafe { GuestMemory::new(memory.as_mut_ptr(), memory.len()) }
+            .ok_or(KvmError::Order("guest memory has no address"))?;
+        let kv =
+            (config.program == Program::Kv).then(|| Arc::new(KvDevice::new(config.output_commit)));
+        let io = DeviceIo {
+            memory: view,
+            kv: kv.clone(),
+        };
+        let mut vcpus = VcpuThreads::spawn(self.vcpus, Arc::clone(&vm), self.rings, devices, io)?;
         vcpus.resume();
         Ok(KvmVm {
             vcpus,
             dirty: self.dirty,
             vm,
             _kvm: self.kvm,
+            kv,
             config,
             msrs: self.msrs,
             host_writes,
             stopped: false,
             round: 0,
             times: PauseTimes::default(),
-            memory: self.memory,
+            memory,
         })
     }
 }
@@ -348,6 +368,20 @@ impl KvmVm {
         guest::read_u64(&self.memory, guest::STATUS + 8 * cpu as u64)
     }
 
+    /// The key-value device (the `kv` guest only).
+    pub fn kv_device(&self) -> Option<Arc<KvDevice>> {
+        self.kv.clone()
+    }
+
+    /// Epoch `epoch` (the checkpoint taken at this VM's `epoch`-th stop) is on the
+    /// backup: with output commit, the device releases the replies produced in it
+    /// and before.
+    pub fn committed(&self, epoch: u64) {
+        if let Some(kv) = &self.kv {
+            kv.committed(epoch);
+        }
+    }
+
     /// How long the parts of the last pause took.
     pub fn pause_times(&self) -> PauseTimes {
         self.times
@@ -405,6 +439,7 @@ impl Protected for KvmVm {
         self.times.harvest = started.elapsed();
         self.times.dirty_pages = dirty.len() - first;
         dirty.append(&mut self.host_writes);
+        dirty.append(&mut self.vcpus.take_host_writes());
         Ok(())
     }
 
