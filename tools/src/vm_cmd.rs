@@ -1,11 +1,13 @@
 //! `fgbi vm`: lists the built-in KVM guest programs, and runs one in a micro-VM,
 //! unprotected, printing its progress.
 
+use std::net::TcpListener;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use fgbi_hyp::kvm::ep::EpResult;
+use fgbi_hyp::kvm::kv_server::KvServer;
 use fgbi_hyp::kvm::{DirtyTracking, KvmError, KvmVm, Program, VmConfig};
 
 use crate::size::parse_size;
@@ -43,6 +45,10 @@ struct RunArgs {
     /// Seed of the guest's random choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// kv guest: serve it in the Redis protocol on this local TCP port (0: any free
+    /// port, printed).
+    #[arg(long)]
+    port: Option<u16>,
 }
 
 /// Runs `fgbi vm`.
@@ -68,6 +74,9 @@ fn run_guest(args: RunArgs) -> Result<ExitCode, String> {
     if !(args.seconds.is_finite() && args.seconds > 0.0) {
         return Err("--seconds must be a positive number".into());
     }
+    if args.port.is_some() != (program == Program::Kv) {
+        return Err("--port goes with the kv guest, and the kv guest needs --port".into());
+    }
     let mem = usize::try_from(parse_size(&args.mem)?)
         .map_err(|_| format!("--mem {} does not fit this machine", args.mem))?;
     let mut config = VmConfig::new(program, mem, DirtyTracking::Classic);
@@ -81,6 +90,19 @@ fn run_guest(args: RunArgs) -> Result<ExitCode, String> {
         args.vcpus,
         args.seconds
     );
+    let _server = match (args.port, vm.kv_device()) {
+        (Some(port), Some(device)) => {
+            let listener = TcpListener::bind(("127.0.0.1", port))
+                .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
+            let server = KvServer::start(listener, device).map_err(|e| e.to_string())?;
+            println!(
+                "serving the Redis protocol on {} (unprotected: replies leave at once)",
+                server.local_addr()
+            );
+            Some(server)
+        }
+        _ => None,
+    };
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
     let mut last = (0u64, started);
