@@ -211,10 +211,10 @@ impl KvDevice {
         for (slot, &id) in batch.iter().enumerate().take(count as usize) {
             let gpa = REPLIES + (slot * SLOT_BYTES) as u64;
             let mut header = [0u8; SLOT_HEADER];
-            memory.read(gpa, &mut header);
+            let read = memory.read(gpa, &mut header);
             let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
             let mut reply = vec![0u8; len.min(SLOT_BYTES - SLOT_HEADER)];
-            if len > reply.len() || !memory.read(gpa + SLOT_HEADER as u64, &mut reply) {
+            if !read || len > reply.len() || !memory.read(gpa + SLOT_HEADER as u64, &mut reply) {
                 reply = b"-ERR the VM wrote a malformed reply slot\r\n".to_vec();
             }
             match q.output_commit {

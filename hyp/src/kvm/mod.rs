@@ -11,8 +11,9 @@
 //! - [`ep`]: the result the NPB EP guest reports, and the host's check of it;
 //! - [`kv`]: the key-value device and its output commit; [`kv_server`]: its TCP
 //!   front end in the Redis protocol;
-//! - `sys`: the raw ioctls kvm-ioctls lacks, with their `unsafe` blocks (the only other
-//!   one registers guest memory in `vm.rs`).
+//! - `sys`: the raw ioctls kvm-ioctls lacks and the devices' view of guest memory,
+//!   with their `unsafe` blocks (the others: `vm.rs` registers guest memory and makes
+//!   that view of it; `kv.rs`'s unit tests make views of their buffers).
 //!
 //! On PVM hosts (nested KVM without VT-x/AMD-V, such as the development machines)
 //! only user-mode (CPL3) guest code runs natively; kernel-mode (CPL0) code is

@@ -2,8 +2,8 @@
 //! `KVM_CLEAR_DIRTY_LOG`, the per-vCPU dirty ring (its mapping, harvest and
 //! `KVM_RESET_DIRTY_RINGS`), the `immediate_exit` byte of a vCPU's `kvm_run` page
 //! written from another thread, and guest memory as the vCPU threads' devices reach
-//! it. All of the VMM's `unsafe` code is here, except the block in `vm.rs` that calls
-//! [`set_memory`] and makes the [`GuestMemory`] view.
+//! it. All of the VMM's `unsafe` code is here, except the blocks in `vm.rs` that call
+//! [`set_memory`] and [`GuestMemory::new`] (and those of `kv.rs`'s unit tests).
 
 use std::io;
 use std::os::fd::AsRawFd;

@@ -8,7 +8,8 @@
 //! returns `EINTR` because of the byte, and either way KVM first completes the I/O the
 //! vCPU last exited for. A thread parks only after such an `EINTR`, so a parked
 //! vCPU's state is always consistent for capture; the VM is stopped when all are
-//! parked. This is how firecracker and cloud-hypervisor kick vCPUs.
+//! parked. This is how firecracker and cloud-hypervisor kick vCPUs. A vCPU thread
+//! waiting for key-value requests (outside `KVM_RUN`) is woken by the stop too.
 //!
 //! A guest stop (fault, finish, unhandled exit) parks the vCPU that hit it at once;
 //! the others run on until the next [`VcpuThreads::stop`], after which none resumes.
