@@ -1,22 +1,25 @@
 //! A running KVM guest replicated epoch by epoch to an in-process replica, by each
 //! dirty tracking method, every epoch verified; then failover: a VM restored from
-//! the replica continues the guest exactly. Skips, loudly, without KVM.
+//! the replica continues the guest exactly, down to the NPB EP kernel's verified
+//! sums. Skips, loudly, without KVM.
 
 use std::time::Duration;
 
 use fgbi::local::LocalReplication;
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
-use fgbi_hyp::kvm::{DirtyTracking, GuestArgs, KvmVm, Program, VmConfig, probe};
+use fgbi_hyp::kvm::ep::{CLASS_S_BATCHES, EpResult};
+use fgbi_hyp::kvm::{DirtyTracking, GuestArgs, KvmVm, MachineState, Program, VmConfig, probe};
 
 const MEM: usize = 16 << 20;
 const EPOCHS: u64 = 30;
 
-fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs) {
+fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs, vcpus: usize) {
     if !fgbi_hyp::feature::available("KVM", probe(tracking)) {
         return;
     }
     let mut config = VmConfig::new(program, MEM, tracking);
     config.args = args;
+    config.vcpus = vcpus;
     let mut vm = KvmVm::new(config).unwrap();
     let geometry = Geometry::new(MEM as u64, 64).unwrap();
     let mut replication = LocalReplication::new(EncoderConfig::new(geometry, Mode::Fgbi)).unwrap();
@@ -32,7 +35,7 @@ fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs) {
     }
     pauses.sort_unstable();
     eprintln!(
-        "{tracking} {}: {EPOCHS} epochs verified, {dirty} dirty pages, pause median {:?} max {:?}",
+        "{tracking} {} on {vcpus} vCPUs: {EPOCHS} epochs verified, {dirty} dirty pages, pause median {:?} max {:?}",
         program.name(),
         pauses[pauses.len() / 2],
         pauses[pauses.len() - 1]
@@ -58,17 +61,24 @@ const COUNTER: GuestArgs = GuestArgs {
 
 #[test]
 fn a_counter_guest_is_replicated_and_fails_over_with_classic_dirty_logging() {
-    replicate(DirtyTracking::Classic, Program::Counter, COUNTER);
+    replicate(DirtyTracking::Classic, Program::Counter, COUNTER, 1);
 }
 
 #[test]
 fn a_counter_guest_is_replicated_and_fails_over_with_manual_protect() {
-    replicate(DirtyTracking::ManualProtect, Program::Counter, COUNTER);
+    replicate(DirtyTracking::ManualProtect, Program::Counter, COUNTER, 1);
 }
 
 #[test]
 fn a_counter_guest_is_replicated_and_fails_over_with_the_dirty_ring() {
-    replicate(DirtyTracking::Ring, Program::Counter, COUNTER);
+    replicate(DirtyTracking::Ring, Program::Counter, COUNTER, 1);
+}
+
+#[test]
+fn a_counter_guest_on_three_vcpus_is_replicated_and_fails_over_by_every_method() {
+    for tracking in DirtyTracking::ALL {
+        replicate(tracking, Program::Counter, COUNTER, 3);
+    }
 }
 
 #[test]
@@ -79,6 +89,48 @@ fn a_web_guest_is_replicated_by_every_method() {
         arg1: 1,
     };
     for tracking in DirtyTracking::ALL {
-        replicate(tracking, Program::Web, args);
+        replicate(tracking, Program::Web, args, 1);
     }
+}
+
+#[test]
+fn the_npb_ep_kernel_verifies_after_failing_over_mid_computation() {
+    if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
+        return;
+    }
+    let mem = 8 << 20;
+    let config = VmConfig::new(Program::Ep, mem, DirtyTracking::Classic);
+    let mut vm = KvmVm::new(config).unwrap();
+    let geometry = Geometry::new(mem as u64, 64).unwrap();
+    let mut replication = LocalReplication::new(EncoderConfig::new(geometry, Mode::Fgbi)).unwrap();
+    // Checkpoint the computing kernel, every epoch verified, until the replica holds
+    // an eighth of its batches.
+    let mut batches = 0;
+    let mut epochs = 0;
+    while batches < CLASS_S_BATCHES / 8 {
+        let report = replication.checkpoint(&mut vm, true).unwrap();
+        assert_eq!(report.verified, Some(true), "epoch {}", report.epoch);
+        batches = MachineState::decode(replication.state())
+            .unwrap()
+            .devices
+            .least_progress();
+        epochs += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        batches < CLASS_S_BATCHES,
+        "the kernel finished before the failover ({batches} batches)"
+    );
+    // The primary dies mid-computation; the replica's VM finishes the kernel.
+    drop(vm);
+    let (restored, _) = KvmVm::restore(config, replication.replica(), replication.state()).unwrap();
+    assert_eq!(restored.progress(), batches);
+    let code = restored.wait_finish(Duration::from_secs(120)).unwrap();
+    let console = restored.console();
+    let result = EpResult::parse(&console).expect(&console);
+    eprintln!("failed over after {epochs} epochs at batch {batches}: {result:?}");
+    assert_eq!(code, 0, "{console}");
+    assert!(result.guest_verified, "{console}");
+    assert!(result.verifies_class_s(), "{result:?}");
+    assert_eq!(restored.progress(), CLASS_S_BATCHES);
 }

@@ -2,7 +2,8 @@
 
 use std::ops::Range;
 
-use super::resp::Reply;
+use fgbi_hyp::resp::Reply;
+
 use super::store::{Store, StoreError};
 
 /// What the connection does after a command.

@@ -6,7 +6,6 @@
 
 pub mod commands;
 pub mod memory;
-pub mod resp;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -21,10 +21,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fgbi_hyp::process::ProcessHandle;
+use fgbi_hyp::resp::{self, Reply};
 use fgbi_hyp::safepoint::Safepoint;
 
 use super::commands::{self, LiveStore, Next, Request};
-use super::resp::{self, Reply};
 
 /// Most connections served at once; more are told so and closed.
 const MAX_CLIENTS: usize = 256;

@@ -1,13 +1,14 @@
 /* touch: writes exactly the data pages the VMM lists, for checking dirty tracking
  * against ground truth. It waits until the VMM asks for a new round, writes one word
  * into every page of the table, then rings the doorbell with the round number. It
- * writes nothing else: no stack, no status. */
+ * writes nothing else: no stack, no status. One vCPU only. */
 #include "guest.h"
 
-void guest_main(void)
+void guest_main(uint64_t cpu)
 {
 	uint64_t done = 0;
 
+	(void)cpu;
 	for (;;) {
 		uint64_t round;
 		while ((round = PARAMS->round) == done)

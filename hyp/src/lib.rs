@@ -7,6 +7,7 @@
 //! consistent stop.
 //!
 //! [`kvm::KvmVm`] implements it for KVM micro-VMs running small guest programs.
+//! [`resp`] is the Redis protocol shared by the services built on them.
 //!
 //! [`memory`] maps the regions that hold protected memory and replicas.
 //! [`workload`] holds the synthetic workloads named after the paper's benchmarks by
@@ -20,6 +21,7 @@ pub mod kvm;
 pub mod memory;
 pub mod process;
 pub mod protected;
+pub mod resp;
 pub mod safepoint;
 pub mod synthetic;
 pub mod trace;

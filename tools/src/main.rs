@@ -10,6 +10,7 @@ mod record_cmd;
 mod replicate_cmd;
 mod size;
 mod transport_arg;
+mod vm_cmd;
 
 use std::process::ExitCode;
 
@@ -42,6 +43,8 @@ enum Command {
     /// The key-value service `fgbi demo` protects (examples/kv).
     #[command(hide = true)]
     Kv(kv::Args),
+    /// Lists the built-in KVM guest programs, or runs one in a micro-VM.
+    Vm(vm_cmd::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Backup(args) => replicate_cmd::backup(args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Kv(args) => Ok(kv::run(&args)),
+        Command::Vm(args) => vm_cmd::run(args),
     };
     match result {
         Ok(code) => code,

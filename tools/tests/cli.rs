@@ -200,3 +200,120 @@ fn replication_commands_refuse_bad_keys_and_addresses_clearly() {
     assert_eq!(code, 2, "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn vm_list_names_every_guest_with_a_description() {
+    let (code, stdout, stderr) = fgbi(&["vm", "list"]);
+    assert_eq!(code, 0, "{stderr}");
+    for program in fgbi_hyp::kvm::Program::ALL {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(program.name()))
+            .unwrap_or_else(|| panic!("{} missing from:\n{stdout}", program.name()));
+        assert!(line.contains(program.summary()), "{line}");
+    }
+}
+
+#[test]
+fn vm_run_refuses_unknown_guests_and_bad_sizes() {
+    let (code, _, stderr) = fgbi(&["vm", "run", "linux"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("unknown guest \"linux\""), "{stderr}");
+    let (code, _, stderr) = fgbi(&["vm", "run", "web", "--mem", "3M"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("multiple of 2 MiB"), "{stderr}");
+    let (code, _, stderr) = fgbi(&["vm", "run", "ep", "--vcpus", "2"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("use 1 to 1"), "{stderr}");
+    let (code, _, stderr) = fgbi(&["vm", "run", "kv"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("needs --port"), "{stderr}");
+}
+
+#[test]
+fn vm_run_prints_progress_and_the_ep_guest_verifies() {
+    use fgbi_hyp::kvm::{DirtyTracking, probe};
+    if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
+        return;
+    }
+    let (code, stdout, stderr) = fgbi(&[
+        "vm",
+        "run",
+        "web",
+        "--mem",
+        "8M",
+        "--seconds",
+        "2",
+        "--vcpus",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("2 vCPU(s)"), "{stdout}");
+    assert!(stdout.contains("per vCPU"), "{stdout}");
+    assert!(stdout.contains("web: start"), "{stdout}");
+    assert!(stdout.contains("stopped after"), "{stdout}");
+    let (code, stdout, stderr) = fgbi(&["vm", "run", "ep", "--mem", "8M", "--seconds", "120"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("finished with exit code 0"), "{stdout}");
+    assert!(stdout.contains(" verified"), "{stdout}");
+    assert!(
+        stdout.contains("host check of the class S sums: verified"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn vm_run_serves_the_kv_guest_to_redis_cli() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    use fgbi_hyp::kvm::{DirtyTracking, probe};
+    if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
+        return;
+    }
+    let cli_here = Command::new("redis-cli")
+        .arg("--version")
+        .output()
+        .map(drop)
+        .map_err(|_| "redis-cli not on PATH; install Debian's redis-tools (.ci/run does)");
+    if !fgbi_hyp::feature::available("redis-cli", cli_here) {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fgbi"))
+        .args([
+            "vm",
+            "run",
+            "kv",
+            "--mem",
+            "8M",
+            "--port",
+            "0",
+            "--seconds",
+            "30",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let port = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("serving the Redis protocol on 127.0.0.1:")
+                .and_then(|rest| rest.split_whitespace().next().map(str::to_string))
+        })
+        .expect("fgbi vm run kv prints its port");
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli(&["SET", "k", "v"]), "OK");
+    assert_eq!(cli(&["GET", "k"]), "v");
+    assert_eq!(cli(&["INCR", "n"]), "1");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

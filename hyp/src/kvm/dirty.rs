@@ -7,8 +7,9 @@
 //!   enabled, `KVM_GET_DIRTY_LOG` only reads the bitmap; `KVM_CLEAR_DIRTY_LOG`
 //!   re-protects the pages it names.
 //! - [`DirtyTracking::Ring`]: with `KVM_CAP_DIRTY_LOG_RING(_ACQ_REL)` enabled before
-//!   the vCPUs exist, KVM pushes each newly dirtied page into the vCPU's ring; the VMM
-//!   collects entries, marks them reset, and `KVM_RESET_DIRTY_RINGS` re-protects them.
+//!   the vCPUs exist, KVM pushes each newly dirtied page into the ring of the vCPU
+//!   that wrote it (one ring per vCPU); the VMM collects every ring's entries, marks
+//!   them reset, and `KVM_RESET_DIRTY_RINGS` re-protects them.
 //!   When a ring fills, the vCPU exits (`KVM_EXIT_DIRTY_RING_FULL`) and its thread
 //!   collects into [`RingLog::pending`] before running on.
 
@@ -131,12 +132,12 @@ pub enum DirtyLog {
     Classic,
     /// See [`DirtyTracking::ManualProtect`].
     ManualProtect,
-    /// See [`DirtyTracking::Ring`]; `None` until the vCPU exists.
+    /// See [`DirtyTracking::Ring`]: one ring per vCPU.
     Ring {
-        /// Ring size in bytes.
+        /// Ring size in bytes (each).
         bytes: u32,
-        /// The vCPU's ring.
-        ring: Option<SharedRing>,
+        /// Every vCPU's ring, in vCPU order.
+        rings: Vec<SharedRing>,
     },
 }
 
@@ -178,7 +179,10 @@ impl DirtyLog {
                 };
                 vm.enable_cap(&cap)
                     .map_err(|e| KvmError::ioctl("KVM_ENABLE_CAP(DIRTY_LOG_RING)", e))?;
-                Ok(DirtyLog::Ring { bytes, ring: None })
+                Ok(DirtyLog::Ring {
+                    bytes,
+                    rings: Vec::new(),
+                })
             }
         }
     }
@@ -186,7 +190,7 @@ impl DirtyLog {
     /// Maps the ring of a new vCPU (ring tracking only); returns it for the vCPU
     /// thread's ring-full exits.
     pub fn attach(&mut self, vcpu: &VcpuFd) -> Result<Option<SharedRing>, KvmError> {
-        let DirtyLog::Ring { bytes, ring } = self else {
+        let DirtyLog::Ring { bytes, rings } = self else {
             return Ok(None);
         };
         let mapped = DirtyRing::map(vcpu, *bytes as usize)
@@ -195,7 +199,7 @@ impl DirtyLog {
             ring: mapped,
             pending: Vec::new(),
         }));
-        *ring = Some(Arc::clone(&shared));
+        rings.push(Arc::clone(&shared));
         Ok(Some(shared))
     }
 
@@ -227,13 +231,17 @@ impl DirtyLog {
                 }
                 push_set_bits(&bitmap, out);
             }
-            DirtyLog::Ring { ring, .. } => {
-                let ring = ring
-                    .as_ref()
-                    .ok_or(KvmError::Order("harvest before the vCPU's ring is mapped"))?;
-                let mut log = ring.lock().unwrap_or_else(|e| e.into_inner());
-                log.collect(vm)?;
-                out.append(&mut log.pending);
+            DirtyLog::Ring { rings, .. } => {
+                if rings.is_empty() {
+                    return Err(KvmError::Order(
+                        "harvest before the vCPUs' rings are mapped",
+                    ));
+                }
+                for ring in rings {
+                    let mut log = ring.lock().unwrap_or_else(|e| e.into_inner());
+                    log.collect(vm)?;
+                    out.append(&mut log.pending);
+                }
             }
         }
         Ok(())

@@ -12,12 +12,12 @@
 //! | `0x8000` | parameters (VMM writes, guest reads) |
 //! | `0x9000` | status (guest writes) |
 //! | `0xa000` | TSS with an I/O bitmap allowing every port |
-//! | `0x10000` | the program image, entered at its first byte |
-//! | `..0x100000` | the stack, growing down from `0x100000` |
-//! | `0x100000` | the touch program's page table (VMM writes), up to 256 Ki entries |
+//! | `0x10000` | the program image (up to `0x80000`), entered at its first byte |
+//! | `0x80000..0x100000` | the stacks, 64 KiB per vCPU, vCPU *i*'s growing down from `0x100000 - i * 0x10000` |
+//! | `0x100000` | the touch program's page table (VMM writes), up to 256 Ki entries; or the key-value device's request slots, and from `0x140000` its reply slots |
 //! | `0x200000` | the data area the programs write, to the end of memory |
 
-use kvm_bindings::{kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use crate::workload::{PAGE, write_at};
 
@@ -44,8 +44,13 @@ pub const STATUS: u64 = 0x9000;
 pub const IMAGE: u64 = 0x10000;
 /// The largest program image.
 const IMAGE_MAX: usize = 0x70000;
-/// The initial stack pointer: as if `_start` had been called from `0x100000`.
-const STACK: u64 = 0x100000 - 8;
+/// The top of vCPU 0's stack.
+const STACK_TOP: u64 = 0x100000;
+/// Each vCPU's stack, below the previous one's (`MAX_VCPUS` of them end at the image
+/// area's end).
+const STACK_BYTES: u64 = 0x10000;
+/// The most vCPUs a VM has (guest.h `MAX_VCPUS`: the status page has a slot each).
+pub const MAX_VCPUS: usize = 8;
 /// Guest-physical address of the touch program's page table.
 pub const TABLE: u64 = 0x100000;
 /// Entries the touch table holds (u32 each).
@@ -63,6 +68,8 @@ pub const PORT_CONSOLE: u16 = 0x3f8;
 pub const PORT_DOORBELL: u16 = 0x510;
 /// The fault port: an `out32` of a code when the guest finds its memory inconsistent.
 pub const PORT_FAULT: u16 = 0x511;
+/// The exit port: an `out32` of a code when the program has finished (0: success).
+pub const PORT_EXIT: u16 = 0x512;
 /// `PARAMS_MAGIC` of guest.h: the parameter page is filled.
 const PARAMS_MAGIC: u64 = 0x6667626967756573;
 
@@ -77,6 +84,7 @@ mod field {
     pub const ROUND: u64 = 48;
     pub const TABLE: u64 = 56;
     pub const TABLE_LEN: u64 = 64;
+    pub const VCPUS: u64 = 72;
 }
 
 /// A guest program, built from `hyp/guest/<name>.c`.
@@ -95,15 +103,54 @@ pub enum Program {
     /// Writes exactly the data pages the VMM lists ([`crate::kvm::KvmVm::post_round`]),
     /// for checking dirty tracking against ground truth.
     Touch,
+    /// The `npb-ep` workload's behaviour, by running the NPB EP kernel for ever: a
+    /// 16-page batch buffer of fresh random numbers and a page of accumulators
+    /// rewritten each iteration. `arg1`: doorbell interval.
+    NpbEp,
+    /// The `sys` workload's behaviour: pointer-sized updates across a slab, pages
+    /// zeroed from a pool, pages copied from a cache. `arg1`: doorbell interval.
+    Sys,
+    /// The `dup` workload's behaviour: fresh source pages copied whole and in
+    /// 64-256 byte pieces into many others. `arg1`: doorbell interval.
+    Dup,
+    /// The NPB EP kernel, class S, verified against the specification's sums; the
+    /// doorbell counts its 256 batches; it prints its result ([`super::ep::EpResult`])
+    /// and finishes. One vCPU.
+    Ep,
+    /// Programs the in-kernel PICs and PIT through their ports, counts PIT periods
+    /// by polling its counter, and faults if the devices lose their programming
+    /// (a restore without their state). Needs the irqchip; one vCPU.
+    Pit,
+    /// A key-value store in guest memory served through the key-value device
+    /// ([`super::kv`]); [`super::kv_server`] exposes it over TCP in the Redis
+    /// protocol. One vCPU.
+    Kv,
+}
+
+impl Program {
+    /// The most vCPUs the program uses: each vCPU of the others works in its own
+    /// share of the data area.
+    pub fn max_vcpus(self) -> usize {
+        match self {
+            Program::Touch | Program::Ep | Program::Pit | Program::Kv => 1,
+            _ => MAX_VCPUS,
+        }
+    }
 }
 
 impl Program {
     /// Every program.
-    pub const ALL: [Program; 4] = [
+    pub const ALL: [Program; 10] = [
         Program::Counter,
         Program::Web,
         Program::Dense,
         Program::Touch,
+        Program::NpbEp,
+        Program::Sys,
+        Program::Dup,
+        Program::Ep,
+        Program::Pit,
+        Program::Kv,
     ];
 
     /// The program's name (its source file's).
@@ -113,6 +160,40 @@ impl Program {
             Program::Web => "web",
             Program::Dense => "dense",
             Program::Touch => "touch",
+            Program::NpbEp => "npb-ep",
+            Program::Sys => "sys",
+            Program::Dup => "dup",
+            Program::Ep => "ep",
+            Program::Pit => "pit",
+            Program::Kv => "kv",
+        }
+    }
+
+    /// One line on what the program does.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Program::Counter => {
+                "a counter and a memory pattern the guest checks itself (faults on any gap)"
+            }
+            Program::Web => "scattered small writes, like a web server (the web workload)",
+            Program::Dense => "every word of a hot set rewritten (the dense workload)",
+            Program::Touch => {
+                "writes exactly the pages the VMM lists (dirty tracking ground truth)"
+            }
+            Program::NpbEp => {
+                "the NPB EP kernel for ever: a batch buffer and accumulators (the npb-ep workload)"
+            }
+            Program::Sys => {
+                "slab updates, pool pages zeroed, cache pages copied (the sys workload)"
+            }
+            Program::Dup => "fresh pages copied whole and in pieces (the dup workload)",
+            Program::Ep => {
+                "the NPB EP kernel, class S, verified against the specification; finishes"
+            }
+            Program::Pit => {
+                "programs the in-kernel PICs and PIT, counts PIT periods, checks they keep it"
+            }
+            Program::Kv => "a key-value store in guest memory, served in the Redis protocol",
         }
     }
 
@@ -123,7 +204,33 @@ impl Program {
             Program::Web => include_bytes!(concat!(env!("OUT_DIR"), "/web.bin")),
             Program::Dense => include_bytes!(concat!(env!("OUT_DIR"), "/dense.bin")),
             Program::Touch => include_bytes!(concat!(env!("OUT_DIR"), "/touch.bin")),
+            Program::NpbEp => include_bytes!(concat!(env!("OUT_DIR"), "/npb-ep.bin")),
+            Program::Sys => include_bytes!(concat!(env!("OUT_DIR"), "/sys.bin")),
+            Program::Dup => include_bytes!(concat!(env!("OUT_DIR"), "/dup.bin")),
+            Program::Ep => include_bytes!(concat!(env!("OUT_DIR"), "/ep.bin")),
+            Program::Pit => include_bytes!(concat!(env!("OUT_DIR"), "/pit.bin")),
+            Program::Kv => include_bytes!(concat!(env!("OUT_DIR"), "/kv.bin")),
         }
+    }
+}
+
+impl std::fmt::Display for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl std::str::FromStr for Program {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|p| p.name()).collect();
+                format!("unknown guest {s:?}: use one of {}", names.join(", "))
+            })
     }
 }
 
@@ -180,14 +287,22 @@ pub fn check_size(mem_bytes: usize) -> Result<(), String> {
 }
 
 /// Writes the GDT, TSS, page tables, parameter page and program image into fresh
-/// (zeroed) guest memory, recording the pages written in `written`.
+/// (zeroed) guest memory for `vcpus` vCPUs, recording the pages written in `written`.
 pub fn write_boot(
     memory: &mut [u8],
     program: Program,
     args: GuestArgs,
+    vcpus: usize,
     written: &mut Vec<u64>,
 ) -> Result<(), String> {
     check_size(memory.len())?;
+    if !(1..=program.max_vcpus()).contains(&vcpus) {
+        return Err(format!(
+            "{vcpus} vCPUs for the {} guest: use 1 to {}",
+            program.name(),
+            program.max_vcpus()
+        ));
+    }
     let image = program.image();
     if image.len() > IMAGE_MAX {
         return Err(format!(
@@ -243,6 +358,7 @@ pub fn write_boot(
         (field::ARG0, args.arg0),
         (field::ARG1, args.arg1),
         (field::TABLE, TABLE),
+        (field::VCPUS, vcpus as u64),
         (field::MAGIC, PARAMS_MAGIC),
     ];
     for (offset, value) in params {
@@ -344,9 +460,17 @@ pub fn set_long_mode(sregs: &mut kvm_sregs, privilege: Privilege) {
 /// code reaches the device ports through the TSS's I/O bitmap).
 const RFLAGS: u64 = 0x2;
 
-/// The entry point, stack pointer and flags of a fresh guest.
-pub fn entry() -> (u64, u64, u64) {
-    (IMAGE, STACK, RFLAGS)
+/// The registers of vCPU `cpu` of a fresh guest: the entry point, its own stack (as
+/// if `_start` had been called from its top) and its index in RDI, `_start`'s
+/// argument.
+pub fn entry(cpu: usize) -> kvm_regs {
+    kvm_regs {
+        rip: IMAGE,
+        rsp: STACK_TOP - cpu as u64 * STACK_BYTES - 8,
+        rflags: RFLAGS,
+        rdi: cpu as u64,
+        ..Default::default()
+    }
 }
 
 /// The low half of the TSS descriptor: base, limit 0x67, type 11 (busy 64-bit TSS),
@@ -376,7 +500,8 @@ mod tests {
             arg0: 7,
             arg1: 9,
         };
-        write_boot(&mut memory, Program::Counter, args, &mut written).unwrap();
+        write_boot(&mut memory, Program::Counter, args, 1, &mut written).unwrap();
+        assert_eq!(read_u64(&memory, PARAMS + field::VCPUS), 1);
         assert_eq!(read_u64(&memory, PARAMS), PARAMS_MAGIC);
         assert_eq!(
             read_u64(&memory, PARAMS + field::DATA_PAGES),
@@ -403,6 +528,25 @@ mod tests {
         assert!(check_size((4 << 20) + 4096).is_err());
         assert!(check_size(8 << 30).is_err());
         assert!(check_size(64 << 20).is_ok());
+        let mut fresh = vec![0u8; 4 << 20];
+        let args = GuestArgs::default();
+        assert!(write_boot(&mut fresh, Program::Ep, args, 2, &mut Vec::new()).is_err());
+        assert!(
+            write_boot(
+                &mut fresh,
+                Program::Web,
+                args,
+                MAX_VCPUS + 1,
+                &mut Vec::new()
+            )
+            .is_err()
+        );
+        assert!(write_boot(&mut fresh, Program::Web, args, 0, &mut Vec::new()).is_err());
+        // The last vCPU's stack ends where the image area does.
+        assert_eq!(
+            entry(MAX_VCPUS - 1).rsp + 8 - STACK_BYTES,
+            IMAGE + IMAGE_MAX as u64
+        );
         let mut memory = vec![0u8; 4 << 20];
         let mut written = Vec::new();
         assert!(write_round(&mut memory, 1, &[512], &mut written).is_err());
@@ -420,6 +564,9 @@ mod tests {
                 "{}",
                 program.name()
             );
+            assert_eq!(program.name().parse::<Program>(), Ok(program));
         }
+        let err = "linux".parse::<Program>().unwrap_err();
+        assert!(err.contains("npb-ep"), "{err}");
     }
 }

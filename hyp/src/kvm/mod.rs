@@ -1,6 +1,6 @@
-//! KVM micro-VMs as protected programs: one vCPU running a small freestanding guest
+//! KVM micro-VMs as protected programs: vCPUs running a small freestanding guest
 //! program in 64-bit long mode, its memory a [`crate::memory::Region`] registered with
-//! KVM's dirty logging, stopped and resumed per epoch by signalling its thread, its
+//! KVM's dirty logging, stopped and resumed per epoch by signalling their threads, its
 //! machine state captured into a versioned, checksummed blob that a fresh VM restores.
 //!
 //! - [`vm`]: the VM ([`KvmVm`]): creation, boot, restore, the [`crate::protected::Protected`] impl;
@@ -8,15 +8,22 @@
 //! - [`dirty`]: the three dirty tracking methods;
 //! - [`state`]: machine state capture, restore and its encoding;
 //! - [`guest`]: the guest memory layout, the guest programs and the CPU setup;
-//! - `sys`: the raw ioctls kvm-ioctls lacks, with their `unsafe` blocks (the only other
-//!   one registers guest memory in `vm.rs`).
+//! - [`ep`]: the result the NPB EP guest reports, and the host's check of it;
+//! - [`kv`]: the key-value device and its output commit; [`kv_server`]: its TCP
+//!   front end in the Redis protocol;
+//! - `sys`: the raw ioctls kvm-ioctls lacks and the devices' view of guest memory,
+//!   with their `unsafe` blocks (the others: `vm.rs` registers guest memory and makes
+//!   that view of it; `kv.rs`'s unit tests make views of their buffers).
 //!
 //! On PVM hosts (nested KVM without VT-x/AMD-V, such as the development machines)
 //! only user-mode (CPL3) guest code runs natively; kernel-mode (CPL0) code is
 //! emulated instruction by instruction. [`guest::Privilege`] chooses.
 
 pub mod dirty;
+pub mod ep;
 pub mod guest;
+pub mod kv;
+pub mod kv_server;
 pub mod state;
 mod sys;
 pub mod vcpu;
@@ -90,6 +97,16 @@ pub enum KvmError {
     Timeout {
         /// Iterations waited for.
         target: u64,
+        /// Iterations reached.
+        reached: u64,
+        /// How long.
+        waited: Duration,
+    },
+    /// The guest program did not finish in time.
+    #[error(
+        "the guest did not finish within {waited:?} (it reached iteration {reached}): it is stuck or too slow"
+    )]
+    NotFinished {
         /// Iterations reached.
         reached: u64,
         /// How long.

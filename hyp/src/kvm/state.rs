@@ -1,8 +1,8 @@
-//! Machine state for the checkpoint's state blob: everything of the vCPU and the VM
-//! that is not guest memory, captured while the vCPU is stopped, and a versioned,
+//! Machine state for the checkpoint's state blob: everything of the vCPUs and the VM
+//! that is not guest memory, captured while every vCPU is stopped, and a versioned,
 //! checksummed encoding of it.
 //!
-//! # Format (version 1)
+//! # Format (version 3)
 //!
 //! ```text
 //! magic "FGBIKVM\0" | version u32 | flags u32 (0)
@@ -11,17 +11,32 @@
 //! ```
 //!
 //! All integers are little-endian; KVM structures are stored as their x86-64 C
-//! layout. Sections, each once, in this order: machine (memory size, privilege),
-//! REGS, SREGS, XSAVE (x87, SSE and AVX state: it supersedes KVM_GET_FPU), XCRS, MSRS
-//! (an array of `kvm_msr_entry`), VCPU_EVENTS, MP_STATE, DEBUGREGS, LAPIC (only with
-//! an in-kernel irqchip), CLOCK (`kvm_clock_data`), devices (doorbell progress u64,
-//! fault code u32, then the console bytes). A decoder refuses a bad magic, another
-//! version, a bad checksum, an unknown or repeated tag, a wrong section size, or a
-//! missing section.
+//! layout. A tag's low 16 bits name the section's kind, its high 16 bits the vCPU a
+//! per-vCPU section belongs to (0 for the VM's sections). Sections, each once:
+//!
+//! - the VM's: machine (memory size u64, privilege u32, vCPU count u32), CLOCK
+//!   (`kvm_clock_data`), devices (vCPU count u32, each vCPU's doorbell progress u64,
+//!   fault code u32, then the console bytes), and with an in-kernel irqchip PIC_MASTER,
+//!   PIC_SLAVE and IOAPIC (each a `kvm_irqchip` of its chip id) and PIT
+//!   (`kvm_pit_state2`);
+//! - each vCPU's, in vCPU order: REGS, SREGS, XSAVE (x87, SSE and AVX state: it
+//!   supersedes KVM_GET_FPU), XCRS, MSRS (an array of `kvm_msr_entry`), VCPU_EVENTS,
+//!   MP_STATE, DEBUGREGS, LAPIC (every vCPU's or none: only with an in-kernel
+//!   irqchip).
+//!
+//! A decoder refuses a bad magic, another version, a bad checksum, an unknown or
+//! repeated tag, a section of a vCPU the machine does not have, a wrong section size,
+//! a missing section, a vCPU count out of range or differing between sections, an
+//! irqchip section holding another chip, and irqchip or PIT sections without LAPICs
+//! (or LAPICs without them).
+
+use std::collections::BTreeMap;
+use std::ops::Deref;
 
 use kvm_bindings::{
-    Msrs, kvm_clock_data, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
+    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use thiserror::Error;
@@ -29,15 +44,15 @@ use xxhash_rust::xxh3::xxh3_64;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::KvmError;
-use super::guest::Privilege;
+use super::guest::{MAX_VCPUS, Privilege};
 use super::sys;
 
 /// The blob's first bytes.
 const MAGIC: &[u8; 8] = b"FGBIKVM\0";
 /// The format version this module writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 3;
 
-/// Section tags, in the order they are written.
+/// Section kinds (a tag's low 16 bits).
 mod tag {
     pub const MACHINE: u32 = 1;
     pub const REGS: u32 = 2;
@@ -51,6 +66,15 @@ mod tag {
     pub const LAPIC: u32 = 10;
     pub const CLOCK: u32 = 11;
     pub const DEVICES: u32 = 12;
+    pub const PIC_MASTER: u32 = 13;
+    pub const PIC_SLAVE: u32 = 14;
+    pub const IOAPIC: u32 = 15;
+    pub const PIT: u32 = 16;
+
+    /// The tag of vCPU `vcpu`'s section of kind `kind`.
+    pub fn of(kind: u32, vcpu: usize) -> u32 {
+        kind | (vcpu as u32) << 16
+    }
 }
 
 /// A state blob could not be decoded.
@@ -79,7 +103,7 @@ pub enum StateError {
     Truncated(usize),
     /// A section has the wrong size for what it holds.
     #[error(
-        "state blob section {tag} is {len} bytes, expected {expected}: the blob is damaged or from another build"
+        "state blob section {tag:#x} is {len} bytes, expected {expected}: the blob is damaged or from another build"
     )]
     SectionSize {
         /// Section tag.
@@ -89,33 +113,52 @@ pub enum StateError {
         /// The size its structure has.
         expected: usize,
     },
-    /// An unknown or repeated section.
+    /// An unknown or repeated section, or one of a vCPU the machine does not have.
     #[error(
-        "state blob has an unexpected section {0} (unknown or repeated): the blob is from another build"
+        "state blob has an unexpected section {0:#x} (unknown, repeated or of a vCPU beyond the machine's): the blob is from another build"
     )]
     Section(u32),
     /// A required section is missing.
-    #[error("state blob lacks its {0} section: the blob is incomplete")]
-    Missing(&'static str),
+    #[error("state blob lacks the {section} section of {owner}: the blob is incomplete")]
+    Missing {
+        /// The section.
+        section: &'static str,
+        /// "the VM" or "vCPU n".
+        owner: String,
+    },
+    /// The vCPU count is out of range or differs between sections.
+    #[error("state blob is inconsistent: {0}: the blob is damaged or from another build")]
+    Inconsistent(String),
 }
 
 /// The VMM's devices: the doorbell and console ports.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeviceState {
-    /// The guest's iteration count as last reported on the doorbell.
-    pub progress: u64,
+    /// Each vCPU's iteration count as last reported on its doorbell.
+    pub progress: Vec<u64>,
     /// The fault code the guest reported (0: none).
     pub fault: u32,
-    /// Console output so far.
+    /// Console output so far (every vCPU's).
     pub console: Vec<u8>,
 }
 
-/// Everything of a stopped machine that is not guest memory.
-pub struct MachineState {
-    /// Guest memory size in bytes.
-    pub mem_bytes: u64,
-    /// The guest's privilege level.
-    pub privilege: Privilege,
+impl DeviceState {
+    /// Fresh devices of a VM of `vcpus` vCPUs.
+    pub fn new(vcpus: usize) -> Self {
+        Self {
+            progress: vec![0; vcpus],
+            ..Self::default()
+        }
+    }
+
+    /// The least progress of any vCPU (the VM's progress).
+    pub fn least_progress(&self) -> u64 {
+        self.progress.iter().copied().min().unwrap_or(0)
+    }
+}
+
+/// Everything of a stopped vCPU.
+pub struct VcpuState {
     /// General-purpose registers.
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers.
@@ -134,8 +177,85 @@ pub struct MachineState {
     pub debugregs: kvm_debugregs,
     /// The local APIC (with an in-kernel irqchip).
     pub lapic: Option<kvm_lapic_state>,
+}
+
+/// The state of the devices KVM emulates in the kernel with an irqchip: the two
+/// 8259 PICs, the IOAPIC and the 8254 PIT.
+pub struct KernelDevices {
+    /// The master PIC (`KVM_GET_IRQCHIP`, chip 0).
+    pub pic_master: kvm_irqchip,
+    /// The slave PIC (chip 1).
+    pub pic_slave: kvm_irqchip,
+    /// The IOAPIC (chip 2).
+    pub ioapic: kvm_irqchip,
+    /// The PIT (`KVM_GET_PIT2`).
+    pub pit: kvm_pit_state2,
+}
+
+impl KernelDevices {
+    /// The irqchip sections: tag, name, chip id, state.
+    fn chips(&self) -> [(u32, &'static str, u32, &kvm_irqchip); 3] {
+        [
+            (
+                tag::PIC_MASTER,
+                "PIC_MASTER",
+                KVM_IRQCHIP_PIC_MASTER,
+                &self.pic_master,
+            ),
+            (
+                tag::PIC_SLAVE,
+                "PIC_SLAVE",
+                KVM_IRQCHIP_PIC_SLAVE,
+                &self.pic_slave,
+            ),
+            (tag::IOAPIC, "IOAPIC", KVM_IRQCHIP_IOAPIC, &self.ioapic),
+        ]
+    }
+
+    /// Reads them from `vm`.
+    fn capture(vm: &VmFd) -> Result<Self, KvmError> {
+        let chip = |chip_id| {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map(|()| chip)
+                .map_err(|x| KvmError::ioctl("KVM_GET_IRQCHIP", x))
+        };
+        Ok(Self {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: vm
+                .get_pit2()
+                .map_err(|x| KvmError::ioctl("KVM_GET_PIT2", x))?,
+        })
+    }
+
+    /// Loads them into `vm` (which has an irqchip and a PIT).
+    fn restore(&self, vm: &VmFd) -> Result<(), KvmError> {
+        for (_, _, _, chip) in self.chips() {
+            vm.set_irqchip(chip)
+                .map_err(|x| KvmError::ioctl("KVM_SET_IRQCHIP", x))?;
+        }
+        vm.set_pit2(&self.pit)
+            .map_err(|x| KvmError::ioctl("KVM_SET_PIT2", x))
+    }
+}
+
+/// Everything of a stopped machine that is not guest memory.
+pub struct MachineState {
+    /// Guest memory size in bytes.
+    pub mem_bytes: u64,
+    /// The guest's privilege level.
+    pub privilege: Privilege,
+    /// Every vCPU's state, in vCPU order.
+    pub vcpus: Vec<VcpuState>,
     /// The VM's kvmclock.
     pub clock: kvm_clock_data,
+    /// The in-kernel PICs, IOAPIC and PIT (with an irqchip).
+    pub kernel_devices: Option<KernelDevices>,
     /// The VMM's devices.
     pub devices: DeviceState,
 }
@@ -143,7 +263,7 @@ pub struct MachineState {
 /// What a restore could not carry over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestoreReport {
-    /// MSRs KVM refused to set (each skipped; the rest were set).
+    /// MSRs KVM refused to set (each skipped; the rest were set), on any vCPU.
     pub skipped_msrs: Vec<u32>,
 }
 
@@ -170,21 +290,22 @@ pub fn read_msrs(vcpu: &VcpuFd, indices: &mut Vec<u32>) -> Result<Vec<kvm_msr_en
     }
 }
 
-/// Captures the vCPU's and the VM's state. `msrs` is the list of readable MSRs
-/// (pruned as [`read_msrs`] does).
-pub fn capture(
-    vcpu: &VcpuFd,
-    vm: &VmFd,
-    msrs: &mut Vec<u32>,
-    irqchip: bool,
-    mem_bytes: u64,
-    privilege: Privilege,
-    devices: DeviceState,
-) -> Result<MachineState, KvmError> {
+/// The machine's identity: what a restoring VM must match.
+#[derive(Clone, Copy, Debug)]
+pub struct Machine {
+    /// Guest memory size in bytes.
+    pub mem_bytes: u64,
+    /// The guest's privilege level.
+    pub privilege: Privilege,
+    /// Whether the VM has an in-kernel irqchip (and PIT).
+    pub irqchip: bool,
+}
+
+/// Captures one stopped vCPU's state. `msrs` is the list of readable MSRs (pruned as
+/// [`read_msrs`] does).
+fn capture_vcpu(vcpu: &VcpuFd, msrs: &mut Vec<u32>, irqchip: bool) -> Result<VcpuState, KvmError> {
     let e = KvmError::ioctl;
-    Ok(MachineState {
-        mem_bytes,
-        privilege,
+    Ok(VcpuState {
         regs: vcpu.get_regs().map_err(|x| e("KVM_GET_REGS", x))?,
         sregs: vcpu.get_sregs().map_err(|x| e("KVM_GET_SREGS", x))?,
         xsave: vcpu.get_xsave().map_err(|x| e("KVM_GET_XSAVE", x))?,
@@ -201,19 +322,44 @@ pub fn capture(
             true => Some(vcpu.get_lapic().map_err(|x| e("KVM_GET_LAPIC", x))?),
             false => None,
         },
-        clock: vm.get_clock().map_err(|x| e("KVM_GET_CLOCK", x))?,
+    })
+}
+
+/// Captures the state of every vCPU (all stopped, in vCPU order) and of the VM.
+pub fn capture<V: Deref<Target = VcpuFd>>(
+    vcpus: &[V],
+    vm: &VmFd,
+    msrs: &mut Vec<u32>,
+    machine: Machine,
+    devices: DeviceState,
+) -> Result<MachineState, KvmError> {
+    let vcpus = vcpus
+        .iter()
+        .map(|vcpu| capture_vcpu(vcpu, msrs, machine.irqchip))
+        .collect::<Result<_, _>>()?;
+    Ok(MachineState {
+        mem_bytes: machine.mem_bytes,
+        privilege: machine.privilege,
+        vcpus,
+        clock: vm
+            .get_clock()
+            .map_err(|x| KvmError::ioctl("KVM_GET_CLOCK", x))?,
+        kernel_devices: match machine.irqchip {
+            true => Some(KernelDevices::capture(vm)?),
+            false => None,
+        },
         devices,
     })
 }
 
-/// Loads `state` into a fresh vCPU and VM, in the order that works on KVM: SREGS,
-/// REGS, XSAVE, XCRS, MSRS, VCPU_EVENTS, MP_STATE, DEBUGREGS, CLOCK, LAPIC.
-pub fn restore(
+/// Loads one vCPU's state, in the order that works on KVM: SREGS, REGS, XSAVE,
+/// XCRS, MSRS, VCPU_EVENTS, MP_STATE, DEBUGREGS (the LAPIC comes after the clock).
+fn restore_vcpu(
     vcpu: &VcpuFd,
-    vm: &VmFd,
-    state: &MachineState,
+    state: &VcpuState,
     xsave_size: usize,
-) -> Result<RestoreReport, KvmError> {
+    report: &mut RestoreReport,
+) -> Result<(), KvmError> {
     let e = KvmError::ioctl;
     vcpu.set_sregs(&state.sregs)
         .map_err(|x| e("KVM_SET_SREGS", x))?;
@@ -224,7 +370,6 @@ pub fn restore(
         .map_err(|x| e("KVM_SET_XSAVE", x))?;
     vcpu.set_xcrs(&state.xcrs)
         .map_err(|x| e("KVM_SET_XCRS", x))?;
-    let mut report = RestoreReport::default();
     let mut rest = state.msrs.as_slice();
     while !rest.is_empty() {
         let msrs = Msrs::from_entries(rest)
@@ -233,7 +378,9 @@ pub fn restore(
         if set >= rest.len() {
             break;
         }
-        report.skipped_msrs.push(rest[set].index);
+        if !report.skipped_msrs.contains(&rest[set].index) {
+            report.skipped_msrs.push(rest[set].index);
+        }
         rest = &rest[set + 1..];
     }
     vcpu.set_vcpu_events(&state.events)
@@ -242,18 +389,53 @@ pub fn restore(
         .map_err(|x| e("KVM_SET_MP_STATE", x))?;
     vcpu.set_debug_regs(&state.debugregs)
         .map_err(|x| e("KVM_SET_DEBUGREGS", x))?;
+    Ok(())
+}
+
+/// Loads `state` into fresh vCPUs (as many as it has, in order) and a fresh VM: each
+/// vCPU's registers, then CLOCK, then each LAPIC, then the PICs, the IOAPIC and the
+/// PIT.
+pub fn restore(
+    vcpus: &[VcpuFd],
+    vm: &VmFd,
+    state: &MachineState,
+    xsave_size: usize,
+) -> Result<RestoreReport, KvmError> {
+    if vcpus.len() != state.vcpus.len() {
+        return Err(KvmError::Config(format!(
+            "the checkpoint has {} vCPUs, the VM {}: use the checkpoint's vCPU count",
+            state.vcpus.len(),
+            vcpus.len()
+        )));
+    }
+    let mut report = RestoreReport::default();
+    for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+        restore_vcpu(vcpu, saved, xsave_size, &mut report)?;
+    }
     let clock = kvm_clock_data {
         clock: state.clock.clock,
         ..Default::default()
     };
-    vm.set_clock(&clock).map_err(|x| e("KVM_SET_CLOCK", x))?;
-    if let Some(lapic) = &state.lapic {
-        vcpu.set_lapic(lapic).map_err(|x| e("KVM_SET_LAPIC", x))?;
+    vm.set_clock(&clock)
+        .map_err(|x| KvmError::ioctl("KVM_SET_CLOCK", x))?;
+    for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+        if let Some(lapic) = &saved.lapic {
+            vcpu.set_lapic(lapic)
+                .map_err(|x| KvmError::ioctl("KVM_SET_LAPIC", x))?;
+        }
+    }
+    if let Some(devices) = &state.kernel_devices {
+        devices.restore(vm)?;
     }
     Ok(report)
 }
 
 impl MachineState {
+    /// Whether the machine had an in-kernel irqchip (its vCPUs carry LAPIC state).
+    pub fn irqchip(&self) -> bool {
+        self.vcpus.first().is_some_and(|v| v.lapic.is_some())
+    }
+
     /// Appends the encoded state to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
@@ -264,22 +446,35 @@ impl MachineState {
             Privilege::User => 3,
             Privilege::Kernel => 0,
         };
+        let vcpus = self.vcpus.len() as u32;
         let mut machine = self.mem_bytes.to_le_bytes().to_vec();
         machine.extend_from_slice(&privilege.to_le_bytes());
+        machine.extend_from_slice(&vcpus.to_le_bytes());
         section(out, tag::MACHINE, &machine);
-        section(out, tag::REGS, self.regs.as_bytes());
-        section(out, tag::SREGS, self.sregs.as_bytes());
-        section(out, tag::XSAVE, self.xsave.as_bytes());
-        section(out, tag::XCRS, self.xcrs.as_bytes());
-        section(out, tag::MSRS, self.msrs.as_bytes());
-        section(out, tag::EVENTS, self.events.as_bytes());
-        section(out, tag::MP_STATE, self.mp_state.as_bytes());
-        section(out, tag::DEBUGREGS, self.debugregs.as_bytes());
-        if let Some(lapic) = &self.lapic {
-            section(out, tag::LAPIC, lapic.as_bytes());
+        for (i, vcpu) in self.vcpus.iter().enumerate() {
+            section(out, tag::of(tag::REGS, i), vcpu.regs.as_bytes());
+            section(out, tag::of(tag::SREGS, i), vcpu.sregs.as_bytes());
+            section(out, tag::of(tag::XSAVE, i), vcpu.xsave.as_bytes());
+            section(out, tag::of(tag::XCRS, i), vcpu.xcrs.as_bytes());
+            section(out, tag::of(tag::MSRS, i), vcpu.msrs.as_bytes());
+            section(out, tag::of(tag::EVENTS, i), vcpu.events.as_bytes());
+            section(out, tag::of(tag::MP_STATE, i), vcpu.mp_state.as_bytes());
+            section(out, tag::of(tag::DEBUGREGS, i), vcpu.debugregs.as_bytes());
+            if let Some(lapic) = &vcpu.lapic {
+                section(out, tag::of(tag::LAPIC, i), lapic.as_bytes());
+            }
         }
         section(out, tag::CLOCK, self.clock.as_bytes());
-        let mut devices = self.devices.progress.to_le_bytes().to_vec();
+        if let Some(kernel) = &self.kernel_devices {
+            for (tag, _, _, chip) in kernel.chips() {
+                section(out, tag, chip.as_bytes());
+            }
+            section(out, tag::PIT, kernel.pit.as_bytes());
+        }
+        let mut devices = (self.devices.progress.len() as u32).to_le_bytes().to_vec();
+        for progress in &self.devices.progress {
+            devices.extend_from_slice(&progress.to_le_bytes());
+        }
         devices.extend_from_slice(&self.devices.fault.to_le_bytes());
         devices.extend_from_slice(&self.devices.console);
         section(out, tag::DEVICES, &devices);
@@ -296,7 +491,7 @@ impl MachineState {
         if &blob[..MAGIC.len()] != MAGIC {
             return Err(StateError::Magic);
         }
-        let version = u32::from_le_bytes(blob[8..12].try_into().unwrap_or_default());
+        let version = u32_at(blob, 8);
         if version != VERSION {
             return Err(StateError::Version(version));
         }
@@ -306,84 +501,188 @@ impl MachineState {
         if stored != computed {
             return Err(StateError::Checksum { stored, computed });
         }
-        let mut sections: Vec<(u32, &[u8])> = Vec::new();
+        let mut sections = Sections::default();
         let mut at = header;
         while at < body.len() {
             let head = body.get(at..at + 8).ok_or(StateError::Truncated(at))?;
-            let tag = u32::from_le_bytes(head[..4].try_into().unwrap_or_default());
-            let len = u32::from_le_bytes(head[4..].try_into().unwrap_or_default()) as usize;
+            let tag = u32_at(head, 0);
+            let len = u32_at(head, 4) as usize;
             let payload = body
                 .get(at + 8..at + 8 + len)
                 .ok_or(StateError::Truncated(at))?;
-            if !(tag::MACHINE..=tag::DEVICES).contains(&tag) || sections.iter().any(|s| s.0 == tag)
-            {
+            if sections.0.insert(tag, payload).is_some() {
                 return Err(StateError::Section(tag));
             }
-            sections.push((tag, payload));
             at += 8 + len;
         }
-        let find = |tag: u32, name: &'static str| {
-            sections
-                .iter()
-                .find(|s| s.0 == tag)
-                .map(|s| s.1)
-                .ok_or(StateError::Missing(name))
+
+        let machine = sections.take(tag::MACHINE, "machine", None)?;
+        sized(machine, tag::MACHINE, 16)?;
+        let privilege = match u32_at(machine, 8) {
+            0 => Privilege::Kernel,
+            3 => Privilege::User,
+            other => return Err(StateError::Inconsistent(format!("privilege level {other}"))),
         };
-        let machine = find(tag::MACHINE, "machine")?;
-        if machine.len() != 12 {
-            return Err(StateError::SectionSize {
-                tag: tag::MACHINE,
-                len: machine.len(),
-                expected: 12,
+        let count = u32_at(machine, 12) as usize;
+        if !(1..=MAX_VCPUS).contains(&count) {
+            return Err(StateError::Inconsistent(format!(
+                "{count} vCPUs (1 to {MAX_VCPUS})"
+            )));
+        }
+        let mut vcpus = Vec::with_capacity(count);
+        for i in 0..count {
+            let v = Some(i);
+            let msrs = sections.take(tag::of(tag::MSRS, i), "MSRS", v)?;
+            let entry = size_of::<kvm_msr_entry>();
+            if msrs.len() % entry != 0 {
+                return Err(StateError::SectionSize {
+                    tag: tag::of(tag::MSRS, i),
+                    len: msrs.len(),
+                    expected: msrs.len().next_multiple_of(entry),
+                });
+            }
+            vcpus.push(VcpuState {
+                regs: sections.structure(tag::of(tag::REGS, i), "REGS", v)?,
+                sregs: sections.structure(tag::of(tag::SREGS, i), "SREGS", v)?,
+                xsave: sections.structure(tag::of(tag::XSAVE, i), "XSAVE", v)?,
+                xcrs: sections.structure(tag::of(tag::XCRS, i), "XCRS", v)?,
+                msrs: msrs
+                    .chunks_exact(entry)
+                    .map(|bytes| structure(bytes, tag::of(tag::MSRS, i)))
+                    .collect::<Result<_, _>>()?,
+                events: sections.structure(tag::of(tag::EVENTS, i), "VCPU_EVENTS", v)?,
+                mp_state: sections.structure(tag::of(tag::MP_STATE, i), "MP_STATE", v)?,
+                debugregs: sections.structure(tag::of(tag::DEBUGREGS, i), "DEBUGREGS", v)?,
+                lapic: match sections.0.remove(&tag::of(tag::LAPIC, i)) {
+                    Some(bytes) => Some(structure(bytes, tag::of(tag::LAPIC, i))?),
+                    None => None,
+                },
             });
         }
-        let privilege = match machine[8] {
-            0 => Privilege::Kernel,
-            _ => Privilege::User,
+        if let Some(i) = vcpus
+            .iter()
+            .position(|v| v.lapic.is_some() != vcpus[0].lapic.is_some())
+        {
+            let i = if vcpus[0].lapic.is_some() { i } else { 0 };
+            return Err(StateError::Missing {
+                section: "LAPIC",
+                owner: format!("vCPU {i}"),
+            });
+        }
+        let clock = sections.structure(tag::CLOCK, "CLOCK", None)?;
+        // With LAPICs (an irqchip) the PICs, IOAPIC and PIT are required; without,
+        // any of their sections is left over and refused below.
+        let kernel_devices = match vcpus[0].lapic.is_some() {
+            true => {
+                let mut chip = |tag: u32, name: &'static str, id: u32| {
+                    let chip: kvm_irqchip = sections.structure(tag, name, None)?;
+                    match chip.chip_id == id {
+                        true => Ok(chip),
+                        false => Err(StateError::Inconsistent(format!(
+                            "the {name} section holds irqchip {}",
+                            chip.chip_id
+                        ))),
+                    }
+                };
+                Some(KernelDevices {
+                    pic_master: chip(tag::PIC_MASTER, "PIC_MASTER", KVM_IRQCHIP_PIC_MASTER)?,
+                    pic_slave: chip(tag::PIC_SLAVE, "PIC_SLAVE", KVM_IRQCHIP_PIC_SLAVE)?,
+                    ioapic: chip(tag::IOAPIC, "IOAPIC", KVM_IRQCHIP_IOAPIC)?,
+                    pit: sections.structure(tag::PIT, "PIT", None)?,
+                })
+            }
+            false => None,
         };
-        let devices = find(tag::DEVICES, "devices")?;
-        if devices.len() < 12 {
+        let devices = sections.take(tag::DEVICES, "devices", None)?;
+        let fixed = 4 + 8 * count + 4;
+        if devices.len() < fixed {
             return Err(StateError::SectionSize {
                 tag: tag::DEVICES,
                 len: devices.len(),
-                expected: 12,
+                expected: fixed,
             });
         }
-        let msrs = find(tag::MSRS, "MSRS")?;
-        let entry = size_of::<kvm_msr_entry>();
-        if msrs.len() % entry != 0 {
-            return Err(StateError::SectionSize {
-                tag: tag::MSRS,
-                len: msrs.len(),
-                expected: msrs.len().next_multiple_of(entry),
-            });
+        if u32_at(devices, 0) as usize != count {
+            return Err(StateError::Inconsistent(format!(
+                "the devices hold {} vCPUs' progress, the machine has {count} vCPUs",
+                u32_at(devices, 0)
+            )));
         }
-        let msrs = msrs
-            .chunks_exact(entry)
-            .map(|bytes| structure(bytes, tag::MSRS))
-            .collect::<Result<Vec<kvm_msr_entry>, _>>()?;
+        let devices = DeviceState {
+            progress: devices[4..4 + 8 * count]
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+                .collect(),
+            fault: u32_at(devices, fixed - 4),
+            console: devices[fixed..].to_vec(),
+        };
+        sections.finish()?;
         Ok(Self {
             mem_bytes: u64::from_le_bytes(machine[..8].try_into().unwrap_or_default()),
             privilege,
-            regs: structure(find(tag::REGS, "REGS")?, tag::REGS)?,
-            sregs: structure(find(tag::SREGS, "SREGS")?, tag::SREGS)?,
-            xsave: structure(find(tag::XSAVE, "XSAVE")?, tag::XSAVE)?,
-            xcrs: structure(find(tag::XCRS, "XCRS")?, tag::XCRS)?,
-            msrs,
-            events: structure(find(tag::EVENTS, "VCPU_EVENTS")?, tag::EVENTS)?,
-            mp_state: structure(find(tag::MP_STATE, "MP_STATE")?, tag::MP_STATE)?,
-            debugregs: structure(find(tag::DEBUGREGS, "DEBUGREGS")?, tag::DEBUGREGS)?,
-            lapic: match find(tag::LAPIC, "LAPIC") {
-                Ok(bytes) => Some(structure(bytes, tag::LAPIC)?),
-                Err(_) => None,
-            },
-            clock: structure(find(tag::CLOCK, "CLOCK")?, tag::CLOCK)?,
-            devices: DeviceState {
-                progress: u64::from_le_bytes(devices[..8].try_into().unwrap_or_default()),
-                fault: u32::from_le_bytes(devices[8..12].try_into().unwrap_or_default()),
-                console: devices[12..].to_vec(),
+            vcpus,
+            clock,
+            kernel_devices,
+            devices,
+        })
+    }
+}
+
+/// The sections of a blob being decoded, by tag; decoding takes each one it expects.
+#[derive(Default)]
+struct Sections<'a>(BTreeMap<u32, &'a [u8]>);
+
+impl<'a> Sections<'a> {
+    /// Takes the section `tag`, named `name`, of the VM or of vCPU `vcpu`.
+    fn take(
+        &mut self,
+        tag: u32,
+        name: &'static str,
+        vcpu: Option<usize>,
+    ) -> Result<&'a [u8], StateError> {
+        self.0.remove(&tag).ok_or_else(|| StateError::Missing {
+            section: name,
+            owner: match vcpu {
+                Some(i) => format!("vCPU {i}"),
+                None => "the VM".into(),
             },
         })
+    }
+
+    /// Takes a section holding one KVM structure.
+    fn structure<T: FromBytes + IntoBytes + Immutable>(
+        &mut self,
+        tag: u32,
+        name: &'static str,
+        vcpu: Option<usize>,
+    ) -> Result<T, StateError> {
+        structure(self.take(tag, name, vcpu)?, tag)
+    }
+
+    /// Fails on any section decoding did not take: unknown, or of a vCPU the machine
+    /// does not have.
+    fn finish(self) -> Result<(), StateError> {
+        match self.0.keys().next() {
+            Some(&tag) => Err(StateError::Section(tag)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The little-endian u32 at byte `at` of `bytes` (which holds it).
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default())
+}
+
+/// Checks that a section has `expected` bytes.
+fn sized(bytes: &[u8], tag: u32, expected: usize) -> Result<(), StateError> {
+    match bytes.len() == expected {
+        true => Ok(()),
+        false => Err(StateError::SectionSize {
+            tag,
+            len: bytes.len(),
+            expected,
+        }),
     }
 }
 
@@ -410,10 +709,8 @@ fn structure<T: FromBytes + IntoBytes + Immutable>(
 mod tests {
     use super::*;
 
-    fn sample() -> MachineState {
-        let mut state = MachineState {
-            mem_bytes: 64 << 20,
-            privilege: Privilege::User,
+    fn vcpu(rax: u64) -> VcpuState {
+        let mut state = VcpuState {
             regs: kvm_regs::default(),
             sregs: kvm_sregs::default(),
             xsave: kvm_xsave::default(),
@@ -421,49 +718,125 @@ mod tests {
             msrs: vec![kvm_msr_entry {
                 index: 0x10,
                 reserved: 0,
-                data: 12345,
+                data: 12345 + rax,
             }],
             events: kvm_vcpu_events::default(),
             mp_state: kvm_mp_state { mp_state: 0 },
             debugregs: kvm_debugregs::default(),
             lapic: Some(kvm_lapic_state::default()),
-            clock: kvm_clock_data::default(),
-            devices: DeviceState {
-                progress: 99,
-                fault: 0,
-                console: b"hello\n".to_vec(),
-            },
         };
         state.regs.rip = 0x10000;
-        state.regs.rax = 42;
+        state.regs.rax = rax;
         state.sregs.cr3 = 0x2000;
-        state.xsave.region[40] = 7;
+        state.xsave.region[40] = rax as u32;
         state
     }
 
-    #[test]
-    fn encode_decode_round_trips_every_field() {
-        let state = sample();
+    fn sample(vcpus: usize) -> MachineState {
+        MachineState {
+            mem_bytes: 64 << 20,
+            privilege: Privilege::User,
+            vcpus: (0..vcpus as u64).map(|i| vcpu(42 + i)).collect(),
+            clock: kvm_clock_data {
+                clock: 123_456_789,
+                ..Default::default()
+            },
+            kernel_devices: Some(KernelDevices {
+                pic_master: patterned_chip(KVM_IRQCHIP_PIC_MASTER),
+                pic_slave: patterned_chip(KVM_IRQCHIP_PIC_SLAVE),
+                ioapic: patterned_chip(KVM_IRQCHIP_IOAPIC),
+                pit: kvm_pit_state2::read_from_bytes(&patterned(size_of::<kvm_pit_state2>(), 7))
+                    .unwrap(),
+            }),
+            devices: DeviceState {
+                progress: (0..vcpus as u64).map(|i| 99 + i).collect(),
+                fault: 0,
+                console: b"hello\n".to_vec(),
+            },
+        }
+    }
+
+    /// `len` bytes, none zero, different for each `seed`.
+    fn patterned(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed | 1)
+            .collect()
+    }
+
+    /// An irqchip state of chip `id` with every other byte set.
+    fn patterned_chip(id: u32) -> kvm_irqchip {
+        let mut bytes = patterned(size_of::<kvm_irqchip>(), id as u8);
+        bytes[..4].copy_from_slice(&id.to_le_bytes());
+        kvm_irqchip::read_from_bytes(&bytes).unwrap()
+    }
+
+    /// A blob's sections: (tag, payload).
+    type Raw = Vec<(u32, Vec<u8>)>;
+
+    /// A blob of `sections` with a valid header and checksum.
+    fn blob_of(sections: &[(u32, Vec<u8>)]) -> Vec<u8> {
         let mut blob = Vec::new();
-        state.encode(&mut blob);
-        let back = MachineState::decode(&blob).unwrap();
-        assert_eq!(back.mem_bytes, state.mem_bytes);
-        assert_eq!(back.privilege, state.privilege);
-        assert_eq!(back.regs, state.regs);
-        assert_eq!(back.sregs, state.sregs);
-        assert_eq!(back.xsave.region, state.xsave.region);
-        assert_eq!(back.msrs.as_bytes(), state.msrs.as_bytes());
-        assert_eq!(back.lapic.map(|l| l.regs), state.lapic.map(|l| l.regs));
-        assert_eq!(back.devices, state.devices);
-        let mut again = Vec::new();
-        back.encode(&mut again);
-        assert_eq!(again, blob);
+        blob.extend_from_slice(MAGIC);
+        blob.extend_from_slice(&VERSION.to_le_bytes());
+        blob.extend_from_slice(&0u32.to_le_bytes());
+        for (tag, payload) in sections {
+            section(&mut blob, *tag, payload);
+        }
+        let checksum = xxh3_64(&blob);
+        blob.extend_from_slice(&checksum.to_le_bytes());
+        blob
+    }
+
+    /// The sections of an encoded blob.
+    fn sections_of(blob: &[u8]) -> Raw {
+        let body = &blob[16..blob.len() - 8];
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < body.len() {
+            let len = u32_at(body, at + 4) as usize;
+            out.push((u32_at(body, at), body[at + 8..at + 8 + len].to_vec()));
+            at += 8 + len;
+        }
+        out
+    }
+
+    #[test]
+    fn encode_decode_round_trips_every_field_of_every_vcpu() {
+        for count in [1, 3] {
+            let state = sample(count);
+            let mut blob = Vec::new();
+            state.encode(&mut blob);
+            let back = MachineState::decode(&blob).unwrap();
+            assert_eq!(back.mem_bytes, state.mem_bytes);
+            assert_eq!(back.privilege, state.privilege);
+            assert_eq!(back.vcpus.len(), count);
+            for (b, s) in back.vcpus.iter().zip(&state.vcpus) {
+                assert_eq!(b.regs, s.regs);
+                assert_eq!(b.sregs, s.sregs);
+                assert_eq!(b.xsave.region, s.xsave.region);
+                assert_eq!(b.msrs.as_bytes(), s.msrs.as_bytes());
+                assert_eq!(b.lapic.map(|l| l.regs), s.lapic.map(|l| l.regs));
+            }
+            assert_eq!(back.clock.as_bytes(), state.clock.as_bytes());
+            let (b, s) = (
+                back.kernel_devices.as_ref().unwrap(),
+                state.kernel_devices.as_ref().unwrap(),
+            );
+            for ((_, _, _, b), (_, _, _, s)) in b.chips().into_iter().zip(s.chips()) {
+                assert_eq!(b.as_bytes(), s.as_bytes());
+            }
+            assert_eq!(b.pit.as_bytes(), s.pit.as_bytes());
+            assert_eq!(back.devices, state.devices);
+            let mut again = Vec::new();
+            back.encode(&mut again);
+            assert_eq!(again, blob);
+        }
     }
 
     #[test]
     fn damaged_or_foreign_blobs_are_refused() {
         let mut blob = Vec::new();
-        sample().encode(&mut blob);
+        sample(1).encode(&mut blob);
         let mut flipped = blob.clone();
         flipped[100] ^= 1;
         assert!(matches!(
@@ -474,29 +847,136 @@ mod tests {
         magic[0] = b'X';
         assert_eq!(MachineState::decode(&magic).err(), Some(StateError::Magic));
         let mut version = blob.clone();
-        version[8] = 2;
+        version[8] = 1;
         assert_eq!(
             MachineState::decode(&version).err(),
-            Some(StateError::Version(2))
+            Some(StateError::Version(1))
         );
         assert_eq!(
             MachineState::decode(&blob[..10]).err(),
             Some(StateError::Truncated(10))
         );
-        // A well-formed blob whose REGS section is one byte short.
-        let mut short = Vec::new();
-        short.extend_from_slice(MAGIC);
-        short.extend_from_slice(&VERSION.to_le_bytes());
-        short.extend_from_slice(&0u32.to_le_bytes());
-        section(&mut short, tag::MACHINE, &[0; 12]);
-        section(&mut short, tag::DEVICES, &[0; 12]);
-        section(&mut short, tag::MSRS, &[]);
-        section(&mut short, tag::REGS, &[0; size_of::<kvm_regs>() - 1]);
-        let checksum = xxh3_64(&short);
-        short.extend_from_slice(&checksum.to_le_bytes());
+    }
+
+    #[test]
+    fn well_formed_blobs_with_wrong_sections_are_refused() {
+        let mut blob = Vec::new();
+        sample(2).encode(&mut blob);
+        let good = sections_of(&blob);
+        let edited = |edit: &dyn Fn(&mut Raw)| {
+            let mut sections = good.clone();
+            edit(&mut sections);
+            MachineState::decode(&blob_of(&sections)).err()
+        };
+        assert_eq!(edited(&|_| {}), None);
+        // vCPU 1's REGS one byte short.
+        let regs1 = tag::of(tag::REGS, 1);
         assert!(matches!(
-            MachineState::decode(&short),
-            Err(StateError::SectionSize { tag: tag::REGS, .. })
+            edited(&|s| s.iter_mut().find(|x| x.0 == regs1).unwrap().1.pop().map(drop).unwrap()),
+            Some(StateError::SectionSize { tag, .. }) if tag == regs1
+        ));
+        // vCPU 1's SREGS missing.
+        let sregs1 = tag::of(tag::SREGS, 1);
+        assert_eq!(
+            edited(&|s| s.retain(|x| x.0 != sregs1)),
+            Some(StateError::Missing {
+                section: "SREGS",
+                owner: "vCPU 1".into()
+            })
+        );
+        // Only vCPU 0 has a LAPIC.
+        let lapic1 = tag::of(tag::LAPIC, 1);
+        assert!(matches!(
+            edited(&|s| s.retain(|x| x.0 != lapic1)),
+            Some(StateError::Missing {
+                section: "LAPIC",
+                ..
+            })
+        ));
+        // A section of a third vCPU, an unknown kind, a repeated section.
+        let regs2 = tag::of(tag::REGS, 2);
+        assert_eq!(
+            edited(&|s| s.push((regs2, s[1].1.clone()))),
+            Some(StateError::Section(regs2))
+        );
+        assert_eq!(
+            edited(&|s| s.push((99, Vec::new()))),
+            Some(StateError::Section(99))
+        );
+        assert_eq!(
+            edited(&|s| s.push(s[1].clone())),
+            Some(StateError::Section(good[1].0))
+        );
+        // No VM clock.
+        assert!(matches!(
+            edited(&|s| s.retain(|x| x.0 != tag::CLOCK)),
+            Some(StateError::Missing {
+                section: "CLOCK",
+                ..
+            })
+        ));
+        // With LAPICs, no PIT; a PIT one byte short; the slave PIC's section holding
+        // the master's state.
+        assert_eq!(
+            edited(&|s| s.retain(|x| x.0 != tag::PIT)),
+            Some(StateError::Missing {
+                section: "PIT",
+                owner: "the VM".into()
+            })
+        );
+        assert!(matches!(
+            edited(&|s| s
+                .iter_mut()
+                .find(|x| x.0 == tag::PIT)
+                .unwrap()
+                .1
+                .pop()
+                .map(drop)
+                .unwrap()),
+            Some(StateError::SectionSize { tag: tag::PIT, .. })
+        ));
+        let master = good
+            .iter()
+            .find(|x| x.0 == tag::PIC_MASTER)
+            .unwrap()
+            .1
+            .clone();
+        assert!(matches!(
+            edited(&|s| s.iter_mut().find(|x| x.0 == tag::PIC_SLAVE).unwrap().1 = master.clone()),
+            Some(StateError::Inconsistent(_))
+        ));
+        // Without LAPICs (no irqchip) the irqchip and PIT sections are refused.
+        let lapics = [tag::of(tag::LAPIC, 0), tag::of(tag::LAPIC, 1)];
+        assert_eq!(
+            edited(&|s| s.retain(|x| !lapics.contains(&x.0))),
+            Some(StateError::Section(tag::PIC_MASTER))
+        );
+        let kernel = [tag::PIC_MASTER, tag::PIC_SLAVE, tag::IOAPIC, tag::PIT];
+        assert_eq!(
+            edited(&|s| s.retain(|x| !lapics.contains(&x.0) && !kernel.contains(&x.0))),
+            None
+        );
+        // A vCPU count out of range, and devices for another count.
+        let machine = |vcpus: u32| {
+            let mut m = (64u64 << 20).to_le_bytes().to_vec();
+            m.extend_from_slice(&3u32.to_le_bytes());
+            m.extend_from_slice(&vcpus.to_le_bytes());
+            m
+        };
+        assert!(matches!(
+            edited(&|s| s[0].1 = machine(0)),
+            Some(StateError::Inconsistent(_))
+        ));
+        assert!(matches!(
+            edited(&|s| s[0].1 = machine(MAX_VCPUS as u32 + 1)),
+            Some(StateError::Inconsistent(_))
+        ));
+        assert!(matches!(
+            edited(&|s| {
+                let devices = s.iter_mut().find(|x| x.0 == tag::DEVICES).unwrap();
+                devices.1[0] = 1;
+            }),
+            Some(StateError::Inconsistent(_))
         ));
     }
 }

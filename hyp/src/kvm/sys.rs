@@ -1,8 +1,9 @@
 //! The KVM interfaces kvm-ioctls 0.25 does not wrap, with safe APIs above them:
 //! `KVM_CLEAR_DIRTY_LOG`, the per-vCPU dirty ring (its mapping, harvest and
-//! `KVM_RESET_DIRTY_RINGS`), and the `immediate_exit` byte of a vCPU's `kvm_run` page
-//! written from another thread. All of the VMM's `unsafe` code is here, except the one
-//! block in `vm.rs` that calls [`set_memory`].
+//! `KVM_RESET_DIRTY_RINGS`), the `immediate_exit` byte of a vCPU's `kvm_run` page
+//! written from another thread, and guest memory as the vCPU threads' devices reach
+//! it. All of the VMM's `unsafe` code is here, except the blocks in `vm.rs` that call
+//! [`set_memory`] and [`GuestMemory::new`] (and those of `kv.rs`'s unit tests).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -219,5 +220,65 @@ impl ImmediateExit {
         // kernel reads it at KVM_RUN entry).
         let byte = unsafe { AtomicU8::from_ptr(self.byte.as_ptr()) };
         byte.store(u8::from(on), Ordering::SeqCst);
+    }
+}
+
+/// Guest memory as a vCPU thread's device reaches it while its vCPU is out of
+/// `KVM_RUN`: copies in and out at guest-physical addresses, checked against the
+/// memory's size.
+#[derive(Clone, Copy)]
+pub struct GuestMemory {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a plain address range; `new`'s contract keeps it mapped while used, and
+// the copies are of plain bytes.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// A view of `len` bytes at `base`.
+    ///
+    /// # Safety
+    ///
+    /// `base..base + len` must stay mapped, readable and writable for as long as the
+    /// view or a copy of it is used; callers copy only while the guest is not using
+    /// the bytes (its vCPU is out of `KVM_RUN`) and the VMM is not reading them.
+    pub unsafe fn new(base: *mut u8, len: usize) -> Option<Self> {
+        NonNull::new(base).map(|base| Self { base, len })
+    }
+
+    /// Copies `bytes` to guest-physical `gpa`; false (and nothing copied) if they do
+    /// not fit in guest memory.
+    pub fn write(&self, gpa: u64, bytes: &[u8]) -> bool {
+        let Some(at) = self.range(gpa, bytes.len()) else {
+            return false;
+        };
+        // SAFETY: `at..at + bytes.len()` lies inside the mapping (checked), which the
+        // contract of `new` keeps alive; `bytes` is host memory, not guest memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.as_ptr().add(at), bytes.len())
+        };
+        true
+    }
+
+    /// Copies guest-physical `gpa..gpa + out.len()` into `out`; false (and `out`
+    /// untouched) if the range is not in guest memory.
+    pub fn read(&self, gpa: u64, out: &mut [u8]) -> bool {
+        let Some(at) = self.range(gpa, out.len()) else {
+            return false;
+        };
+        // SAFETY: as in `write`, with the copy's direction reversed.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(at), out.as_mut_ptr(), out.len())
+        };
+        true
+    }
+
+    fn range(&self, gpa: u64, len: usize) -> Option<usize> {
+        let at = usize::try_from(gpa).ok()?;
+        (at.checked_add(len)? <= self.len).then_some(at)
     }
 }

@@ -1,17 +1,22 @@
-//! The VM: one memory slot over a [`Region`], an optional in-kernel irqchip, one vCPU
-//! on its own thread, a guest program; created fresh or restored from a checkpoint,
-//! and driven through [`Protected`].
+//! The VM: one memory slot over a [`Region`], an optional in-kernel irqchip, one or
+//! more vCPUs each on its own thread, a guest program; created fresh or restored from
+//! a checkpoint, and driven through [`Protected`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MP_STATE_RUNNABLE,
+    KVM_PIT_SPEAKER_DUMMY, kvm_mp_state, kvm_pit_config,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
-use super::dirty::{DirtyLog, DirtyTracking, SLOT};
+use super::dirty::{DirtyLog, DirtyTracking, SLOT, SharedRing};
 use super::guest::{self, GuestArgs, Privilege, Program};
-use super::state::{self, DeviceState, MachineState, RestoreReport};
-use super::vcpu::{GuestStop, VcpuThread};
+use super::kv::KvDevice;
+use super::state::{self, DeviceState, Machine, MachineState, RestoreReport};
+use super::sys::GuestMemory;
+use super::vcpu::{DeviceIo, GuestStop, VcpuThreads};
 use super::{KvmError, sys};
 use crate::memory::{Backing, Region};
 use crate::protected::{HypError, Protected};
@@ -33,9 +38,16 @@ pub struct VmConfig {
     /// The dirty ring's size in bytes (ring tracking): a power of two of at least
     /// 4096; by default as large as KVM allows, up to 1 MiB.
     pub ring_bytes: Option<u32>,
-    /// Whether to create an in-kernel irqchip (PIC, IOAPIC, LAPIC); its LAPIC state
-    /// is then part of the checkpoint.
+    /// Whether to create an in-kernel irqchip (PICs, IOAPIC, LAPICs) and PIT; their
+    /// state is then part of the checkpoint.
     pub irqchip: bool,
+    /// vCPUs: 1 to [`guest::MAX_VCPUS`] (at most [`Program::max_vcpus`]); each runs
+    /// the program in its own share of the data area.
+    pub vcpus: usize,
+    /// Output commit: the key-value device holds each reply until
+    /// [`KvmVm::committed`] says the epoch that produced it is on the backup (set it
+    /// when the VM is protected); otherwise replies leave at once.
+    pub output_commit: bool,
 }
 
 impl VmConfig {
@@ -50,6 +62,8 @@ impl VmConfig {
             tracking,
             ring_bytes: None,
             irqchip: true,
+            vcpus: 1,
+            output_commit: false,
         }
     }
 }
@@ -67,13 +81,14 @@ pub struct PauseTimes {
     pub dirty_pages: usize,
 }
 
-/// A KVM micro-VM running one guest program on one vCPU.
+/// A KVM micro-VM running one guest program on one or more vCPUs.
 pub struct KvmVm {
-    // Fields drop in order: the vCPU thread ends before the VM and its memory go.
-    vcpu: VcpuThread,
+    // Fields drop in order: the vCPU threads end before the VM and its memory go.
+    vcpus: VcpuThreads,
     dirty: DirtyLog,
     vm: Arc<VmFd>,
     _kvm: Kvm,
+    kv: Option<Arc<KvDevice>>,
     config: VmConfig,
     msrs: Vec<u32>,
     /// Pages the VMM wrote into guest memory since the last harvest (KVM logs only
@@ -85,13 +100,13 @@ pub struct KvmVm {
     memory: Region,
 }
 
-/// A VM with memory and a vCPU, not yet running.
+/// A VM with memory and vCPUs, not yet running.
 struct Parts {
     kvm: Kvm,
     vm: VmFd,
     dirty: DirtyLog,
-    vcpu: kvm_ioctls::VcpuFd,
-    ring: Option<super::dirty::SharedRing>,
+    vcpus: Vec<VcpuFd>,
+    rings: Vec<SharedRing>,
     msrs: Vec<u32>,
     xsave_size: usize,
     memory: Region,
@@ -100,6 +115,19 @@ struct Parts {
 impl Parts {
     fn new(config: &VmConfig) -> Result<Self, KvmError> {
         guest::check_size(config.mem_bytes).map_err(KvmError::Config)?;
+        if !(1..=config.program.max_vcpus()).contains(&config.vcpus) {
+            return Err(KvmError::Config(format!(
+                "{} vCPUs for the {} guest: use 1 to {}",
+                config.vcpus,
+                config.program.name(),
+                config.program.max_vcpus()
+            )));
+        }
+        if config.program == Program::Pit && !config.irqchip {
+            return Err(KvmError::Config(
+                "the pit guest drives the in-kernel PIC and PIT: enable the irqchip".into(),
+            ));
+        }
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let vm = kvm
             .create_vm()
@@ -118,6 +146,12 @@ impl Parts {
         if config.irqchip {
             vm.create_irq_chip()
                 .map_err(|e| KvmError::ioctl("KVM_CREATE_IRQCHIP", e))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit)
+                .map_err(|e| KvmError::ioctl("KVM_CREATE_PIT2", e))?;
         }
         let mut memory = Region::new(config.mem_bytes)?;
         // SAFETY: `memory` is a private anonymous mapping that `KvmVm` owns and drops
@@ -132,16 +166,21 @@ impl Parts {
             )
         }
         .map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
-        let vcpu = vm
-            .create_vcpu(0)
-            .map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
-        let cpuid = kvm
+        let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| KvmError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
-        // Without it KVM refuses EFER.LME.
-        vcpu.set_cpuid2(&cpuid)
-            .map_err(|e| KvmError::ioctl("KVM_SET_CPUID2", e))?;
-        let ring = dirty.attach(&vcpu)?;
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        let mut rings = Vec::new();
+        for id in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(id as u64)
+                .map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
+            // Without it KVM refuses EFER.LME.
+            vcpu.set_cpuid2(&with_apic_id(&supported, id as u32))
+                .map_err(|e| KvmError::ioctl("KVM_SET_CPUID2", e))?;
+            rings.extend(dirty.attach(&vcpu)?);
+            vcpus.push(vcpu);
+        }
         let msrs = kvm
             .get_msr_index_list()
             .map_err(|e| KvmError::ioctl("KVM_GET_MSR_INDEX_LIST", e))?
@@ -151,15 +190,15 @@ impl Parts {
             kvm,
             vm,
             dirty,
-            vcpu,
-            ring,
+            vcpus,
+            rings,
             msrs,
             xsave_size,
             memory,
         })
     }
 
-    /// Starts the vCPU thread and lets the guest run.
+    /// Starts the vCPU threads and lets the guest run.
     fn start(
         self,
         config: VmConfig,
@@ -167,20 +206,33 @@ impl Parts {
         host_writes: Vec<u64>,
     ) -> Result<KvmVm, KvmError> {
         let vm = Arc::new(self.vm);
-        let mut vcpu = VcpuThread::spawn(self.vcpu, Arc::clone(&vm), self.ring, devices)?;
-        vcpu.resume();
+        let mut memory = self.memory;
+        // SAFETY: `memory` moves into the `KvmVm`, which drops it only after the vCPU
+        // threads (field order); its devices copy only while their vCPU is out of
+        // KVM_RUN, into slots the guest reads after the exit.
+        let view = unsafe { GuestMemory::new(memory.as_mut_ptr(), memory.len()) }
+            .ok_or(KvmError::Order("guest memory has no address"))?;
+        let kv =
+            (config.program == Program::Kv).then(|| Arc::new(KvDevice::new(config.output_commit)));
+        let io = DeviceIo {
+            memory: view,
+            kv: kv.clone(),
+        };
+        let mut vcpus = VcpuThreads::spawn(self.vcpus, Arc::clone(&vm), self.rings, devices, io)?;
+        vcpus.resume();
         Ok(KvmVm {
-            vcpu,
+            vcpus,
             dirty: self.dirty,
             vm,
             _kvm: self.kvm,
+            kv,
             config,
             msrs: self.msrs,
             host_writes,
             stopped: false,
             round: 0,
             times: PauseTimes::default(),
-            memory: self.memory,
+            memory,
         })
     }
 }
@@ -195,30 +247,28 @@ impl KvmVm {
             &mut parts.memory,
             config.program,
             config.args,
+            config.vcpus,
             &mut host_writes,
         )
         .map_err(KvmError::Config)?;
-        let mut sregs = parts
-            .vcpu
-            .get_sregs()
-            .map_err(|e| KvmError::ioctl("KVM_GET_SREGS", e))?;
-        guest::set_long_mode(&mut sregs, config.privilege);
-        parts
-            .vcpu
-            .set_sregs(&sregs)
-            .map_err(|e| KvmError::ioctl("KVM_SET_SREGS", e))?;
-        let (rip, rsp, rflags) = guest::entry();
-        let regs = kvm_bindings::kvm_regs {
-            rip,
-            rsp,
-            rflags,
-            ..Default::default()
-        };
-        parts
-            .vcpu
-            .set_regs(&regs)
-            .map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
-        parts.start(config, DeviceState::default(), host_writes)
+        for (cpu, vcpu) in parts.vcpus.iter().enumerate() {
+            let mut sregs = vcpu
+                .get_sregs()
+                .map_err(|e| KvmError::ioctl("KVM_GET_SREGS", e))?;
+            guest::set_long_mode(&mut sregs, config.privilege);
+            vcpu.set_sregs(&sregs)
+                .map_err(|e| KvmError::ioctl("KVM_SET_SREGS", e))?;
+            vcpu.set_regs(&guest::entry(cpu))
+                .map_err(|e| KvmError::ioctl("KVM_SET_REGS", e))?;
+            // With an in-kernel irqchip every vCPU but the first would wait for a
+            // startup IPI; the VMM starts them all.
+            let runnable = kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            };
+            vcpu.set_mp_state(runnable)
+                .map_err(|e| KvmError::ioctl("KVM_SET_MP_STATE", e))?;
+        }
+        parts.start(config, DeviceState::new(config.vcpus), host_writes)
     }
 
     /// Builds a VM from a checkpoint: guest memory `image` and the state blob
@@ -245,14 +295,21 @@ impl KvmVm {
                 state.privilege, config.privilege
             )));
         }
-        if state.lapic.is_some() != config.irqchip {
+        if state.irqchip() != config.irqchip {
             return Err(KvmError::Config(
                 "the checkpoint and the VM differ in having an in-kernel irqchip".into(),
             ));
         }
+        if state.vcpus.len() != config.vcpus {
+            return Err(KvmError::Config(format!(
+                "the checkpoint has {} vCPUs, the VM is configured for {}: use the checkpoint's count",
+                state.vcpus.len(),
+                config.vcpus
+            )));
+        }
         let mut parts = Parts::new(&config)?;
         parts.memory.copy_from_slice(image);
-        let report = state::restore(&parts.vcpu, &parts.vm, &state, parts.xsave_size)?;
+        let report = state::restore(&parts.vcpus, &parts.vm, &state, parts.xsave_size)?;
         let all = (0..(config.mem_bytes / PAGE) as u64).collect();
         Ok((parts.start(config, state.devices, all)?, report))
     }
@@ -267,30 +324,62 @@ impl KvmVm {
         self.memory.backing()
     }
 
-    /// The guest's iteration count as last reported on the doorbell.
+    /// The guest's iteration count as last reported on the doorbells: the least of
+    /// its vCPUs'.
     pub fn progress(&self) -> u64 {
-        self.vcpu.devices().progress
+        self.vcpus.devices().least_progress()
     }
 
-    /// Waits until the guest reports at least `target` iterations; fails if the guest
-    /// stops for good or `timeout` passes first.
+    /// Each vCPU's iteration count as last reported on its doorbell.
+    pub fn vcpu_progress(&self) -> Vec<u64> {
+        self.vcpus.devices().progress
+    }
+
+    /// Waits until every vCPU reports at least `target` iterations; fails if the
+    /// guest stops for good or `timeout` passes first.
     pub fn wait_progress(&self, target: u64, timeout: Duration) -> Result<u64, KvmError> {
-        self.vcpu.wait_progress(target, timeout)
+        self.vcpus.wait_progress(target, timeout)
+    }
+
+    /// Waits until the guest program finishes (the exit port) and returns its exit
+    /// code; fails if the guest stops otherwise or `timeout` passes first.
+    pub fn wait_finish(&self, timeout: Duration) -> Result<u32, KvmError> {
+        self.vcpus.wait_finish(timeout)
     }
 
     /// The guest's console output so far (the most recent 64 KiB).
     pub fn console(&self) -> String {
-        String::from_utf8_lossy(&self.vcpu.devices().console).into_owned()
+        String::from_utf8_lossy(&self.vcpus.devices().console).into_owned()
     }
 
     /// Why the guest stopped for good, if it did.
     pub fn guest_stop(&self) -> Option<GuestStop> {
-        self.vcpu.guest_stop()
+        self.vcpus.guest_stop()
     }
 
-    /// The iteration count in the guest's status page (exact while stopped).
+    /// vCPU 0's iteration count in the guest's status page (exact while stopped).
     pub fn status_iterations(&self) -> u64 {
-        guest::read_u64(&self.memory, guest::STATUS)
+        self.vcpu_iterations(0)
+    }
+
+    /// vCPU `cpu`'s iteration count in the guest's status page (exact while
+    /// stopped).
+    pub fn vcpu_iterations(&self, cpu: usize) -> u64 {
+        guest::read_u64(&self.memory, guest::STATUS + 8 * cpu as u64)
+    }
+
+    /// The key-value device (the `kv` guest only).
+    pub fn kv_device(&self) -> Option<Arc<KvDevice>> {
+        self.kv.clone()
+    }
+
+    /// Epoch `epoch` (the checkpoint taken at this VM's `epoch`-th stop) is on the
+    /// backup: with output commit, the device releases the replies produced in it
+    /// and before.
+    pub fn committed(&self, epoch: u64) {
+        if let Some(kv) = &self.kv {
+            kv.committed(epoch);
+        }
     }
 
     /// How long the parts of the last pause took.
@@ -336,7 +425,7 @@ impl Protected for KvmVm {
 
     fn stop(&mut self) -> Result<(), HypError> {
         if !self.stopped {
-            self.times.stop = self.vcpu.stop()?;
+            self.times.stop = self.vcpus.stop()?;
             self.stopped = true;
         }
         Ok(())
@@ -350,27 +439,25 @@ impl Protected for KvmVm {
         self.times.harvest = started.elapsed();
         self.times.dirty_pages = dirty.len() - first;
         dirty.append(&mut self.host_writes);
+        dirty.append(&mut self.vcpus.take_host_writes());
         Ok(())
     }
 
     fn capture_state(&mut self, out: &mut Vec<u8>) -> Result<(), HypError> {
         self.require_stopped("capture_state while running")?;
         let started = Instant::now();
-        let devices = self.vcpu.devices();
-        let vcpu = self
-            .vcpu
+        let devices = self.vcpus.devices();
+        let vcpus = self
+            .vcpus
             .parked()
-            .ok_or(KvmError::Order("capture_state: the vCPU is not parked"))?;
-        let state = state::capture(
-            &vcpu,
-            &self.vm,
-            &mut self.msrs,
-            self.config.irqchip,
-            self.memory.len() as u64,
-            self.config.privilege,
-            devices,
-        )?;
-        drop(vcpu);
+            .ok_or(KvmError::Order("capture_state: the vCPUs are not parked"))?;
+        let machine = Machine {
+            mem_bytes: self.memory.len() as u64,
+            privilege: self.config.privilege,
+            irqchip: self.config.irqchip,
+        };
+        let state = state::capture(&vcpus, &self.vm, &mut self.msrs, machine, devices)?;
+        drop(vcpus);
         state.encode(out);
         self.times.state = started.elapsed();
         Ok(())
@@ -382,11 +469,25 @@ impl Protected for KvmVm {
 
     fn resume(&mut self) -> Result<(), HypError> {
         self.require_stopped("resume while running")?;
-        self.vcpu.resume();
+        self.vcpus.resume();
         self.stopped = false;
-        match self.vcpu.guest_stop() {
+        match self.vcpus.guest_stop() {
             Some(stop) => Err(KvmError::Guest(stop).into()),
             None => Ok(()),
         }
     }
+}
+
+/// `supported` with vCPU `id`'s initial APIC ID in CPUID leaves 1 (EBX[31:24]),
+/// 0xB and 0x1F (EDX).
+fn with_apic_id(supported: &CpuId, id: u32) -> CpuId {
+    let mut cpuid = supported.clone();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (id << 24),
+            0xb | 0x1f => entry.edx = id,
+            _ => {}
+        }
+    }
+    cpuid
 }

@@ -1,6 +1,7 @@
 //! RESP2, the Redis protocol: requests as arrays of bulk strings (or inline lines, as
 //! typed into telnet), replies as simple strings, errors, integers, bulk strings and
-//! arrays.
+//! arrays. Shared by the key-value example (`examples/kv`) and the KVM micro-VM's
+//! key-value service front end ([`crate::kvm::kv_server`]).
 //!
 //! The parser works on a connection's input buffer and never copies: a request is
 //! the byte ranges of its arguments. It only scans the short header lines; bulk data
@@ -8,8 +9,8 @@
 
 use std::ops::Range;
 
-/// Longest bulk string accepted in a request (a value may be at most
-/// [`super::store::MAX_VALUE`]; the rest of the slack is for a clear error reply).
+/// Longest bulk string accepted in a request (a service may accept less and say so
+/// in a clear error reply).
 pub const MAX_BULK: usize = 4 << 20;
 /// Most arguments in one request.
 pub const MAX_ARGS: usize = 1 << 20;
