@@ -5,6 +5,7 @@
 //! the whole primary-to-backup path; [`staging`] holds the dirty pages copied out
 //! during the pause. [`bench`] drives it over the synthetic workloads, every mode side
 //! by side, and proves after every epoch that the replica equals the checkpoint.
+//! [`percentiles`] summarises timing samples.
 //! [`capi`] is the C API over the replicator, declared by `include/fgbi.h`.
 //! [`primary`] and [`backup`] are the replication loops between hosts, over the
 //! transport; [`checkpoint`] is the work inside the pause they share.
@@ -14,6 +15,7 @@ pub mod bench;
 pub mod capi;
 pub mod checkpoint;
 pub mod local;
+pub mod percentiles;
 pub mod primary;
 pub mod replicator;
 pub mod staging;
