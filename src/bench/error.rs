@@ -39,6 +39,24 @@ pub enum BenchError {
         #[source]
         source: TraceError,
     },
+    /// The transport failed or is not available here.
+    #[error(transparent)]
+    Transport(#[from] fgbi_transport::TransportError),
+    /// A local resource (socket, key file) could not be set up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backup loop's thread panicked: a bug.
+    #[error("the backup thread panicked (a bug: please report it)")]
+    BackupPanicked,
+    /// A setting is out of range.
+    #[error("{0}")]
+    Setting(String),
     /// Memory size does not fit this machine's address space.
     #[error("memory size {0} does not fit in this machine's address space")]
     Memory(u64),

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use fgbi_engine::Geometry;
 use fgbi_hyp::synthetic::SyntheticMachine;
 use fgbi_hyp::trace::{Trace, TraceReplay};
-use fgbi_hyp::workload;
+use fgbi_hyp::workload::{self, Workload};
+
+use super::link::WorkloadFactory;
 
 use super::config::{BenchConfig, TRACE_PREFIX};
 use super::error::BenchError;
@@ -56,6 +58,25 @@ impl Source {
                 config.check_tracking,
             )?,
         })
+    }
+}
+
+impl Source {
+    /// Builds this source's workload when the backup restores the program from the
+    /// name in its state blob.
+    pub fn workload_factory(&self) -> WorkloadFactory {
+        match self {
+            Self::Synthetic(_) => Box::new(|name: &str, mem: usize| {
+                // The seed is irrelevant: the saved generator state replaces it.
+                Ok(workload::by_name(name, mem, 0)?)
+            }),
+            Self::Trace(trace) => {
+                let trace = trace.clone();
+                Box::new(move |_: &str, _: usize| {
+                    Ok(Box::new(TraceReplay::new(trace)) as Box<dyn Workload>)
+                })
+            }
+        }
     }
 }
 
