@@ -15,7 +15,7 @@ use fgbi_hyp::memory::HUGE_PAGE;
 use fgbi_hyp::protected::{HypError, Protected};
 use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
 use fgbi_hyp::workload::Workload;
-use fgbi_transport::{Implementation, PresharedKey, TransportConfig, TransportError};
+use fgbi_transport::{Implementation, Liveness, PresharedKey, TransportConfig, TransportError};
 
 use super::error::BenchError;
 use crate::backup::{self, BackupOptions};
@@ -24,6 +24,8 @@ use crate::primary::{self, PrimaryEvent, PrimaryOptions};
 
 /// Receive slots of the backup (epochs in flight), as `fgbi backup` uses.
 const SLOTS: usize = 2;
+/// Silence after which either end declares the other dead.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
 /// Largest state blob the backup accepts.
 const MAX_STATE: usize = 64 << 10;
 
@@ -104,7 +106,16 @@ impl Link {
             .open(&key)
             .and_then(|mut f| f.write_all(&bytes))
             .map_err(io(format!("cannot write {}", key.display())))?;
-        let transport = TransportConfig::new(encoder.geometry, implementation);
+        let mut transport = TransportConfig::new(encoder.geometry, implementation);
+        // Two cores shared by the workload, both loops and the transport can leave a
+        // thread unscheduled for longer than the default 100 ms: a generous timeout
+        // keeps a loaded machine from ending a session early. The injected failure
+        // closes the primary's connection, which the backup sees at once whatever
+        // the timeout.
+        transport.liveness = Liveness {
+            interval: Duration::from_millis(25),
+            timeout: LIVENESS_TIMEOUT,
+        };
         Ok(Self {
             encoder,
             transport,
