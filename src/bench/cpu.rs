@@ -12,7 +12,7 @@ pub fn process_ns() -> Option<u64> {
     let mut total = 0u64;
     for task in tasks.flatten() {
         // A thread that exits between the listing and the read is skipped.
-        total += read(&task.path().join("schedstat")).unwrap_or(0);
+        total += read(task.path().join("schedstat")).unwrap_or(0);
     }
     Some(total)
 }

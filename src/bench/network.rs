@@ -222,10 +222,14 @@ fn session(
     );
     let harvests = std::mem::take(&mut observed.harvests);
     if let Err(e) = primary {
-        // Unblock a backup still waiting for the primary, then report the failure.
+        // Unblock a backup still waiting for the primary; a backup that failed first
+        // (and closed its listener) has the better reason.
         let _ = TcpStream::connect(address);
-        let _ = backup.join();
-        return Err(e);
+        return Err(match backup.join() {
+            Ok(Err(backup_error)) => backup_error,
+            Ok(Ok(_)) => e,
+            Err(_) => BenchError::BackupPanicked,
+        });
     }
     // The loop returned right after the last commit: memory is that checkpoint.
     let digest = memory_digest(machine.memory());
