@@ -28,6 +28,7 @@ fn config(workloads: &[&str], modes: Vec<Mode>) -> BenchConfig {
         check_tracking: true,
         transport: None,
         failovers: 1,
+        net_epochs: 4,
         epoch: Duration::from_millis(5),
     }
 }

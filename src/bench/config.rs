@@ -46,6 +46,9 @@ pub struct BenchConfig {
     /// Injected primary failures per mode in the networked pass (at least 1: every
     /// protected round ends with one).
     pub failovers: usize,
+    /// Measured epochs per protected round of the networked pass (after its sync);
+    /// an unprotected round lasts as long as this many epochs.
+    pub net_epochs: usize,
     /// How long the workload runs between two checkpoints in the networked pass.
     pub epoch: Duration,
 }

@@ -116,6 +116,9 @@ impl Link {
             interval: Duration::from_millis(25),
             timeout: LIVENESS_TIMEOUT,
         };
+        // The backup maps and populates its replica and receive ring (three times
+        // the protected memory) before it answers the primary's handshake.
+        transport.handshake_timeout = Duration::from_secs(30);
         Ok(Self {
             encoder,
             transport,

@@ -6,7 +6,7 @@
 //! The pass alternates unprotected and protected rounds of the same program:
 //! unprotected, protected, unprotected, ... Each protected round is one session: a
 //! fresh backup, the primary loop syncing all memory to it (not measured), then
-//! `epochs` epochs in which the program runs for one epoch length and is
+//! `net_epochs` epochs in which the program runs for one epoch length and is
 //! checkpointed; then the primary stops abruptly (its link closes, as a crashed
 //! primary's does), the backup fails over, its replica's digest is compared with the
 //! primary's last checkpoint, and the program restored on the backup is the one the
@@ -113,7 +113,7 @@ pub fn run(
     link: &Link,
     mut machine: SyntheticMachine,
 ) -> Result<NetworkPass, BenchError> {
-    let round = config.epoch * u32::try_from(config.epochs).unwrap_or(u32::MAX);
+    let round = config.epoch * u32::try_from(config.net_epochs).unwrap_or(u32::MAX);
     let mut pass = NetworkPass {
         transport: link.implementation(),
         verified: true,
@@ -166,7 +166,7 @@ fn session(
     let backup = link.spawn_backup(listener, source.workload_factory())?;
 
     // The sync is epoch 1; epochs 2..=last are measured.
-    let last = config.epochs as u64 + 1;
+    let last = config.net_epochs as u64 + 1;
     let steps = Cell::new(0u64);
     let step_cpu_ns = Cell::new(0u64);
     let window = Cell::new(Window::default());

@@ -20,9 +20,9 @@ pub fn run(
     config: &BenchConfig,
     mut report: impl FnMut(&RunResult),
 ) -> Result<Vec<RunResult>, BenchError> {
-    if config.epochs == 0 {
+    if config.epochs == 0 || config.net_epochs == 0 {
         return Err(BenchError::Setting(
-            "the bench needs at least 1 measured epoch (--epochs)".into(),
+            "the bench needs at least 1 measured epoch per pass (--epochs, --net-epochs)".into(),
         ));
     }
     let implementation = config.transport.map(|t| t.implementation()).transpose()?;

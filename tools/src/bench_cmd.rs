@@ -28,8 +28,8 @@ pub struct BenchArgs {
     /// Comma-separated modes: remus, llm, xbzrle, fgbi.
     #[arg(long, default_value = "remus,llm,xbzrle,fgbi", value_delimiter = ',')]
     modes: Vec<Mode>,
-    /// The quick profile: 10 epochs, 64 MiB, 16 MiB cache, 1 failover (flags given
-    /// explicitly still win).
+    /// The quick profile: 10 epochs, 64 MiB, 16 MiB cache, 1 failover, 5 networked
+    /// epochs per round (flags given explicitly still win).
     #[arg(long)]
     quick: bool,
     /// Measured epochs per workload and mode (after the initial sync) [default: 40;
@@ -78,6 +78,10 @@ pub struct BenchArgs {
     /// Injected primary failures per workload and mode [default: 3; quick: 1].
     #[arg(long)]
     failovers: Option<usize>,
+    /// Measured epochs per protected round of the networked pass [default: 10;
+    /// quick: 5].
+    #[arg(long)]
+    net_epochs: Option<usize>,
     /// Epoch length of the networked pass, milliseconds.
     #[arg(long, default_value_t = 25)]
     epoch_ms: u64,
@@ -99,6 +103,7 @@ pub struct BenchArgs {
 /// Settings that differ between the full and the quick profile.
 struct Profile {
     epochs: usize,
+    net_epochs: usize,
     mem: u64,
     cache: u64,
     failovers: usize,
@@ -106,6 +111,7 @@ struct Profile {
 
 const FULL: Profile = Profile {
     epochs: 40,
+    net_epochs: 10,
     mem: 256 << 20,
     cache: 64 << 20,
     failovers: 3,
@@ -113,6 +119,7 @@ const FULL: Profile = Profile {
 
 const QUICK: Profile = Profile {
     epochs: 10,
+    net_epochs: 5,
     mem: 64 << 20,
     cache: 16 << 20,
     failovers: 1,
@@ -150,6 +157,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     if epochs == 0 {
         return Err("--epochs must be at least 1".into());
     }
+    let net_epochs = args.net_epochs.unwrap_or(profile.net_epochs);
+    if net_epochs == 0 {
+        return Err("--net-epochs must be at least 1".into());
+    }
     let failovers = args.failovers.unwrap_or(profile.failovers);
     if failovers == 0 && !args.local {
         return Err("--failovers must be at least 1 (every protected round ends with one); use --local for no networked pass".into());
@@ -174,6 +185,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         check_tracking: args.check_tracking,
         transport: (!args.local).then_some(args.transport),
         failovers,
+        net_epochs,
         epoch: Duration::from_millis(args.epoch_ms),
     };
     if args.check_tracking && args.tracking != Tracking::Kernel {
@@ -185,8 +197,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     };
     let pipeline = match config.transport {
         Some(_) => format!(
-            "networked pass over loopback ({} failover(s), {} ms epochs)",
-            config.failovers, args.epoch_ms
+            "networked pass over loopback ({} failover(s), {} epochs of {} ms per round)",
+            config.failovers, config.net_epochs, args.epoch_ms
         ),
         None => "in-process pass only".to_string(),
     };

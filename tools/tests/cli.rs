@@ -152,6 +152,7 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
         (vec!["bench", "--transport", "rdma"], "unknown transport"),
         (vec!["bench", "--failovers", "0"], "--failovers"),
         (vec!["bench", "--epoch-ms", "0"], "--epoch-ms"),
+        (vec!["bench", "--net-epochs", "0"], "--net-epochs"),
         (
             vec!["bench", "--local", "--transport", "uring"],
             "cannot be used with",
@@ -194,7 +195,7 @@ fn bench_quick_runs_the_networked_pass_and_draws_the_plot() {
         stdout.contains("64 MiB memory, 64-byte blocks, 10 epochs"),
         "{stdout}"
     );
-    assert!(stdout.contains("1 failover(s)"), "{stdout}");
+    assert!(stdout.contains("1 failover(s), 5 epochs"), "{stdout}");
     let value: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(value["schema"], 2);
