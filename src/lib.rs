@@ -5,6 +5,7 @@
 //! the whole primary-to-backup path; [`staging`] holds the dirty pages copied out
 //! during the pause. [`bench`] drives it over the synthetic workloads, every mode side
 //! by side, and proves after every epoch that the replica equals the checkpoint.
+//! [`percentiles`] summarises timing samples.
 //! [`capi`] is the C API over the replicator, declared by `include/fgbi.h`.
 //! [`primary`] and [`backup`] are the two sides of replication between hosts, over
 //! the transport (the replicator sends to a backup through the same
@@ -18,6 +19,7 @@ pub mod capi;
 pub mod checkpoint;
 pub mod fault;
 pub mod local;
+pub mod percentiles;
 pub mod primary;
 pub mod replicator;
 pub mod restart;

@@ -146,7 +146,23 @@ impl SyntheticMachine {
     /// Rebuilds a machine on a backup from its replica `memory` and the state blob of
     /// the epoch that memory was committed with, ready to continue exactly where the
     /// primary's checkpoint stood.
-    pub fn restore(mut memory: Region, state: &[u8], tracking: Tracking) -> Result<Self, HypError> {
+    pub fn restore(memory: Region, state: &[u8], tracking: Tracking) -> Result<Self, HypError> {
+        // The seed is irrelevant: the saved generator state replaces it.
+        Self::restore_with(memory, state, tracking, |name, mem| {
+            Ok(workload::by_name(name, mem, 0)?)
+        })
+    }
+
+    /// Like [`SyntheticMachine::restore`], with the workload built by `workload` from
+    /// the name in the state blob and the memory size (for workloads that
+    /// [`workload::by_name`] does not know, such as a trace's replay); its saved state
+    /// is then loaded from the blob.
+    pub fn restore_with(
+        mut memory: Region,
+        state: &[u8],
+        tracking: Tracking,
+        workload: impl FnOnce(&str, usize) -> Result<Box<dyn Workload>, HypError>,
+    ) -> Result<Self, HypError> {
         let bad = || HypError::State("the state blob is not a synthetic machine's state");
         let rest = state.strip_prefix(STATE_MAGIC).ok_or_else(bad)?;
         let end = rest.iter().position(|&b| b == 0).ok_or_else(bad)?;
@@ -160,8 +176,10 @@ impl SyntheticMachine {
             .chunks_exact(8)
             .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
             .collect();
-        // The seed is irrelevant: the saved generator state replaces it.
-        let mut workload = workload::by_name(name, memory.len(), 0)?;
+        let mut workload = workload(name, memory.len())?;
+        if workload.name() != name {
+            return Err(bad());
+        }
         workload.load(&words)?;
         let tracker = tracker_for(&mut memory, tracking)?;
         Ok(Self {
@@ -175,7 +193,8 @@ impl SyntheticMachine {
         })
     }
 
-    /// Epochs of writes run so far (carried over by [`SyntheticMachine::restore`]).
+    /// Epochs of writes run so far (carried over by [`SyntheticMachine::restore`]):
+    /// the workload's progress, one fixed batch of writes per epoch.
     pub fn epochs(&self) -> u64 {
         self.epochs
     }
@@ -186,6 +205,10 @@ impl SyntheticMachine {
             return Err(HypError::Order("run while stopped"));
         }
         self.workload.step(&mut self.memory, &mut self.written);
+        if self.tracker.is_some() && !self.check {
+            // The kernel tracks the writes and nothing reads the workload's record.
+            self.written.clear();
+        }
         self.epochs += 1;
         Ok(())
     }

@@ -1,10 +1,13 @@
-//! `fgbi bench`: argument parsing, the results table and the JSON file.
+//! `fgbi bench`: argument parsing, the profiles, the results table and progress;
+//! the files are written by `fgbi::bench::report`.
 
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::Args;
-use fgbi::bench::{self, BenchConfig, RunResult, TRACE_PREFIX};
+use fgbi::bench::{self, BenchConfig, RunResult, TRACE_PREFIX, TransportChoice, report};
 use fgbi_engine::Mode;
 use fgbi_engine::stats::PAGE_ENCODINGS;
 use fgbi_hyp::synthetic::Tracking;
@@ -25,12 +28,17 @@ pub struct BenchArgs {
     /// Comma-separated modes: remus, llm, xbzrle, fgbi.
     #[arg(long, default_value = "remus,llm,xbzrle,fgbi", value_delimiter = ',')]
     modes: Vec<Mode>,
-    /// Measured epochs per workload and mode (after the initial sync).
-    #[arg(long, default_value_t = 40)]
-    epochs: usize,
-    /// Protected memory size (K, M, G suffixes).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    mem: u64,
+    /// The quick profile: 10 epochs, 64 MiB, 16 MiB cache, 1 failover, 5 networked
+    /// epochs per round (flags given explicitly still win).
+    #[arg(long)]
+    quick: bool,
+    /// Measured epochs per workload and mode (after the initial sync) [default: 40;
+    /// quick: 10].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Protected memory size (K, M, G suffixes) [default: 256M; quick: 64M].
+    #[arg(long, value_parser = parse_size)]
+    mem: Option<u64>,
     /// Block size in bytes: a power of two from 32 to 4096.
     #[arg(long, default_value = "64", value_parser = parse_size)]
     block: u64,
@@ -40,9 +48,10 @@ pub struct BenchArgs {
     /// Pin encoder workers to cores.
     #[arg(long)]
     pin: bool,
-    /// Page cache budget for xbzrle and fgbi (K, M, G suffixes).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    cache: u64,
+    /// Page cache budget for xbzrle and fgbi (K, M, G suffixes) [default: 64M;
+    /// quick: 16M].
+    #[arg(long, value_parser = parse_size)]
+    cache: Option<u64>,
     /// Workload seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -61,19 +70,64 @@ pub struct BenchArgs {
     /// and fail if the kernel missed a page.
     #[arg(long)]
     check_tracking: bool,
-    /// Also write the results as JSON to this file.
+    /// Transport of the networked pass over loopback: tcp, uring, std or auto.
+    #[arg(long, default_value = "tcp", conflicts_with = "local")]
+    transport: TransportChoice,
+    /// Run the in-process pass only: no transport, no failover, no overhead.
+    #[arg(long)]
+    local: bool,
+    /// Injected primary failures per workload and mode [default: 3; quick: 1].
+    #[arg(long)]
+    failovers: Option<usize>,
+    /// Measured epochs per protected round of the networked pass [default: 10;
+    /// quick: 5].
+    #[arg(long)]
+    net_epochs: Option<usize>,
+    /// Epoch length of the networked pass, milliseconds.
+    #[arg(long, default_value_t = 25)]
+    epoch_ms: u64,
+    /// Also write the results as JSON (schema 2, docs/bench.md) to this file.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Also write the results as CSV (one row per workload and mode) to this file.
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Also draw the pause distribution and the bytes per epoch of each mode as SVG
+    /// to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Also print the table in Markdown after the runs.
     #[arg(long)]
     markdown: bool,
 }
 
+/// Settings that differ between the full and the quick profile.
+struct Profile {
+    epochs: usize,
+    net_epochs: usize,
+    mem: u64,
+    cache: u64,
+    failovers: usize,
+}
+
+const FULL: Profile = Profile {
+    epochs: 40,
+    net_epochs: 10,
+    mem: 256 << 20,
+    cache: 64 << 20,
+    failovers: 3,
+};
+
+const QUICK: Profile = Profile {
+    epochs: 10,
+    net_epochs: 5,
+    mem: 64 << 20,
+    cache: 16 << 20,
+    failovers: 1,
+};
+
 /// The table's columns, in the text and Markdown tables.
-const COLUMNS: [&str; 12] = [
+const COLUMNS: [&str; 14] = [
     "workload",
     "mode",
     "dirty",
@@ -82,17 +136,17 @@ const COLUMNS: [&str; 12] = [
     "enc GB/s",
     "app GB/s",
     "pause p50/99us",
+    "type I ms",
+    "overhead",
     "digest MiB",
     "cache MiB",
     "verified",
     "chosen",
 ];
 
-/// The CSV file's columns: [`RunResult`]'s fields, percentiles flattened.
-const CSV_COLUMNS: &str = "workload,mode,epochs,block_size,mem_bytes,workers,backing,tracking,dirty_pages,wire_bytes,sync_bytes,encode_seconds,apply_seconds,encode_us_p50,apply_us_p50,pause_us_p50,pause_us_p99,pause_us_max,verified,digest_bytes,cache_bytes";
-
 /// Runs the bench and prints the table; fails if any run did not verify.
 pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
+    let profile = if args.quick { QUICK } else { FULL };
     let workloads = if let Some(trace) = &args.trace {
         vec![format!("{TRACE_PREFIX}{}", trace.display())]
     } else if args.workload == "all" {
@@ -100,23 +154,40 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     } else {
         vec![args.workload.clone()]
     };
-    if args.epochs == 0 {
+    let epochs = args.epochs.unwrap_or(profile.epochs);
+    if epochs == 0 {
         return Err("--epochs must be at least 1".into());
     }
+    let net_epochs = args.net_epochs.unwrap_or(profile.net_epochs);
+    if net_epochs == 0 {
+        return Err("--net-epochs must be at least 1".into());
+    }
+    let failovers = args.failovers.unwrap_or(profile.failovers);
+    if failovers == 0 && !args.local {
+        return Err("--failovers must be at least 1 (every protected round ends with one); use --local for no networked pass".into());
+    }
+    if args.epoch_ms == 0 {
+        return Err("--epoch-ms must be at least 1".into());
+    }
+    let cache = args.cache.unwrap_or(profile.cache);
     let config = BenchConfig {
         workloads,
         modes: args.modes.clone(),
-        epochs: args.epochs,
-        mem_bytes: args.mem,
+        epochs,
+        mem_bytes: args.mem.unwrap_or(profile.mem),
         block_size: usize::try_from(args.block).map_err(|_| "--block is too large".to_string())?,
         workers: args.workers,
         pin_workers: args.pin,
-        cache_bytes: usize::try_from(args.cache).map_err(|_| "--cache is too large".to_string())?,
+        cache_bytes: usize::try_from(cache).map_err(|_| "--cache is too large".to_string())?,
         seed: args.seed,
         sharing: !args.no_sharing,
         compression: !args.no_compression,
         tracking: args.tracking,
         check_tracking: args.check_tracking,
+        transport: (!args.local).then_some(args.transport),
+        failovers,
+        net_epochs,
+        epoch: Duration::from_millis(args.epoch_ms),
     };
     if args.check_tracking && args.tracking == Tracking::Generator {
         return Err("--check-tracking compares kernel tracking with the workload: use it with --tracking kernel or cow".into());
@@ -125,8 +196,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         Some(_) => "memory sized by the trace".to_string(),
         None => format!("{} MiB memory", config.mem_bytes >> 20),
     };
+    let pipeline = match config.transport {
+        Some(_) => format!(
+            "networked pass over loopback ({} failover(s), {} epochs of {} ms per round)",
+            config.failovers, config.net_epochs, args.epoch_ms
+        ),
+        None => "in-process pass only".to_string(),
+    };
     println!(
-        "fgbi bench: {memory}, {}-byte blocks, {} epochs, {} worker(s), {} MiB cache, seed {}",
+        "fgbi bench: {memory}, {}-byte blocks, {} epochs, {} worker(s), {} MiB cache, seed {}, {pipeline}",
         config.block_size,
         config.epochs,
         config.workers,
@@ -134,20 +212,21 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         config.seed
     );
     let mut announced = false;
-    let [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11] = COLUMNS;
-    println!(
-        "{c0:<8} {c1:<7} {c2:>9} {c3:>10} {c4:>8} {c5:>8} {c6:>8} {c7:>13} {c8:>9} {c9:>9}  {c10:<8} {c11}"
-    );
+    print_row(&COLUMNS.map(String::from));
     let mut rows = Vec::new();
     let mut remus: Option<(String, u64)> = None;
+    let total = config.workloads.len() * config.modes.len();
+    let progress = Progress::new(total);
+    progress.draw(0, next_run(&config, 0));
     let results = bench::run(&config, |r| {
+        progress.clear();
         if r.mode == "remus" {
             remus = Some((r.workload.clone(), r.wire_bytes));
         }
         if !announced {
             println!(
-                "(memory backed by {} pages, dirty pages from the {})",
-                r.backing, r.tracking
+                "(memory backed by {} pages, dirty pages from the {}, transport {}, memcpy {:.1} GB/s)",
+                r.backing, r.tracking, r.transport, r.memcpy_gbps
             );
             announced = true;
         }
@@ -158,18 +237,25 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         let row = cells(r, baseline);
         print_row(&row);
         rows.push(row);
-    })
-    .map_err(|e| e.to_string())?;
-    if let Some(path) = &args.json {
-        let json = serde_json::json!({ "schema": 1, "runs": results });
-        let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+        progress.draw(rows.len(), next_run(&config, rows.len()));
+    });
+    progress.clear();
+    let results = results.map_err(|e| e.to_string())?;
+    let write = |path: &PathBuf, text: String| {
         std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("results written to {}", path.display());
+        Ok::<(), String>(())
+    };
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report::json::document(&results))
+            .map_err(|e| e.to_string())?;
+        write(path, text)?;
     }
     if let Some(path) = &args.csv {
-        std::fs::write(path, csv(&results))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        println!("results written to {}", path.display());
+        write(path, report::csv::document(&results))?;
+    }
+    if let Some(path) = &args.plot {
+        write(path, report::plot::svg(&results))?;
     }
     if args.markdown {
         println!();
@@ -181,7 +267,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         }
     }
     if results.iter().all(|r| r.verified) {
-        println!("every run verified: replica digest equal to the primary's after every epoch");
+        println!(
+            "every run verified: replica digest equal to the primary's after every in-process epoch and at every failover"
+        );
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("fgbi: some runs did NOT verify: the replica differed from the primary");
@@ -189,9 +277,61 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     }
 }
 
+/// The name of run `index` (workloads in order, modes within each), if any.
+fn next_run(config: &BenchConfig, index: usize) -> Option<String> {
+    let modes = config.modes.len().max(1);
+    let workload = config.workloads.get(index / modes)?;
+    let mode = config.modes.get(index % modes)?;
+    Some(format!("{workload} {mode}"))
+}
+
+/// A progress bar on stderr, drawn only when stderr is a terminal.
+struct Progress {
+    total: usize,
+    on: bool,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            on: std::io::stderr().is_terminal(),
+            started: Instant::now(),
+        }
+    }
+
+    fn draw(&self, done: usize, running: Option<String>) {
+        if !self.on {
+            return;
+        }
+        const WIDTH: usize = 30;
+        let filled = WIDTH * done / self.total.max(1);
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r\x1b[K[{}{}] {done}/{} {:.0}s {}",
+            "#".repeat(filled),
+            ".".repeat(WIDTH - filled),
+            self.total,
+            self.started.elapsed().as_secs_f64(),
+            running.unwrap_or_default()
+        );
+        let _ = err.flush();
+    }
+
+    fn clear(&self) {
+        if self.on {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[K");
+            let _ = err.flush();
+        }
+    }
+}
+
 /// One run's cells, in [`COLUMNS`] order; `remus_bytes` is the same workload's Remus
 /// wire bytes, if it ran.
-fn cells(r: &RunResult, remus_bytes: Option<u64>) -> [String; 12] {
+fn cells(r: &RunResult, remus_bytes: Option<u64>) -> [String; 14] {
     let vs_remus = match remus_bytes {
         Some(b) if b > 0 => format!("{:.1}%", r.wire_bytes as f64 * 100.0 / b as f64),
         _ => "-".into(),
@@ -218,6 +358,12 @@ fn cells(r: &RunResult, remus_bytes: Option<u64>) -> [String; 12] {
         format!("{:.2}", r.encode_gbps()),
         format!("{:.2}", r.apply_gbps()),
         format!("{:.0}/{:.0}", r.pause_us.p50, r.pause_us.p99),
+        r.failover_ms
+            .map(|f| format!("{:.1}", f.total))
+            .unwrap_or_else(|| "-".into()),
+        r.overhead_pct
+            .map(|o| format!("{o:.1}%"))
+            .unwrap_or_else(|| "-".into()),
         format!("{:.1}", r.digest_bytes as f64 / 1_048_576.0),
         format!("{:.1}", r.cache_bytes as f64 / 1_048_576.0),
         r.verified.to_string(),
@@ -225,63 +371,9 @@ fn cells(r: &RunResult, remus_bytes: Option<u64>) -> [String; 12] {
     ]
 }
 
-fn print_row(row: &[String; 12]) {
-    let [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11] = row;
+fn print_row(row: &[String; 14]) {
+    let [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13] = row;
     println!(
-        "{c0:<8} {c1:<7} {c2:>9} {c3:>10} {c4:>8} {c5:>8} {c6:>8} {c7:>13} {c8:>9} {c9:>9}  {c10:<8} {c11}"
+        "{c0:<8} {c1:<7} {c2:>9} {c3:>10} {c4:>8} {c5:>8} {c6:>8} {c7:>13} {c8:>9} {c9:>8} {c10:>10} {c11:>9}  {c12:<8} {c13}"
     );
-}
-
-/// The results as CSV: a header line, then one line per run ([`CSV_COLUMNS`]).
-fn csv(results: &[RunResult]) -> String {
-    let mut out = format!("{CSV_COLUMNS}\n");
-    for r in results {
-        let fields = [
-            csv_field(&r.workload),
-            csv_field(&r.mode),
-            r.epochs.to_string(),
-            r.block_size.to_string(),
-            r.mem_bytes.to_string(),
-            r.workers.to_string(),
-            r.backing.to_string(),
-            r.tracking.to_string(),
-            r.dirty_pages.to_string(),
-            r.wire_bytes.to_string(),
-            r.sync_bytes.to_string(),
-            r.encode_seconds.to_string(),
-            r.apply_seconds.to_string(),
-            r.encode_us_p50.to_string(),
-            r.apply_us_p50.to_string(),
-            r.pause_us.p50.to_string(),
-            r.pause_us.p99.to_string(),
-            r.pause_us.max.to_string(),
-            r.verified.to_string(),
-            r.digest_bytes.to_string(),
-            r.cache_bytes.to_string(),
-        ];
-        out.push_str(&fields.join(","));
-        out.push('\n');
-    }
-    out
-}
-
-/// A CSV field, quoted if it holds a comma, quote or line break (RFC 4180).
-fn csv_field(value: &str) -> String {
-    if value.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", value.replace('"', "\"\""))
-    } else {
-        value.to_string()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::csv_field;
-
-    #[test]
-    fn csv_fields_with_separators_are_quoted() {
-        assert_eq!(csv_field("trace:a.fgbt"), "trace:a.fgbt");
-        assert_eq!(csv_field("trace:a,b"), "\"trace:a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
-    }
 }

@@ -1,4 +1,5 @@
-//! The `fgbi` binary: its bench runs, writes JSON, and refuses bad flags clearly.
+//! The `fgbi` binary: its bench runs, writes JSON, CSV and SVG, and refuses bad flags
+//! clearly.
 
 use std::process::Command;
 
@@ -148,6 +149,14 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
             "memory size",
         ),
         (vec!["bench", "--epochs", "0"], "--epochs"),
+        (vec!["bench", "--transport", "rdma"], "unknown transport"),
+        (vec!["bench", "--failovers", "0"], "--failovers"),
+        (vec!["bench", "--epoch-ms", "0"], "--epoch-ms"),
+        (vec!["bench", "--net-epochs", "0"], "--net-epochs"),
+        (
+            vec!["bench", "--local", "--transport", "uring"],
+            "cannot be used with",
+        ),
         (
             vec!["bench", "--trace", "/nonexistent/x.fgbt", "--epochs", "1"],
             "cannot open trace",
@@ -163,6 +172,49 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
         assert!(stderr.contains(expect), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn bench_quick_runs_the_networked_pass_and_draws_the_plot() {
+    let dir = scratch("quick");
+    let (json, svg) = (dir.join("q.json"), dir.join("q.svg"));
+    let (code, stdout, stderr) = fgbi(&[
+        "bench",
+        "--quick",
+        "--workload",
+        "idle",
+        "--modes",
+        "remus,fgbi",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("64 MiB memory, 64-byte blocks, 10 epochs"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 failover(s), 5 epochs"), "{stdout}");
+    let value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(value["schema"], 2);
+    for run in value["runs"].as_array().unwrap() {
+        assert_eq!(run["transport"], "std");
+        assert_eq!(run["failovers"], 1);
+        assert_eq!(run["verified"], true);
+    }
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(svg.matches(r#"class="series pause""#).count(), 2, "{svg}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bench_local_skips_the_networked_pass() {
+    let (code, stdout, stderr) = small_bench("web", "2", &["--local"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("in-process pass only"), "{stdout}");
+    assert!(stdout.contains("transport local"), "{stdout}");
 }
 
 #[test]

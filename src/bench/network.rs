@@ -1,0 +1,267 @@
+//! The networked pass: the workload protected by the primary loop and replicated
+//! over a real transport on loopback to a backup loop on its own thread, with
+//! injected primary failures and the workload's throughput with and without
+//! protection.
+//!
+//! The pass alternates unprotected and protected rounds of the same program:
+//! unprotected, protected, unprotected, ... Each protected round is one session: a
+//! fresh backup, the primary loop syncing all memory to it (not measured), then
+//! `net_epochs` epochs in which the program runs for one epoch length and is
+//! checkpointed; then the primary stops abruptly (its link closes, as a crashed
+//! primary's does), the backup fails over, its replica's digest is compared with the
+//! primary's last checkpoint, and the program restored on the backup is the one the
+//! next round runs.
+
+use std::cell::Cell;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant, SystemTime};
+
+use fgbi_engine::memory_digest;
+use fgbi_hyp::protected::{HypError, Protected};
+use fgbi_hyp::synthetic::SyntheticMachine;
+
+use super::config::BenchConfig;
+use super::cpu;
+use super::error::BenchError;
+use super::link::{Link, LinkEvent, Takeover};
+use super::source::Source;
+
+/// One injected failure, from the primary's stop until the program ran on the
+/// backup.
+#[derive(Clone, Copy, Debug)]
+pub struct FailoverSample {
+    /// From the primary's stop to the backup's verdict.
+    pub detect: Duration,
+    /// Finishing the last epoch (abandoning the connection).
+    pub apply: Duration,
+    /// Rebuilding the program from the replica.
+    pub restore: Duration,
+    /// The restored program's first step.
+    pub first_run: Duration,
+}
+
+/// What the networked pass measured.
+#[derive(Default)]
+pub struct NetworkPass {
+    /// The transport implementation that ran.
+    pub transport: &'static str,
+    /// The pause of every measured checkpoint, microseconds.
+    pub pause_us: Vec<f64>,
+    /// Measured checkpoints (the sessions' syncs excluded).
+    pub epochs: u64,
+    /// Dirty pages harvested in the measured checkpoints.
+    pub dirty_pages: u64,
+    /// Bytes sent for the measured checkpoints.
+    pub wire_bytes: u64,
+    /// The most dirty pages one measured checkpoint harvested.
+    pub max_epoch_pages: u64,
+    /// Every injected failure.
+    pub failovers: Vec<FailoverSample>,
+    /// Whether every failed-over replica equalled the primary's last checkpoint.
+    pub verified: bool,
+    /// Workload steps per second in each protected round.
+    pub protected_rates: Vec<f64>,
+    /// Workload steps per second in each unprotected round.
+    pub unprotected_rates: Vec<f64>,
+    /// CPU time of everything but the workload (primary and backup loops,
+    /// transport, encoder workers) during the measured epochs, seconds.
+    pub pipeline_cpu_seconds: f64,
+    /// Bytes of the backup's receive ring.
+    pub receive_ring_bytes: usize,
+}
+
+/// The program as the primary loop drives it, counting what each harvest found.
+struct Observed<'a> {
+    machine: &'a mut SyntheticMachine,
+    harvests: Vec<u64>,
+}
+
+impl Protected for Observed<'_> {
+    fn mem_bytes(&self) -> u64 {
+        self.machine.mem_bytes()
+    }
+
+    fn stop(&mut self) -> Result<(), HypError> {
+        self.machine.stop()
+    }
+
+    fn harvest(&mut self, dirty: &mut Vec<u64>) -> Result<(), HypError> {
+        let before = dirty.len();
+        self.machine.harvest(dirty)?;
+        self.harvests.push((dirty.len() - before) as u64);
+        Ok(())
+    }
+
+    fn capture_state(&mut self, out: &mut Vec<u8>) -> Result<(), HypError> {
+        self.machine.capture_state(out)
+    }
+
+    fn memory(&self) -> &[u8] {
+        self.machine.memory()
+    }
+
+    fn resume(&mut self) -> Result<(), HypError> {
+        self.machine.resume()
+    }
+}
+
+/// Runs `config.failovers` protected rounds of `machine`, each between two
+/// unprotected rounds, over `link`.
+pub fn run(
+    config: &BenchConfig,
+    source: &Source,
+    link: &Link,
+    mut machine: SyntheticMachine,
+) -> Result<NetworkPass, BenchError> {
+    let round = config.epoch * u32::try_from(config.net_epochs).unwrap_or(u32::MAX);
+    let mut pass = NetworkPass {
+        transport: link.implementation(),
+        verified: true,
+        receive_ring_bytes: link.receive_ring_bytes(),
+        ..NetworkPass::default()
+    };
+    pass.unprotected_rates
+        .push(unprotected(&mut machine, round)?);
+    for _ in 0..config.failovers.max(1) {
+        machine = session(config, source, link, machine, &mut pass)?;
+        pass.unprotected_rates
+            .push(unprotected(&mut machine, round)?);
+    }
+    Ok(pass)
+}
+
+/// Runs `machine` unprotected for `duration`; its steps per second.
+fn unprotected(machine: &mut SyntheticMachine, duration: Duration) -> Result<f64, BenchError> {
+    let (started, steps) = (Instant::now(), machine.epochs());
+    while started.elapsed() < duration {
+        machine.run()?;
+    }
+    Ok((machine.epochs() - steps) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The measured window of a session: from the sync's commit to the last commit.
+#[derive(Default)]
+struct Window {
+    started: Option<(Instant, u64)>,
+    ended: Option<(Instant, u64, SystemTime)>,
+}
+
+/// One protected round ending in an injected failure; returns the program restored
+/// on the backup.
+fn session(
+    config: &BenchConfig,
+    source: &Source,
+    link: &Link,
+    mut machine: SyntheticMachine,
+    pass: &mut NetworkPass,
+) -> Result<SyntheticMachine, BenchError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| BenchError::Io { what, source }
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("cannot listen on loopback"))?;
+    let address = listener
+        .local_addr()
+        .map_err(io("cannot read the listening address"))?;
+    let backup = link.spawn_backup(listener, source.workload_factory())?;
+
+    // The sync is epoch 1; epochs 2..=last are measured.
+    let last = config.net_epochs as u64 + 1;
+    let steps = Cell::new(0u64);
+    let step_cpu_ns = Cell::new(0u64);
+    let window = Cell::new(Window::default());
+    let mut observed = Observed {
+        machine: &mut machine,
+        harvests: Vec::new(),
+    };
+    let mut synced = false;
+    let epoch_len = config.epoch;
+    let (mut pauses, mut bytes) = (Vec::new(), 0u64);
+    let primary = link.primary(
+        &mut observed,
+        |program| {
+            if !std::mem::replace(&mut synced, true) {
+                return Ok(());
+            }
+            // The program runs for one epoch length, at least one step.
+            let (started, cpu) = (Instant::now(), cpu::thread_ns().unwrap_or(0));
+            loop {
+                program.machine.run()?;
+                steps.set(steps.get() + 1);
+                if started.elapsed() >= epoch_len {
+                    break;
+                }
+            }
+            let spent = cpu::thread_ns().unwrap_or(0).saturating_sub(cpu);
+            step_cpu_ns.set(step_cpu_ns.get() + spent);
+            Ok(())
+        },
+        address,
+        last,
+        |event| match event {
+            LinkEvent::Sent {
+                epoch,
+                pause,
+                bytes: sent,
+            } if epoch > 1 => {
+                pauses.push(pause.as_secs_f64() * 1e6);
+                bytes += sent;
+            }
+            LinkEvent::Sent { .. } => {}
+            LinkEvent::Committed(n) => {
+                let mut w = window.take();
+                let cpu = cpu::process_ns().unwrap_or(0);
+                if n == 1 {
+                    w.started = Some((Instant::now(), cpu));
+                } else if n == last {
+                    w.ended = Some((Instant::now(), cpu, SystemTime::now()));
+                }
+                window.set(w);
+            }
+        },
+    );
+    let harvests = std::mem::take(&mut observed.harvests);
+    if let Err(e) = primary {
+        // Unblock a backup still waiting for the primary; a backup that failed first
+        // (and closed its listener) has the better reason.
+        let _ = TcpStream::connect(address);
+        return Err(match backup.join() {
+            Ok(Err(backup_error)) => backup_error,
+            Ok(Ok(_)) => e,
+            Err(_) => BenchError::BackupPanicked,
+        });
+    }
+    // The loop returned right after the last commit: memory is that checkpoint.
+    let digest = memory_digest(machine.memory());
+    let takeover: Takeover = backup.join().map_err(|_| BenchError::BackupPanicked)??;
+    let window = window.take();
+    let (Some((t0, cpu0)), Some((t1, cpu1, failed_at))) = (window.started, window.ended) else {
+        return Err(BenchError::Setting(
+            "the session ended before its measured epochs".into(),
+        ));
+    };
+    pass.verified &= takeover.epoch == last && takeover.digest == Some(digest);
+    pass.failovers.push(FailoverSample {
+        detect: takeover
+            .detected_at
+            .duration_since(failed_at)
+            .unwrap_or_default(),
+        apply: takeover.finish,
+        restore: takeover.restore,
+        first_run: takeover.first_run,
+    });
+    let wall = (t1 - t0).as_secs_f64();
+    pass.protected_rates.push(steps.get() as f64 / wall);
+    pass.pipeline_cpu_seconds +=
+        cpu1.saturating_sub(cpu0).saturating_sub(step_cpu_ns.get()) as f64 / 1e9;
+    pass.epochs += pauses.len() as u64;
+    pass.pause_us.extend(pauses);
+    pass.wire_bytes += bytes;
+    // The first harvest is the sync's.
+    for &pages in harvests.iter().skip(1) {
+        pass.dirty_pages += pages;
+        pass.max_epoch_pages = pass.max_epoch_pages.max(pages);
+    }
+    drop(machine);
+    Ok(takeover.program)
+}

@@ -1,0 +1,89 @@
+//! One CSV line per run: the JSON fields, nested ones flattened, without
+//! `encodings`.
+
+use crate::bench::result::RunResult;
+
+/// The header line's columns.
+pub const COLUMNS: &str = "workload,mode,epochs,block_size,mem_bytes,workers,backing,tracking,transport,dirty_pages,wire_bytes,sync_bytes,encode_seconds,apply_seconds,encode_us_p50,apply_us_p50,pause_us_p50,pause_us_p99,pause_us_max,local_pause_us_p50,local_pause_us_p99,local_pause_us_max,verified,verified_checkpoints,digest_bytes,cache_bytes,staging_bytes,receive_ring_bytes,failovers,failover_ms_detect,failover_ms_apply,failover_ms_restore,failover_ms_first_run,failover_ms_total,overhead_pct,throughput_unprotected,throughput_protected,net_epochs,net_dirty_pages,net_wire_bytes,pipeline_cpu_seconds,pipeline_cpu_us_per_epoch,memcpy_gbps,encode_vs_memcpy,apply_vs_memcpy";
+
+/// The results as CSV: a header line, then one line per run ([`COLUMNS`]); a value
+/// the run did not measure is empty.
+pub fn document(results: &[RunResult]) -> String {
+    let mut out = format!("{COLUMNS}\n");
+    for r in results {
+        let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let failover =
+            |part: fn(&crate::bench::FailoverMs) -> f64| opt(r.failover_ms.map(|f| part(&f)));
+        let fields = [
+            field(&r.workload),
+            field(&r.mode),
+            r.epochs.to_string(),
+            r.block_size.to_string(),
+            r.mem_bytes.to_string(),
+            r.workers.to_string(),
+            r.backing.to_string(),
+            r.tracking.to_string(),
+            r.transport.to_string(),
+            r.dirty_pages.to_string(),
+            r.wire_bytes.to_string(),
+            r.sync_bytes.to_string(),
+            r.encode_seconds.to_string(),
+            r.apply_seconds.to_string(),
+            r.encode_us_p50.to_string(),
+            r.apply_us_p50.to_string(),
+            r.pause_us.p50.to_string(),
+            r.pause_us.p99.to_string(),
+            r.pause_us.max.to_string(),
+            r.local_pause_us.p50.to_string(),
+            r.local_pause_us.p99.to_string(),
+            r.local_pause_us.max.to_string(),
+            r.verified.to_string(),
+            r.verified_checkpoints.to_string(),
+            r.digest_bytes.to_string(),
+            r.cache_bytes.to_string(),
+            r.staging_bytes.to_string(),
+            r.receive_ring_bytes.to_string(),
+            r.failovers.to_string(),
+            failover(|f| f.detect),
+            failover(|f| f.apply),
+            failover(|f| f.restore),
+            failover(|f| f.first_run),
+            failover(|f| f.total),
+            opt(r.overhead_pct),
+            opt(r.throughput.map(|t| t.unprotected)),
+            opt(r.throughput.map(|t| t.protected)),
+            opt(r.net_epochs.map(|v| v as f64)),
+            opt(r.net_dirty_pages.map(|v| v as f64)),
+            opt(r.net_wire_bytes.map(|v| v as f64)),
+            opt(r.pipeline_cpu_seconds),
+            opt(r.pipeline_cpu_us_per_epoch),
+            r.memcpy_gbps.to_string(),
+            r.encode_vs_memcpy.to_string(),
+            r.apply_vs_memcpy.to_string(),
+        ];
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// A CSV field, quoted if it holds a comma, quote or line break (RFC 4180).
+pub fn field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_with_separators_are_quoted() {
+        assert_eq!(field("trace:a.fgbt"), "trace:a.fgbt");
+        assert_eq!(field("trace:a,b"), "\"trace:a,b\"");
+        assert_eq!(field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
+}

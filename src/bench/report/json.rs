@@ -1,0 +1,19 @@
+//! The JSON document: `{"schema": 2, "memcpy_gbps": ..., "runs": [...]}`, one run
+//! per workload and mode with every field of [`RunResult`] (docs/bench.md).
+
+use serde_json::{Value, json};
+
+use crate::bench::result::RunResult;
+
+/// The version of the document's layout; raised when a field changes meaning or
+/// goes away (schema 1 had no networked pass).
+pub const SCHEMA: u64 = 2;
+
+/// The document for `results`.
+pub fn document(results: &[RunResult]) -> Value {
+    json!({
+        "schema": SCHEMA,
+        "memcpy_gbps": results.first().map(|r| r.memcpy_gbps),
+        "runs": results,
+    })
+}

@@ -1,0 +1,170 @@
+//! The driver: every workload under every mode, one result per pair.
+
+use fgbi_engine::{Geometry, Mode, PAGE_SIZE};
+
+use super::config::BenchConfig;
+use super::error::BenchError;
+use super::link::Link;
+use super::local_pass::{self, CodecPass};
+use super::memcpy;
+use super::network::{self, FailoverSample, NetworkPass};
+use super::result::{FailoverMs, RunResult, Throughput};
+use super::source::{Source, mem_usize};
+use crate::percentiles::{Percentiles, median};
+
+/// Samples of the memcpy bandwidth taken before the runs.
+const MEMCPY_SAMPLES: usize = 7;
+
+/// Runs every workload under every mode; calls `report` as each run finishes.
+pub fn run(
+    config: &BenchConfig,
+    mut report: impl FnMut(&RunResult),
+) -> Result<Vec<RunResult>, BenchError> {
+    if config.epochs == 0 || config.net_epochs == 0 {
+        return Err(BenchError::Setting(
+            "the bench needs at least 1 measured epoch per pass (--epochs, --net-epochs)".into(),
+        ));
+    }
+    let implementation = config.transport.map(|t| t.implementation()).transpose()?;
+    let mut sources = Vec::new();
+    for name in &config.workloads {
+        sources.push((name, Source::new(name, config)?));
+    }
+    let memcpy_gbps = memcpy::bandwidth_gbps(MEMCPY_SAMPLES);
+    let mut results = Vec::new();
+    for (name, (source, geometry)) in &sources {
+        for &mode in &config.modes {
+            let mem = mem_usize(*geometry)?;
+            let encoder = local_pass::encoder_config(config, *geometry, mode);
+            let mut machine = source.machine(config, mem)?;
+            let backing = machine.backing().as_str();
+            let codec = local_pass::run(config, encoder.clone(), &mut machine)?;
+            drop(machine);
+            let net = match implementation {
+                Some(implementation) => {
+                    let link = Link::new(encoder, implementation, config.tracking)?;
+                    let machine = source.machine(config, mem)?;
+                    Some(network::run(config, source, &link, machine)?)
+                }
+                None => None,
+            };
+            let result = assemble(
+                config,
+                *geometry,
+                name,
+                mode,
+                backing,
+                codec,
+                net,
+                memcpy_gbps,
+            );
+            report(&result);
+            results.push(result);
+        }
+    }
+    Ok(results)
+}
+
+/// One run's result from its passes.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    config: &BenchConfig,
+    geometry: Geometry,
+    name: &str,
+    mode: Mode,
+    backing: &'static str,
+    mut codec: CodecPass,
+    net: Option<NetworkPass>,
+    memcpy_gbps: f64,
+) -> RunResult {
+    let local_pause_us = Percentiles::of(&mut codec.pause_us);
+    let mut result = RunResult {
+        workload: name.to_string(),
+        mode: mode.to_string(),
+        epochs: config.epochs,
+        block_size: geometry.block_size(),
+        mem_bytes: geometry.mem_bytes(),
+        workers: config.workers,
+        backing,
+        tracking: config.tracking_name(),
+        dirty_pages: codec.dirty_pages,
+        wire_bytes: codec.wire_bytes,
+        sync_bytes: codec.sync_bytes,
+        encode_seconds: codec.encode_seconds,
+        apply_seconds: codec.apply_seconds,
+        encode_us_p50: codec.encode_us_p50,
+        apply_us_p50: codec.apply_us_p50,
+        pause_us: local_pause_us,
+        verified: codec.verified,
+        digest_bytes: codec.overhead_bytes.0,
+        cache_bytes: codec.overhead_bytes.1,
+        encodings: codec.encodings,
+        transport: "local",
+        verified_checkpoints: codec.verified_checkpoints,
+        local_pause_us,
+        pause_samples_us: codec.pause_us,
+        failovers: 0,
+        failover_ms: None,
+        overhead_pct: None,
+        throughput: None,
+        net_epochs: None,
+        net_dirty_pages: None,
+        net_wire_bytes: None,
+        staging_bytes: codec.max_epoch_pages as usize * PAGE_SIZE,
+        receive_ring_bytes: 0,
+        pipeline_cpu_seconds: None,
+        pipeline_cpu_us_per_epoch: None,
+        memcpy_gbps,
+        encode_vs_memcpy: 0.0,
+        apply_vs_memcpy: 0.0,
+    };
+    if memcpy_gbps > 0.0 {
+        result.encode_vs_memcpy = result.encode_gbps() / memcpy_gbps;
+        result.apply_vs_memcpy = result.apply_gbps() / memcpy_gbps;
+    }
+    if let Some(mut net) = net {
+        result.transport = net.transport;
+        result.pause_us = Percentiles::of(&mut net.pause_us);
+        result.pause_samples_us = net.pause_us;
+        result.verified &= net.verified;
+        result.verified_checkpoints += net.failovers.len() as u64;
+        result.failovers = net.failovers.len();
+        result.failover_ms = Some(failover_ms(&net.failovers));
+        let unprotected = median(&mut net.unprotected_rates).unwrap_or(0.0);
+        let protected = median(&mut net.protected_rates).unwrap_or(0.0);
+        result.throughput = Some(Throughput {
+            unprotected,
+            protected,
+        });
+        result.overhead_pct = (unprotected > 0.0).then(|| (1.0 - protected / unprotected) * 100.0);
+        result.net_epochs = Some(net.epochs);
+        result.net_dirty_pages = Some(net.dirty_pages);
+        result.net_wire_bytes = Some(net.wire_bytes);
+        result.staging_bytes = result
+            .staging_bytes
+            .max(net.max_epoch_pages as usize * PAGE_SIZE);
+        result.receive_ring_bytes = net.receive_ring_bytes;
+        result.pipeline_cpu_seconds = Some(net.pipeline_cpu_seconds);
+        result.pipeline_cpu_us_per_epoch =
+            Some(net.pipeline_cpu_seconds * 1e6 / net.epochs.max(1) as f64);
+    }
+    result
+}
+
+/// Medians of each part of type I downtime, and of the totals, in milliseconds.
+fn failover_ms(samples: &[FailoverSample]) -> FailoverMs {
+    let ms = |part: fn(&FailoverSample) -> std::time::Duration| {
+        let mut values: Vec<f64> = samples
+            .iter()
+            .map(|s| part(s).as_secs_f64() * 1e3)
+            .collect();
+        median(&mut values).unwrap_or(0.0)
+    };
+    FailoverMs {
+        detect: ms(|s| s.detect),
+        apply: ms(|s| s.apply),
+        restore: ms(|s| s.restore),
+        first_run: ms(|s| s.first_run),
+        total: ms(|s| s.detect + s.apply + s.restore + s.first_run),
+    }
+}
