@@ -14,12 +14,19 @@ const MEM: usize = 16 << 20;
 const EPOCHS: u64 = 30;
 
 fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs, vcpus: usize) {
-    if !fgbi_hyp::feature::available("KVM", probe(tracking)) {
-        return;
-    }
     let mut config = VmConfig::new(program, MEM, tracking);
     config.args = args;
     config.vcpus = vcpus;
+    replicate_vm(config);
+}
+
+/// Replicates a VM built from `config` for [`EPOCHS`] verified epochs, then fails
+/// over to a VM restored from the replica.
+fn replicate_vm(config: VmConfig) {
+    let (tracking, program, vcpus) = (config.tracking, config.program, config.vcpus);
+    if !fgbi_hyp::feature::available("KVM", probe(tracking)) {
+        return;
+    }
     let mut vm = KvmVm::new(config).unwrap();
     let geometry = Geometry::new(MEM as u64, 64).unwrap();
     let mut replication = LocalReplication::new(EncoderConfig::new(geometry, Mode::Fgbi)).unwrap();
@@ -35,7 +42,12 @@ fn replicate(tracking: DirtyTracking, program: Program, args: GuestArgs, vcpus: 
     }
     pauses.sort_unstable();
     eprintln!(
-        "{tracking} {} on {vcpus} vCPUs: {EPOCHS} epochs verified, {dirty} dirty pages, pause median {:?} max {:?}",
+        "{tracking}{} {} on {vcpus} vCPUs: {EPOCHS} epochs verified, {dirty} dirty pages, pause median {:?} max {:?}",
+        if config.copy_on_write {
+            " copy-on-write"
+        } else {
+            ""
+        },
         program.name(),
         pauses[pauses.len() / 2],
         pauses[pauses.len() - 1]
@@ -78,6 +90,27 @@ fn a_counter_guest_is_replicated_and_fails_over_with_the_dirty_ring() {
 fn a_counter_guest_on_three_vcpus_is_replicated_and_fails_over_by_every_method() {
     for tracking in DirtyTracking::ALL {
         replicate(tracking, Program::Counter, COUNTER, 3);
+    }
+}
+
+/// Copy-on-write checkpoints: the dense counter guest rewrites every data page right
+/// after each resume, so the fault handler copies pages while the copier runs, on
+/// three vCPUs; every epoch must still reach the replica as it was at the pause.
+#[test]
+fn a_counter_guest_is_replicated_copy_on_write_and_fails_over_by_every_method() {
+    let backing = fgbi_hyp::memory::Backing::TransparentHuge;
+    if !fgbi_hyp::feature::available(
+        "copy-on-write snapshots",
+        fgbi_hyp::cow::CowTracker::probe(backing),
+    ) {
+        return;
+    }
+    for tracking in DirtyTracking::ALL {
+        let mut config = VmConfig::new(Program::Counter, MEM, tracking);
+        config.args = COUNTER;
+        config.vcpus = 3;
+        config.copy_on_write = true;
+        replicate_vm(config);
     }
 }
 

@@ -44,6 +44,9 @@ pub use vm::{KvmVm, VmConfig};
 /// What failed in the VMM, and what to do about it.
 #[derive(Debug, Error)]
 pub enum KvmError {
+    /// Copy-on-write checkpoints could not be set up.
+    #[error(transparent)]
+    Cow(#[from] crate::cow::CowError),
     /// /dev/kvm cannot be opened.
     #[error(
         "cannot open /dev/kvm ({0}): run on a host with KVM (load kvm_intel, kvm_amd or kvm_pvm) and give this user read-write access to /dev/kvm"

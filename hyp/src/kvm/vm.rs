@@ -18,6 +18,7 @@ use super::state::{self, DeviceState, Machine, MachineState, RestoreReport};
 use super::sys::GuestMemory;
 use super::vcpu::{DeviceIo, GuestStop, VcpuThreads};
 use super::{KvmError, sys};
+use crate::cow::{CowMode, CowTracker};
 use crate::memory::{Backing, Region};
 use crate::protected::{HypError, Protected};
 use crate::workload::PAGE;
@@ -48,6 +49,11 @@ pub struct VmConfig {
     /// [`KvmVm::committed`] says the epoch that produced it is on the backup (set it
     /// when the VM is protected); otherwise replies leave at once.
     pub output_commit: bool,
+    /// Copy-on-write checkpoints: the pause write-protects the dirty pages of guest
+    /// memory and they are copied after the vCPUs resume, each before the guest's (or
+    /// the VMM's) first write to it ([`crate::cow`], [`CowMode::Snapshot`]: KVM's
+    /// dirty log still finds the dirty pages).
+    pub copy_on_write: bool,
 }
 
 impl VmConfig {
@@ -64,6 +70,7 @@ impl VmConfig {
             irqchip: true,
             vcpus: 1,
             output_commit: false,
+            copy_on_write: false,
         }
     }
 }
@@ -83,7 +90,10 @@ pub struct PauseTimes {
 
 /// A KVM micro-VM running one guest program on one or more vCPUs.
 pub struct KvmVm {
-    // Fields drop in order: the vCPU threads end before the VM and its memory go.
+    // Fields drop in order: copy-on-write protection is lifted first (no vCPU may
+    // wait on a fault nobody serves), the vCPU threads end before the VM and its
+    // memory go.
+    cow: Option<CowTracker>,
     vcpus: VcpuThreads,
     dirty: DirtyLog,
     vm: Arc<VmFd>,
@@ -218,9 +228,26 @@ impl Parts {
             memory: view,
             kv: kv.clone(),
         };
+        let cow = if config.copy_on_write {
+            // SAFETY: guest memory is private anonymous memory, 2 MiB-aligned; it moves
+            // into the `KvmVm`, which drops the tracker first (field order) and the
+            // memory last, and the checkpointer finishes every snapshot it arms within
+            // one checkpoint.
+            Some(unsafe {
+                CowTracker::new(
+                    memory.as_mut_ptr(),
+                    memory.len(),
+                    memory.backing(),
+                    CowMode::Snapshot,
+                )
+            }?)
+        } else {
+            None
+        };
         let mut vcpus = VcpuThreads::spawn(self.vcpus, Arc::clone(&vm), self.rings, devices, io)?;
         vcpus.resume();
         Ok(KvmVm {
+            cow,
             vcpus,
             dirty: self.dirty,
             vm,
@@ -465,6 +492,10 @@ impl Protected for KvmVm {
 
     fn memory(&self) -> &[u8] {
         &self.memory
+    }
+
+    fn copy_on_write(&self) -> Option<&CowTracker> {
+        self.cow.as_ref()
     }
 
     fn resume(&mut self) -> Result<(), HypError> {
