@@ -219,21 +219,7 @@ fn hundreds_of_epochs_leave_the_replica_equal_and_large_ones_measure_throughput(
         let mut primary = Primary::connect(stream, &link.primary(5000), &key(1)).unwrap();
         // The web workload, with up to two epochs in flight.
         for _ in 0..150 {
-            let first = protected.step();
-            let a = first.stats.epoch;
-            primary.send_epoch(&first).unwrap();
-            drop(first);
-            let second = protected.step();
-            let b = second.stats.epoch;
-            primary.send_epoch(&second).unwrap();
-            drop(second);
-            for n in [a, b] {
-                assert_eq!(
-                    primary.wait_reply(Duration::from_secs(30)).unwrap(),
-                    Reply::Committed(n)
-                );
-            }
-            protected.encoder.acknowledge(b).unwrap();
+            commit_two_in_flight(&mut primary, &mut protected, Duration::from_secs(30));
         }
         // Large epochs (1024 pages of incompressible bytes, about 4 MiB): the time
         // `send_epoch` takes to place each in the backup's ring and commit it.

@@ -377,6 +377,31 @@ pub fn commit_one(primary: &mut fgbi_transport::Primary, protected: &mut Protect
     n
 }
 
+/// Sends two epochs of `protected` before waiting for either reply (one per receive
+/// slot), checks that both are committed in order within `wait`, and acknowledges
+/// them.
+pub fn commit_two_in_flight(
+    primary: &mut fgbi_transport::Primary,
+    protected: &mut Protected,
+    wait: Duration,
+) {
+    let first = protected.step();
+    let a = first.stats.epoch;
+    primary.send_epoch(&first).unwrap();
+    drop(first);
+    let second = protected.step();
+    let b = second.stats.epoch;
+    primary.send_epoch(&second).unwrap();
+    drop(second);
+    for n in [a, b] {
+        assert_eq!(
+            primary.wait_reply(wait).unwrap(),
+            fgbi_transport::Reply::Committed(n)
+        );
+    }
+    protected.encoder.acknowledge(b).unwrap();
+}
+
 /// How one connection to a test backup ended.
 #[derive(Debug)]
 pub struct Ended {

@@ -31,21 +31,7 @@ pub fn the_replica_equals_the_primary_after_every_implementation_carries_the_web
     }
     // Two epochs in flight at once, one per slot.
     for _ in 0..6 {
-        let first = protected.step();
-        let a = first.stats.epoch;
-        primary.send_epoch(&first).unwrap();
-        drop(first);
-        let second = protected.step();
-        let b = second.stats.epoch;
-        primary.send_epoch(&second).unwrap();
-        drop(second);
-        for n in [a, b] {
-            assert_eq!(
-                primary.wait_reply(Duration::from_secs(10)).unwrap(),
-                Reply::Committed(n)
-            );
-        }
-        protected.encoder.acknowledge(b).unwrap();
+        commit_two_in_flight(&mut primary, &mut protected, Duration::from_secs(10));
     }
     // An epoch from another encoder does not fit the replica's sequence: refused,
     // the replica unchanged, the connection still serving.
