@@ -48,7 +48,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Error)]
 pub enum InputLogError {
     /// The backup's log port cannot be reached.
-    #[error("cannot reach the backup's input log at {addr}: {source}; start `fgbi backup` with --input-log {addr}")]
+    #[error(
+        "cannot reach the backup's input log at {addr}: {source}; start `fgbi backup` with --input-log {addr}"
+    )]
     Connect {
         /// The address dialled.
         addr: SocketAddr,

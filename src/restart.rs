@@ -272,8 +272,7 @@ pub fn spawn(
                     what: "the input log's memory file",
                     source,
                 })?;
-            file.write_all(bytes)
-                .map_err(io("writing the input log"))?;
+            file.write_all(bytes).map_err(io("writing the input log"))?;
             Ok::<_, RestartError>(file)
         })
         .transpose()?;

@@ -123,11 +123,7 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
     let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let (backup_addr, service_addr) = (local(free_port()?), local(free_port()?));
     let llm = args.mode == Mode::Llm;
-    let input_log = if llm {
-        Some(local(free_port()?))
-    } else {
-        None
-    };
+    let input_log = if llm { Some(local(free_port()?)) } else { None };
     if args.no_replay && !llm {
         return Err("--no-replay goes with --mode llm".into());
     }
