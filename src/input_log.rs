@@ -106,7 +106,15 @@ fn frame(entry: &Entry, reflected: u64, out: &mut Vec<u8>) {
 fn read_frame(input: &mut impl Read) -> Result<Option<(Entry, u64)>, InputLogError> {
     let mut header = [0u8; HEADER];
     match input.read_exact(&mut header[..1]) {
-        Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(None),
+        // A primary that dies resets its connection: the end of its log too.
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Ok(None);
+        }
         other => other.map_err(io("reading an input"))?,
     }
     input
