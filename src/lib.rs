@@ -18,6 +18,7 @@ pub mod bench;
 pub mod capi;
 pub mod checkpoint;
 pub mod fault;
+pub mod input_log;
 pub mod local;
 pub mod percentiles;
 pub mod primary;

@@ -12,6 +12,7 @@
 //! | `FGBI_RESTART_STATE_FD` | descriptor of a memory file holding the restart record |
 //! | `FGBI_RESTART_EPOCH` | the epoch the replica holds |
 //! | `FGBI_RESTART_READY_FD` | write end of a pipe: the program writes one line when it serves |
+//! | `FGBI_RESTART_INPUTS_FD` | LLM mode only: a memory file holding the inputs to replay ([`crate::input_log`]) |
 //!
 //! The program calls [`Restart::from_env`], which maps the memory file at once
 //! (`MAP_SHARED`: the program then owns the pages the backup applied epochs to; no
@@ -29,6 +30,8 @@ use std::time::Duration;
 use fgbi_hyp::process::{RegionLayout, parse_state};
 use fgbi_hyp::protected::HypError;
 use memmap2::{MmapMut, MmapOptions};
+
+pub use crate::input_log::INPUTS_FD_ENV;
 use thiserror::Error;
 
 /// Descriptor of the replica's memory file.
@@ -244,6 +247,7 @@ pub fn spawn(
     replica: SharedMemory,
     state: &[u8],
     epoch: u64,
+    inputs: Option<&[u8]>,
 ) -> Result<Restarted, RestartError> {
     let (layout, record) = parse_state(state).map_err(RestartError::State)?;
     let end = layout.last().map_or(0, |r| r.offset + r.len);
@@ -261,6 +265,17 @@ pub fn spawn(
     record_file
         .write_all(record)
         .map_err(io("writing the restart record"))?;
+    let inputs_file = inputs
+        .map(|bytes| {
+            let mut file =
+                memfd("fgbi-restart-inputs", 0).map_err(|source| RestartError::Create {
+                    what: "the input log's memory file",
+                    source,
+                })?;
+            file.write_all(bytes).map_err(io("writing the input log"))?;
+            Ok::<_, RestartError>(file)
+        })
+        .transpose()?;
     let mut fds = [0; 2];
     // SAFETY: `fds` is valid for writing two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -272,7 +287,7 @@ pub fn spawn(
     // SAFETY: pipe2 just returned both descriptors, owned by nobody else.
     let (read_end, write_end) =
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let passed = [
+    let mut passed = vec![
         replica.file.as_raw_fd(),
         record_file.as_raw_fd(),
         write_end.as_raw_fd(),
@@ -288,13 +303,18 @@ pub fn spawn(
         .env(STATE_FD_ENV, passed[1].to_string())
         .env(READY_FD_ENV, passed[2].to_string())
         .env(LAYOUT_ENV, layout_text.join(","))
-        .env(EPOCH_ENV, epoch.to_string());
+        .env(EPOCH_ENV, epoch.to_string())
+        .env_remove(INPUTS_FD_ENV);
+    if let Some(file) = &inputs_file {
+        passed.push(file.as_raw_fd());
+        cmd.env(INPUTS_FD_ENV, file.as_raw_fd().to_string());
+    }
     // Only this child inherits them: they are close-on-exec again right after.
-    for fd in passed {
+    for &fd in &passed {
         inherit(fd, true)?;
     }
     let spawned = cmd.spawn();
-    for fd in passed {
+    for &fd in &passed {
         inherit(fd, false)?;
     }
     let child = spawned.map_err(|source| RestartError::Spawn {
@@ -303,7 +323,7 @@ pub fn spawn(
     })?;
     // The child holds its own descriptors now; ours go (the replica's pages stay with
     // the child's).
-    drop((replica, record_file, write_end));
+    drop((replica, record_file, write_end, inputs_file));
     let (tx, ready) = mpsc::channel();
     std::thread::Builder::new()
         .name("fgbi-restart-ready".into())
@@ -324,6 +344,7 @@ pub struct Restart {
     record: Vec<u8>,
     epoch: u64,
     ready: Option<File>,
+    inputs: Option<Vec<u8>>,
 }
 
 /// Tells the backup that the restarted program serves again.
@@ -384,12 +405,24 @@ impl Restart {
             .rewind()
             .and_then(|()| record_file.read_to_end(&mut record))
             .map_err(io("reading the restart record"))?;
+        let inputs = match std::env::var_os(INPUTS_FD_ENV) {
+            Some(_) => {
+                let mut file = take_fd(INPUTS_FD_ENV)?;
+                let mut bytes = Vec::new();
+                file.rewind()
+                    .and_then(|()| file.read_to_end(&mut bytes))
+                    .map_err(io("reading the input log"))?;
+                Some(bytes)
+            }
+            None => None,
+        };
         Ok(Some(Self {
             map,
             layout,
             record,
             epoch,
             ready: Some(ready),
+            inputs,
         }))
     }
 
@@ -413,6 +446,13 @@ impl Restart {
     /// The restart record committed with the replica's epoch.
     pub fn record(&self) -> &[u8] {
         &self.record
+    }
+
+    /// The inputs the backup logged since the primary's last known committed
+    /// checkpoint ([`crate::input_log::encode`]d), when the primary forwarded them
+    /// (LLM mode): `FGBI_RESTART_INPUTS_FD`.
+    pub fn inputs(&self) -> Option<&[u8]> {
+        self.inputs.as_deref()
     }
 
     /// The epoch the replica holds.

@@ -496,3 +496,24 @@ fn restart_mode_without_a_replica_handed_over_says_what_it_is_for() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad restart environment"), "{stderr}");
 }
+
+#[test]
+fn llm_mode_with_a_backup_and_the_input_log_go_together() {
+    for mode_and_log in [&["--mode", "llm"][..], &["--input-log", "127.0.0.1:9"][..]] {
+        let out = Command::new(example_binary())
+            .args([
+                "--port",
+                "0",
+                "--backup",
+                "127.0.0.1:9",
+                "--key",
+                "/nonexistent",
+            ])
+            .args(mode_and_log)
+            .output()
+            .expect("the example runs");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("needs --input-log ADDR"), "{stderr}");
+    }
+}

@@ -11,6 +11,11 @@
 //! The connection thread goes on reading and executing meanwhile; the writer has no
 //! safepoint (it never touches the store), so held replies never hold back a
 //! checkpoint.
+//!
+//! In LLM mode ([`Replies::Logged`]) replies leave at once, without output commit:
+//! each request is forwarded to the backup's input log under the store's lock,
+//! right before it executes, and the batch's replies are written once the backup
+//! has acknowledged receiving every input up to the batch's last.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -20,6 +25,7 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use fgbi::input_log::InputForwarder;
 use fgbi_hyp::process::ProcessHandle;
 use fgbi_hyp::resp::{self, Reply};
 use fgbi_hyp::safepoint::Safepoint;
@@ -42,6 +48,19 @@ pub enum Replies {
     /// The store lives in this protected process; a reply leaves once the checkpoint
     /// of the output epoch that computed it is committed.
     AfterCommit(ProcessHandle),
+    /// LLM: the store lives in this protected process, every request is forwarded to
+    /// the backup's input log before it executes, and a reply leaves once the backup
+    /// has received every request executed up to it.
+    Logged(ProcessHandle, Arc<InputForwarder>),
+}
+
+/// The restart record: the mutations applied, then (LLM) the last input executed.
+pub fn record(mutations: u64, last_input: Option<u64>) -> Vec<u8> {
+    let mut out = mutations.to_le_bytes().to_vec();
+    if let Some(lsn) = last_input {
+        out.extend_from_slice(&lsn.to_le_bytes());
+    }
+    out
 }
 
 /// What every connection shares.
@@ -70,7 +89,9 @@ impl Service {
     fn process(&self) -> Option<&ProcessHandle> {
         match &self.replies {
             Replies::Unprotected => None,
-            Replies::AtOnce(process) | Replies::AfterCommit(process) => Some(process),
+            Replies::AtOnce(process)
+            | Replies::AfterCommit(process)
+            | Replies::Logged(process, _) => Some(process),
         }
     }
 
@@ -83,7 +104,7 @@ impl Service {
 
 /// Accepts connections forever, one thread each.
 pub fn accept(listener: TcpListener, service: Arc<Service>) {
-    for (number, stream) in listener.incoming().enumerate() {
+    for (number, stream) in (1..).zip(listener.incoming()) {
         let Ok(mut stream) = stream else { continue };
         if service.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
             service.clients.fetch_sub(1, Ordering::AcqRel);
@@ -95,7 +116,7 @@ pub fn accept(listener: TcpListener, service: Arc<Service>) {
         let spawned = std::thread::Builder::new()
             .name(format!("kv-conn-{number}"))
             .spawn(move || {
-                serve(stream, &service);
+                serve(stream, &service, number);
                 service.clients.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
@@ -156,8 +177,8 @@ fn release(mut stream: TcpStream, process: ProcessHandle, held: Receiver<(u64, V
     }
 }
 
-/// Serves one connection until it closes, errs, or asks for QUIT or SHUTDOWN.
-fn serve(mut stream: TcpStream, service: &Service) {
+/// Serves connection `conn` until it closes, errs, or asks for QUIT or SHUTDOWN.
+fn serve(mut stream: TcpStream, service: &Service, conn: u64) {
     // Nagle's delay would hold back each reply of a request-response client.
     let _ = stream.set_nodelay(true);
     let name = std::thread::current()
@@ -179,16 +200,23 @@ fn serve(mut stream: TcpStream, service: &Service) {
             }
             Out::Held(tx)
         }
-        Replies::Unprotected | Replies::AtOnce(_) => Out::Socket,
+        Replies::Unprotected | Replies::AtOnce(_) | Replies::Logged(..) => Out::Socket,
     };
+    let log = match &service.replies {
+        Replies::Logged(process, log) => Some((process, log)),
+        _ => None,
+    };
+    // Requests of this connection forwarded so far; the last input forwarded.
+    let (mut seq, mut forwarded) = (0, 0);
     let gate = Gate(service.process().map(|p| p.register(&name)));
     let mut input: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut output = Vec::new();
     let mut args: Vec<Range<usize>> = Vec::new();
-    let mut requests: Vec<Range<usize>> = Vec::new();
+    // Each request's arguments (as ranges of `args`) and bytes (a range of `input`).
+    let mut requests: Vec<(Range<usize>, Range<usize>)> = Vec::new();
     loop {
         gate.pass();
-        // Every complete request in the buffer, as ranges of `args`.
+        // Every complete request in the buffer.
         let (mut at, mut failure) = (0, None);
         args.clear();
         requests.clear();
@@ -196,10 +224,10 @@ fn serve(mut stream: TcpStream, service: &Service) {
             let first = args.len();
             match resp::parse(&input, at, &mut args) {
                 Ok(Some(next)) => {
-                    at = next;
                     if args.len() > first {
-                        requests.push(first..args.len());
+                        requests.push((first..args.len(), at..next));
                     }
+                    at = next;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -213,7 +241,20 @@ fn serve(mut stream: TcpStream, service: &Service) {
             let mut store = gate.outside(|| service.lock());
             let mutations = store.mutations();
             let mut reply = Reply(&mut output);
-            for request in &requests {
+            for (request, bytes) in &requests {
+                // Under the store's lock, so the log's order is the execution order,
+                // and before the next safepoint, so `output_epoch` is the epoch whose
+                // checkpoint reflects the execution.
+                if let Some((process, log)) = log {
+                    seq += 1;
+                    forwarded = log.forward(
+                        process.output_epoch(),
+                        process.committed_epoch(),
+                        conn,
+                        seq,
+                        &input[bytes.clone()],
+                    );
+                }
                 let request = Request {
                     buf: &input,
                     args: &args[request.clone()],
@@ -223,11 +264,13 @@ fn serve(mut stream: TcpStream, service: &Service) {
                     break;
                 }
             }
-            // The restart record: mutations applied, set while the store is consistent
-            // and locked, so it always matches the memory it travels with.
+            // The restart record, set while the store is consistent and locked, so it
+            // always matches the memory it travels with.
             if let (Some(process), Ok(count)) = (service.process(), store.mutations()) {
-                if mutations.as_ref() != Ok(&count) {
-                    process.set_state(&count.to_le_bytes());
+                if log.is_some() {
+                    process.set_state(&record(count, Some(forwarded)));
+                } else if mutations.as_ref() != Ok(&count) {
+                    process.set_state(&record(count, None));
                 }
             }
         }
@@ -237,7 +280,16 @@ fn serve(mut stream: TcpStream, service: &Service) {
         input.drain(..at);
         if !output.is_empty() {
             let written = match &out {
-                Out::Socket => gate.outside(|| (&stream).write_all(&output)).is_ok(),
+                Out::Socket => gate
+                    .outside(|| {
+                        // LLM: a reply (or anything it depends on) never leaves before
+                        // the backup holds every input executed up to it.
+                        if let Some((_, log)) = log {
+                            while !log.wait_received(forwarded, Duration::from_secs(1)) {}
+                        }
+                        (&stream).write_all(&output)
+                    })
+                    .is_ok(),
                 Out::Held(writer) => {
                     // Read before the next safepoint: everything this batch read or
                     // wrote is in the checkpoint that closes this epoch.

@@ -18,6 +18,7 @@ use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use fgbi::input_log::{self, Entry, InputForwarder, InputLogError};
 use fgbi::local::ReplicationError;
 use fgbi::primary::PrimaryEvent;
 use fgbi::replicator::{Observer, Remote, Replicator, ReplicatorOptions, Summary, Target};
@@ -26,8 +27,9 @@ use fgbi_engine::Mode;
 use fgbi_transport::{Implementation, Liveness, PresharedKey};
 use thiserror::Error;
 
-use super::commands::LiveStore;
+use super::commands::{self, LiveStore, Request};
 use super::memory::StoreMemory;
+use super::resp::{self, Reply};
 use super::server::{Replies, Service};
 use super::store::{Store, StoreError};
 
@@ -44,9 +46,9 @@ pub struct Args {
     /// Size of the store's region (K, M, G suffixes): an eighth holds the hash table.
     #[arg(long, default_value = "256M", value_parser = crate::size::parse_size)]
     mem: u64,
-    /// Milliseconds between checkpoints.
-    #[arg(long, default_value_t = 25)]
-    epoch_ms: u64,
+    /// Milliseconds between checkpoints [default: 25, llm mode 200].
+    #[arg(long)]
+    epoch_ms: Option<u64>,
     /// Compare the in-process replica with the checkpoint every this many epochs (0:
     /// only the final one). Each comparison hashes the whole region while the
     /// service is stopped.
@@ -64,9 +66,14 @@ pub struct Args {
     /// Key file shared with the backup (at least 16 bytes, owner-only).
     #[arg(long)]
     key: Option<PathBuf>,
-    /// Encoding mode: remus, llm, xbzrle or fgbi.
+    /// Encoding mode: remus, llm, xbzrle or fgbi. With --backup, llm also forwards
+    /// every request to the backup's input log (--input-log) and sends replies once
+    /// the backup holds their requests, instead of output commit.
     #[arg(long, default_value = "fgbi")]
     mode: Mode,
+    /// With --mode llm: the backup's input log address (`fgbi backup --input-log`).
+    #[arg(long, value_name = "ADDR", requires = "backup")]
+    input_log: Option<SocketAddr>,
     /// Heartbeat interval to the backup, milliseconds; silent for four is dead.
     #[arg(long, default_value_t = 25)]
     heartbeat_ms: u64,
@@ -85,6 +92,10 @@ pub struct Args {
     /// its environment is present), then serve unprotected.
     #[arg(long)]
     restart: bool,
+    /// With --restart: do not replay the inputs the backup logged (to show what the
+    /// replay prevents: writes acknowledged after the last checkpoint are lost).
+    #[arg(long, hide = true, requires = "restart")]
+    no_replay: bool,
 }
 
 /// Why the service could not run.
@@ -118,6 +129,23 @@ enum KvError {
     Thread(#[source] std::io::Error),
     #[error("the final checkpoint failed: {0}")]
     Finish(#[source] ReplicationError),
+    #[error(
+        "--mode llm with --backup needs --input-log ADDR (the backup's `--input-log`); other modes take none"
+    )]
+    InputLogArg,
+    #[error("{0}")]
+    InputLog(#[from] InputLogError),
+    #[error("cannot replay the input log: {0}")]
+    Replay(String),
+}
+
+/// Milliseconds between checkpoints unless told: LLM's epochs are long (its inputs
+/// are logged instead of its outputs held).
+fn default_epoch_ms(mode: Mode) -> u64 {
+    match mode {
+        Mode::Llm => 200,
+        _ => 25,
+    }
 }
 
 /// Runs the service; the process's exit status.
@@ -151,7 +179,7 @@ fn serve(args: &Args) -> Result<bool, KvError> {
     let listen = || TcpListener::bind(addr).map_err(|source| KvError::Listen { addr, source });
     let (store, protection, replies, banner) = match restart {
         Some(restart) => {
-            let (store, ready, banner) = take_over(restart, mapped)?;
+            let (store, ready, banner) = take_over(restart, mapped, !args.no_replay)?;
             (
                 store,
                 Protection::Restarted(ready),
@@ -228,9 +256,18 @@ fn serve(args: &Args) -> Result<bool, KvError> {
 /// Protects a new store: replicated in-process, or to `--backup`.
 fn protect(args: &Args) -> Result<(LiveStore, Protection, Replies, String), KvError> {
     let mem = usize::try_from(args.mem).map_err(|_| KvError::Mem(args.mem))?;
+    let llm = args.mode == Mode::Llm && args.backup.is_some();
+    if llm != args.input_log.is_some() {
+        return Err(KvError::InputLogArg);
+    }
+    let epoch_ms = args.epoch_ms.unwrap_or(default_epoch_ms(args.mode));
+    let mut forwarder = None;
     let target = match (&args.backup, &args.key) {
         (Some(backup), Some(key)) => {
             let key = PresharedKey::from_file(key).map_err(|e| KvError::Key(e.to_string()))?;
+            if let Some(addr) = args.input_log {
+                forwarder = Some(Arc::new(InputForwarder::connect(addr, &key, args.mem)?));
+            }
             let interval = Duration::from_millis(args.heartbeat_ms.max(1));
             Target::Remote(Remote {
                 backup: *backup,
@@ -251,7 +288,7 @@ fn protect(args: &Args) -> Result<(LiveStore, Protection, Replies, String), KvEr
     };
     let log_epochs = args.log_epochs;
     let options = ReplicatorOptions {
-        epoch: Duration::from_millis(args.epoch_ms.max(1)),
+        epoch: Duration::from_millis(epoch_ms.max(1)),
         mode: args.mode,
         verify_every: args.verify_every,
         target,
@@ -263,25 +300,35 @@ fn protect(args: &Args) -> Result<(LiveStore, Protection, Replies, String), KvEr
         .expect("Replicator::start made the one region asked for");
     let store = Store::create(memory).map_err(KvError::Store)?;
     let (replies, banner) = match (&args.backup, args.no_output_commit) {
+        (Some(backup), _) if forwarder.is_some() => (
+            Replies::Logged(
+                handle,
+                forwarder.expect("checked to be present by the guard"),
+            ),
+            format!(
+                "protected by the backup at {backup}, llm mode, epoch {epoch_ms} ms, inputs logged at {}, replies once their inputs are logged",
+                args.input_log.map(|a| a.to_string()).unwrap_or_default()
+            ),
+        ),
         (Some(backup), false) => (
             Replies::AfterCommit(handle),
             format!(
-                "protected by the backup at {backup}, {} mode, epoch {} ms, replies after commit",
-                args.mode, args.epoch_ms
+                "protected by the backup at {backup}, {} mode, epoch {epoch_ms} ms, replies after commit",
+                args.mode
             ),
         ),
         (Some(backup), true) => (
             Replies::AtOnce(handle),
             format!(
-                "protected by the backup at {backup}, {} mode, epoch {} ms, replies at once (no output commit)",
-                args.mode, args.epoch_ms
+                "protected by the backup at {backup}, {} mode, epoch {epoch_ms} ms, replies at once (no output commit)",
+                args.mode
             ),
         ),
         (None, _) => (
             Replies::AtOnce(handle),
             format!(
-                "protected, epoch {} ms, verify every {}",
-                args.epoch_ms, args.verify_every
+                "protected, epoch {epoch_ms} ms, verify every {}",
+                args.verify_every
             ),
         ),
     };
@@ -310,22 +357,30 @@ fn log(event: PrimaryEvent, epochs: bool) {
     println!("kv: {line}");
 }
 
-/// Opens the store the backup handed over and checks it against its restart record.
-/// `mapped` is how long mapping it took.
+/// Opens the store the backup handed over, checks it against its restart record, and
+/// (unless `replay_inputs` is false) replays the logged inputs the replica does not
+/// reflect. `mapped` is how long mapping it took.
 fn take_over(
     mut restart: Restart,
     mapped: Duration,
+    replay_inputs: bool,
 ) -> Result<(LiveStore, Ready, String), KvError> {
     let started = Instant::now();
     let epoch = restart.epoch();
-    let record = <[u8; 8]>::try_from(restart.record())
-        .map(u64::from_le_bytes)
-        .ok();
+    let word = |i: usize| {
+        restart
+            .record()
+            .get(i * 8..i * 8 + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+            .map(u64::from_le_bytes)
+    };
+    let (record, last_input) = (word(0), word(1).unwrap_or(0));
+    let inputs = restart.inputs().map(input_log::decode).transpose()?;
     let ready = restart.take_ready();
     let memory = StoreMemory::restored(restart).ok_or(KvError::Replica(StoreError::Corrupt(
         "the replica has no region".into(),
     )))?;
-    let store = Store::open(memory).map_err(KvError::Replica)?;
+    let mut store = Store::open(memory).map_err(KvError::Replica)?;
     let mutations = store.mutations().map_err(KvError::Replica)?;
     if record.is_some_and(|r| r != mutations) || (record.is_none() && mutations != 0) {
         return Err(KvError::Record {
@@ -333,13 +388,62 @@ fn take_over(
             store: mutations,
         });
     }
+    let checked = started.elapsed();
+    let replayed = match inputs {
+        Some(inputs) if !replay_inputs => {
+            format!(", NOT replaying {} logged inputs", inputs.len())
+        }
+        Some(inputs) => {
+            let started = Instant::now();
+            let (done, skipped) = replay(&mut store, &inputs, last_input)?;
+            format!(
+                ", replayed {done} logged inputs in {} us (skipped {skipped} the checkpoint reflects)",
+                started.elapsed().as_micros()
+            )
+        }
+        None => String::new(),
+    };
     let keys = store.keys().map_err(KvError::Replica)?;
     let banner = format!(
-        "restarted from the replica at epoch {epoch}: {keys} keys, {mutations} mutations as its restart record says, mapped in {} us, store checked in {} us; unprotected",
+        "restarted from the replica at epoch {epoch}: {mutations} mutations as its restart record says, mapped in {} us, store checked in {} us{replayed}, {keys} keys; unprotected",
         mapped.as_micros(),
-        started.elapsed().as_micros()
+        checked.as_micros()
     );
     Ok((store, ready, banner))
+}
+
+/// Executes, in their order, the logged inputs after `last_input` (the last one the
+/// checkpoint reflects), discarding their replies: their clients were answered
+/// before the failover, or were not and retry. Returns how many ran and were skipped.
+fn replay(
+    store: &mut LiveStore,
+    inputs: &[Entry],
+    last_input: u64,
+) -> Result<(usize, usize), KvError> {
+    let (mut args, mut output) = (Vec::new(), Vec::new());
+    let mut done = 0;
+    for entry in inputs.iter().filter(|e| e.lsn > last_input) {
+        args.clear();
+        output.clear();
+        match resp::parse(&entry.bytes, 0, &mut args) {
+            Ok(Some(end)) if end == entry.bytes.len() && !args.is_empty() => {}
+            _ => {
+                return Err(KvError::Replay(format!(
+                    "input {} (request {} of connection {}) is not one request",
+                    entry.lsn, entry.seq, entry.conn
+                )));
+            }
+        }
+        let request = Request {
+            buf: &entry.bytes,
+            args: &args,
+        };
+        // QUIT and SHUTDOWN ended the old primary's connection or service: nothing
+        // to redo.
+        commands::execute(store, &request, &mut Reply(&mut output));
+        done += 1;
+    }
+    Ok((done, inputs.len() - done))
 }
 
 /// Prints protection's summary and, with a local replica, compares it with the live

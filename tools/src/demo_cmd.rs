@@ -34,15 +34,16 @@ use client::{Conn, Ledger};
 /// Arguments of `fgbi demo`.
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Encoding mode of the protected service: remus, llm, xbzrle or fgbi.
+    /// Mode of the protected service: remus, xbzrle or fgbi (output commit), or llm
+    /// (inputs logged at the backup, replies at once, replay after failover).
     #[arg(long, default_value = "fgbi")]
     mode: Mode,
     /// Size of the service's store (protected memory).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     mem: u64,
-    /// Milliseconds between checkpoints.
-    #[arg(long, default_value_t = 25)]
-    epoch_ms: u64,
+    /// Milliseconds between checkpoints [default: 25, llm mode 200].
+    #[arg(long)]
+    epoch_ms: Option<u64>,
     /// Client connections writing at once.
     #[arg(long, default_value_t = 4)]
     clients: usize,
@@ -68,6 +69,10 @@ pub struct DemoArgs {
     /// Reply before the backup committed (to show what output commit prevents).
     #[arg(long, hide = true)]
     no_output_commit: bool,
+    /// With --mode llm: restart without replaying the input log (to show what the
+    /// replay prevents).
+    #[arg(long, hide = true)]
+    no_replay: bool,
     /// Protect a synthetic workload (web, npb-ep, sys, dense, dup, idle) instead of the
     /// service, kill it after --epochs committed epochs, and compare digests.
     #[arg(long)]
@@ -103,6 +108,10 @@ struct Failover {
     detect: f64,
     apply: f64,
     restore: f64,
+    /// Replaying the input log (LLM), part of the restore's time.
+    replay: f64,
+    /// Inputs replayed.
+    replayed: u64,
     /// From the kill to the first reply of the restarted service.
     first_reply: f64,
     ready: String,
@@ -111,31 +120,41 @@ struct Failover {
 fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
     let dir = Scratch::new()?;
     let key = write_key(&dir.0)?;
-    let (backup_addr, service_addr) = (free_port()?, free_port()?);
-    let backup_addr = SocketAddr::from(([127, 0, 0, 1], backup_addr));
-    let service_addr = SocketAddr::from(([127, 0, 0, 1], service_addr));
+    let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let (backup_addr, service_addr) = (local(free_port()?), local(free_port()?));
+    let llm = args.mode == Mode::Llm;
+    let input_log = if llm { Some(local(free_port()?)) } else { None };
+    if args.no_replay && !llm {
+        return Err("--no-replay goes with --mode llm".into());
+    }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mem = args.mem.to_string();
     let restart = format!(
-        "exec {} kv --restart --port {} --mem {mem}",
+        "exec {} kv --restart --port {} --mem {mem}{}",
         shell_quote(&exe),
-        service_addr.port()
+        service_addr.port(),
+        if args.no_replay { " --no-replay" } else { "" }
     );
+    let mut backup_cmd = Command::new(&exe);
+    backup_cmd
+        .args([
+            "backup",
+            "--listen",
+            &backup_addr.to_string(),
+            "--mem",
+            &mem,
+        ])
+        .arg("--key")
+        .arg(&key)
+        .args(["--transport", &args.transport])
+        .args(["--heartbeat-ms", &args.heartbeat_ms.to_string()])
+        .args(["--restart", &restart])
+        .stdout(Stdio::piped());
+    if let Some(addr) = input_log {
+        backup_cmd.args(["--input-log", &addr.to_string()]);
+    }
     let mut backup = Kill(
-        Command::new(&exe)
-            .args([
-                "backup",
-                "--listen",
-                &backup_addr.to_string(),
-                "--mem",
-                &mem,
-            ])
-            .arg("--key")
-            .arg(&key)
-            .args(["--transport", &args.transport])
-            .args(["--heartbeat-ms", &args.heartbeat_ms.to_string()])
-            .args(["--restart", &restart])
-            .stdout(Stdio::piped())
+        backup_cmd
             .spawn()
             .map_err(|e| format!("cannot start the backup: {e}"))?,
     );
@@ -155,10 +174,13 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
         .arg("--key")
         .arg(&key)
         .args(["--mode", &args.mode.to_string()])
-        .args(["--epoch-ms", &args.epoch_ms.to_string()])
+        .args(["--epoch-ms", &epoch_ms(args).to_string()])
         .args(["--heartbeat-ms", &args.heartbeat_ms.to_string()])
         .args(["--verify-every", "0", "--log-epochs"])
         .stdout(Stdio::piped());
+    if let Some(addr) = input_log {
+        primary_cmd.args(["--input-log", &addr.to_string()]);
+    }
     if args.no_output_commit {
         primary_cmd.arg("--no-output-commit");
     }
@@ -257,6 +279,20 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
     })
 }
 
+/// Milliseconds between checkpoints: as asked, else the service's default for the
+/// mode (LLM's epochs are long).
+fn epoch_ms(args: &DemoArgs) -> u64 {
+    args.epoch_ms.unwrap_or(match args.mode {
+        Mode::Llm => 200,
+        _ => 25,
+    })
+}
+
+/// Whether replies wait for their epoch's commit (LLM logs inputs instead).
+fn output_commit(args: &DemoArgs) -> bool {
+    !args.no_output_commit && args.mode != Mode::Llm
+}
+
 /// Everything the report says.
 struct Results<'a> {
     args: &'a DemoArgs,
@@ -280,17 +316,22 @@ impl Results<'_> {
 
     fn total_ms(&self) -> f64 {
         let f = &self.failover;
-        (f.detect + f.apply + f.restore) / 1e3
+        (f.detect + f.apply + f.restore + f.replay) / 1e3
     }
 
     fn print(&self) {
         let (a, f, pause) = (self.args, &self.failover, self.pauses());
         println!(
-            "fgbi demo: key-value service, {} MiB store, {} mode, {} ms epochs, output commit {}, {} clients",
+            "fgbi demo: key-value service, {} MiB store, {} mode, {} ms epochs, output commit {}{}, {} clients",
             a.mem >> 20,
             a.mode,
-            a.epoch_ms,
-            if a.no_output_commit { "off" } else { "on" },
+            epoch_ms(a),
+            if output_commit(a) { "on" } else { "off" },
+            match (a.mode == Mode::Llm, a.no_replay) {
+                (true, false) => ", inputs logged at the backup and replayed",
+                (true, true) => ", inputs logged at the backup but NOT replayed",
+                _ => "",
+            },
             a.clients
         );
         match &a.fault {
@@ -331,6 +372,11 @@ impl Results<'_> {
             f.restore / 1e3
         );
         println!(
+            "  replay of {:>6} logged inputs                 {:>9.3} ms",
+            f.replayed,
+            f.replay / 1e3
+        );
+        println!(
             "  first reply to a reconnected client, from the kill {:>5.1} ms",
             f.first_reply / 1e3
         );
@@ -355,9 +401,11 @@ impl Results<'_> {
         json!({
             "mode": a.mode.to_string(),
             "mem_bytes": a.mem,
-            "epoch_ms": a.epoch_ms,
+            "epoch_ms": epoch_ms(a),
             "clients": a.clients,
-            "output_commit": !a.no_output_commit,
+            "output_commit": output_commit(a),
+            "inputs_logged": a.mode == Mode::Llm,
+            "inputs_replayed": f.replayed,
             "fault": a.fault,
             "epochs": self.stats.committed,
             "checkpoints": self.stats.pauses.len(),
@@ -367,6 +415,7 @@ impl Results<'_> {
                 "detect": f.detect / 1e3,
                 "apply": f.apply / 1e3,
                 "restore": f.restore / 1e3,
+                "replay": f.replay / 1e3,
                 "total": self.total_ms(),
                 "first_reply": f.first_reply / 1e3,
             },
@@ -452,11 +501,23 @@ fn await_failover(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
+    // The restarted service's line: `... replayed N logged inputs in T us ...`.
+    let (replayed, replay) = field(&ready, "replayed ", ',')
+        .and_then(|text| {
+            let (count, rest) = text.split_once(" logged inputs in ")?;
+            let us = rest.split_once(" us")?.0;
+            Some((count.parse::<u64>().ok()?, us.parse::<f64>().ok()?))
+        })
+        .unwrap_or((0, 0.0));
+    let restore = (get("restore_us=") + get("first_run_us=")) as f64;
     Ok(Failover {
         epoch: get("epoch=") as u64,
         detect: get("detected_ns=").saturating_sub(killed_ns) as f64 / 1e3,
         apply: get("finish_us=") as f64,
-        restore: (get("restore_us=") + get("first_run_us=")) as f64,
+        // The replay happens before the restarted service says it serves.
+        restore: (restore - replay).max(0.0),
+        replay,
+        replayed,
         first_reply,
         ready: ready
             .split_once(' ')

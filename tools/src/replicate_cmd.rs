@@ -6,10 +6,12 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::Args;
 use fgbi::backup::{self, BackupOptions, FailoverReport};
+use fgbi::input_log::{self, InputLogger};
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
 use fgbi::restart::{self, Restarted, SharedMemory};
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
@@ -156,6 +158,11 @@ pub struct BackupArgs {
     /// How long the restarted command may take to say it serves, milliseconds.
     #[arg(long, default_value_t = 30_000)]
     ready_timeout_ms: u64,
+    /// With --restart: keep the inputs an LLM-mode primary forwards (`fgbi kv --mode
+    /// llm --input-log ADDR`), received on this address, and hand those its last
+    /// committed checkpoint does not reflect to the restarted command for replay.
+    #[arg(long, value_name = "ADDR", requires = "restart")]
+    input_log: Option<SocketAddr>,
     /// After failover of a synthetic workload, run it for this many epochs and report.
     #[arg(long, default_value_t = 20)]
     run_epochs: u64,
@@ -199,6 +206,18 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, String> {
     };
     options.digest = false;
     let replica = SharedMemory::new("fgbi-replica", mem).map_err(|e| e.to_string())?;
+    let logger = match args.input_log {
+        Some(addr) => {
+            let log_listener = TcpListener::bind(addr)
+                .map_err(|e| format!("cannot listen on {addr} for the input log: {e}"))?;
+            let key = Arc::new(args.shared.key()?);
+            Some(
+                InputLogger::start(log_listener, key, args.shared.mem)
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        None => None,
+    };
     println!("listening {listening} replica={}", replica.backing());
     let timeout = Duration::from_millis(args.ready_timeout_ms);
     let (report, (mut restarted, ready)) = backup::run(
@@ -207,7 +226,9 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, String> {
         &key,
         replica,
         |replica, state, epoch| {
-            restart::spawn(command, replica, state, epoch).map(|r| (r, String::new()))
+            let inputs = logger.as_ref().map(|l| input_log::encode(&l.close()));
+            restart::spawn(command, replica, state, epoch, inputs.as_deref())
+                .map(|r| (r, String::new()))
         },
         |(restarted, ready): &mut (Restarted, String)| {
             *ready = restarted.wait_ready(timeout).inspect_err(|_| {

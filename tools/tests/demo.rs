@@ -140,3 +140,53 @@ fn without_output_commit_a_crash_in_the_pause_loses_acknowledged_writes() {
     }
     panic!("no acknowledged write was lost in three runs: {runs:#?}");
 }
+
+#[test]
+fn in_llm_mode_replies_leave_at_once_and_the_replay_loses_no_acknowledged_write() {
+    let Some((code, printed, json)) = demo("llm", &["--mode", "llm"]) else {
+        return;
+    };
+    assert_eq!(code, 0, "{printed}");
+    assert_eq!(json["mode"], "llm");
+    assert_eq!(json["output_commit"], false, "{json}");
+    assert_eq!(json["inputs_logged"], true, "{json}");
+    assert_eq!(number(&json, &["epoch_ms"]), 200.0, "LLM's default: {json}");
+    number(&json, &["inputs_replayed"]);
+    let f = |p| number(&json, &["failover_ms", p]);
+    assert!(
+        f("total") >= f("restore") + f("replay") && f("replay") >= 0.0,
+        "{json}"
+    );
+    assert!(
+        number(&json, &["requests_acknowledged_before_kill"]) > 0.0,
+        "{json}"
+    );
+    assert_eq!(number(&json, &["requests_lost"]), 0.0, "{printed}");
+    assert!(
+        printed.contains("inputs logged at the backup and replayed"),
+        "{printed}"
+    );
+    assert!(printed.contains("logged inputs in"), "{printed}");
+}
+
+/// The negative control: LLM's replies do not wait for a checkpoint, so without the
+/// replay the writes acknowledged since the last committed checkpoint are lost.
+/// Under the demo's continuous load a 200 ms epoch has thousands behind it; up to
+/// three runs are made in case the kill falls right after a commit.
+#[test]
+fn in_llm_mode_without_the_replay_acknowledged_writes_are_lost() {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let Some((code, printed, json)) = demo("llm-control", &["--mode", "llm", "--no-replay"])
+        else {
+            return;
+        };
+        if number(&json, &["requests_lost"]) > 0.0 {
+            assert_eq!(code, 1, "lost writes fail the demo: {printed}");
+            assert!(printed.contains("NOT replayed"), "{printed}");
+            return;
+        }
+        runs.push(printed);
+    }
+    panic!("no acknowledged write was lost in three runs: {runs:#?}");
+}
