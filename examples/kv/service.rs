@@ -29,9 +29,9 @@ use thiserror::Error;
 
 use super::commands::{self, LiveStore, Request};
 use super::memory::StoreMemory;
-use super::resp::{self, Reply};
 use super::server::{Replies, Service};
 use super::store::{Store, StoreError};
+use fgbi_hyp::resp::{self, Reply};
 
 /// Command line.
 #[derive(Parser, Debug, Clone)]
