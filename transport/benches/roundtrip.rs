@@ -20,7 +20,7 @@ fn bench(c: &mut Criterion) {
                 .encoder
                 .encode(&epochs.dirty, &epochs.memory, &[])
                 .unwrap();
-            let mut primary = support::connect(imp, epoch.len());
+            let mut primary = support::connect(imp, epoch.len(), None);
             group.throughput(Throughput::Bytes(epoch.len() as u64));
             group.bench_function(imp.as_str(), |b| {
                 b.iter(|| support::round_trip(&mut primary, &epoch))

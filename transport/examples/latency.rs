@@ -1,7 +1,13 @@
 //! Prints the p50 and p99 epoch round trip (send, commit, acknowledgement) of each
-//! implementation on loopback, for a 4 KiB, a 64 KiB and a 4 MiB epoch.
+//! implementation on loopback, for a 4 KiB, a 64 KiB and a 4 MiB epoch, then how each
+//! compares with std round by round (the median difference within a round, and how
+//! many rounds it was faster).
 //!
-//!     cargo run --release -p fgbi-transport --example latency [ROUND_TRIPS]
+//!     cargo run --release -p fgbi-transport --example latency [ROUND_TRIPS] [--pin]
+//!
+//! With `--pin`, the primary runs on CPU 0 and every backup thread on CPU 1, whatever
+//! the implementation, so that the scheduler cannot place one
+//! implementation's threads better than another's.
 
 use std::time::Instant;
 
@@ -11,10 +17,14 @@ use fgbi_transport::Implementation;
 mod support;
 
 fn main() {
-    let trips: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(2000);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let trips: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(2000);
+    // CPUs 0 and 1: the machines this runs on have at least two.
+    let backup_cpu = args.iter().any(|a| a == "--pin").then(|| {
+        support::pin(0);
+        1
+    });
+    let mut paired = Vec::new();
     println!("| epoch | implementation | p50 us | p99 us | GB/s at p50 |");
     println!("|---|---|---|---|---|");
     for (name, pages) in [("4 KiB", 1u64), ("64 KiB", 16), ("4 MiB", 1024)] {
@@ -37,7 +47,7 @@ fn main() {
             .map(|imp| {
                 (
                     imp,
-                    support::connect(imp, epoch.len()),
+                    support::connect(imp, epoch.len(), backup_cpu),
                     Vec::with_capacity(trips),
                 )
             })
@@ -54,6 +64,30 @@ fn main() {
             }
         }
         links.sort_by_key(|(imp, ..)| imp.as_str());
+        // Each round ran every implementation back to back: the difference within a
+        // round is what the machine's changing load disturbs least.
+        let std_samples = links
+            .iter()
+            .find(|(imp, ..)| *imp == Implementation::Std)
+            .map(|(.., samples)| samples.clone());
+        for (imp, _, samples) in &links {
+            let Some(base) = std_samples.as_ref().filter(|_| *imp != Implementation::Std) else {
+                continue;
+            };
+            let mut diffs: Vec<f64> = samples
+                .iter()
+                .zip(base)
+                .map(|(a, b)| (a.as_secs_f64() - b.as_secs_f64()) * 1e6)
+                .collect();
+            let faster = diffs.iter().filter(|d| **d < 0.0).count();
+            diffs.sort_unstable_by(f64::total_cmp);
+            paired.push(format!(
+                "| {name} | {} | {:+.1} | {:.0}% |",
+                imp.as_str(),
+                diffs[diffs.len() / 2],
+                100.0 * faster as f64 / diffs.len() as f64
+            ));
+        }
         for (imp, _, samples) in &mut links {
             samples.sort_unstable();
             let p50 = samples[samples.len() / 2];
@@ -67,5 +101,13 @@ fn main() {
                 epoch.len() as f64 / p50.as_secs_f64() / 1e9
             );
         }
+    }
+    println!();
+    println!(
+        "| epoch | implementation | median of (it - std) per round, us | rounds faster than std |"
+    );
+    println!("|---|---|---|---|");
+    for line in paired {
+        println!("{line}");
     }
 }

@@ -40,33 +40,15 @@ pub enum Served {
 
 enum Payload<'r> {
     Std(&'r mut ReceiveRegion),
-    Uring {
-        receiver: Box<UringReceiver<'r>>,
-        slots: usize,
-        slot_bytes: usize,
-    },
+    Uring(Box<UringReceiver<'r>>),
     Rdma(Box<RdmaReceiver<'r>>),
 }
 
 impl Payload<'_> {
-    fn slot_range(&self, epoch: u64, len: usize) -> Range<usize> {
-        match self {
-            Payload::Std(region) => region.range(epoch, len),
-            Payload::Uring {
-                slots, slot_bytes, ..
-            } => {
-                let start = (epoch % *slots as u64) as usize * slot_bytes;
-                start..start + len
-            }
-            // The bytes are copied out of the ring before they are handed out.
-            Payload::Rdma(_) => 0..len,
-        }
-    }
-
     fn bytes(&self, range: Range<usize>) -> &[u8] {
         match self {
             Payload::Std(region) => &region.bytes()[range],
-            Payload::Uring { receiver, .. } => receiver.bytes(range),
+            Payload::Uring(receiver) => receiver.bytes(range),
             Payload::Rdma(receiver) => receiver.taken(range.end),
         }
     }
@@ -96,7 +78,7 @@ impl std::fmt::Debug for Backup<'_> {
                 "implementation",
                 &match self.payload {
                     Payload::Std(_) => "std",
-                    Payload::Uring { .. } => "io_uring",
+                    Payload::Uring(_) => "io_uring",
                     Payload::Rdma(_) => "rdma",
                 },
             )
@@ -123,11 +105,9 @@ impl<'r> Backup<'r> {
         let (slots, slot_bytes) = (region.slots(), region.slot_bytes());
         let mut payload = match config.implementation {
             Implementation::Std => Payload::Std(region),
-            Implementation::Uring => Payload::Uring {
-                receiver: Box::new(UringReceiver::new(region.bytes_mut())?),
-                slots,
-                slot_bytes,
-            },
+            Implementation::Uring => {
+                Payload::Uring(Box::new(UringReceiver::new(region, &stream, committed)?))
+            }
             Implementation::Rdma => {
                 Payload::Rdma(Box::new(RdmaReceiver::new(region, &config.rdma)?))
             }
@@ -195,7 +175,17 @@ impl<'r> Backup<'r> {
             receiver.take(slot, len as usize);
             return Ok((epoch, 0..len as usize));
         }
-        let (epoch, len) = match self.inbound.next_message(None)? {
+        let timeout = self.liveness.timeout;
+        let message = match &mut self.payload {
+            Payload::Uring(receiver) => loop {
+                let m = receiver.next_message(&self.stream, &mut self.inbound, timeout)?;
+                if let Some(message) = self.inbound.accept(&m)? {
+                    break message;
+                }
+            },
+            _ => self.inbound.next_message(None)?,
+        };
+        let (epoch, len) = match message {
             Control::Epoch { epoch, len } => (epoch, len),
             other => {
                 return Err(TransportError::Protocol(format!(
@@ -204,21 +194,21 @@ impl<'r> Backup<'r> {
             }
         };
         check_declared(&self.outbound, epoch, len, self.slot_bytes)?;
-        let range = self.payload.slot_range(epoch, len as usize);
-        let timeout = self.liveness.timeout;
         // The primary sends EPOCH, payload and COMMIT under one lock: the message
         // right after the payload must be that COMMIT.
-        let commit = match &mut self.payload {
+        let (commit, range) = match &mut self.payload {
             Payload::Std(region) => {
+                let range = region.range(epoch, len as usize);
                 self.inbound
                     .read_exact(&mut region.bytes_mut()[range.clone()])?;
                 let mut message = [0; CONTROL_BYTES];
                 self.inbound.read_exact(&mut message)?;
-                message
+                (message, range)
             }
-            Payload::Uring { receiver, .. } => receiver.read_payload_and_message(
+            Payload::Uring(receiver) => receiver.read_payload_and_message(
                 &self.stream,
-                range.clone(),
+                epoch,
+                len as usize,
                 &mut self.inbound,
                 timeout,
             )?,

@@ -9,8 +9,9 @@ use crate::error::TransportError;
 /// Which implementation moves the bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Implementation {
-    /// io_uring: an epoch's parts leave in one `SendMsg` submission; the backup reads
-    /// payloads with `ReadFixed` straight into its registered receive region.
+    /// io_uring: an epoch's parts leave in one `SendMsg` submission; the backup
+    /// receives with `RecvMsg` straight into its receive region, a small epoch
+    /// usually with its control messages in one submission.
     Uring,
     /// Blocking std TCP: `writev` of the parts; `read` into the receive region.
     Std,

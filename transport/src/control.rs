@@ -288,7 +288,17 @@ impl Inbound {
             return Ok(None);
         }
         self.filled = 0;
-        match Control::decode(&self.buf)? {
+        let buf = self.buf;
+        self.accept(&buf)
+    }
+
+    /// Decodes a control message received by any path: a heartbeat is counted (a
+    /// peer sending far more than one per interval is refused) and yields `None`.
+    pub(crate) fn accept(
+        &mut self,
+        message: &[u8; CONTROL_BYTES],
+    ) -> Result<Option<Control>, TransportError> {
+        match Control::decode(message)? {
             Control::Heartbeat { .. } => self.count_heartbeat().map(|()| None),
             message => Ok(Some(message)),
         }
@@ -303,8 +313,8 @@ impl Inbound {
         Ok(())
     }
 
-    /// The next control message other than a heartbeat. Heartbeats are consumed and
-    /// counted: a peer sending far more than one per interval is refused.
+    /// The next control message other than a heartbeat (heartbeats are consumed and
+    /// counted by [`Inbound::accept`]).
     pub(crate) fn next_message(
         &mut self,
         deadline: Option<(Instant, Duration)>,
@@ -317,9 +327,9 @@ impl Inbound {
                 self.filled += n?;
             }
             self.filled = 0;
-            match Control::decode(&self.buf)? {
-                Control::Heartbeat { .. } => self.count_heartbeat()?,
-                message => return Ok(message),
+            let buf = self.buf;
+            if let Some(message) = self.accept(&buf)? {
+                return Ok(message);
             }
         }
     }

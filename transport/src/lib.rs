@@ -12,8 +12,8 @@
 //! [`Liveness::timeout`].
 //!
 //! Three implementations behind one API ([`Implementation`]): io_uring (one `SendMsg`
-//! submission per epoch; `ReadFixed` into the region registered as fixed buffers),
-//! blocking std TCP (`writev`; `read` into the region), and RDMA verbs ([`rdma`]:
+//! submission per epoch; `RecvMsg` straight into the region, a small epoch with its
+//! control messages in one submission), blocking std TCP (`writev`; `read` into the region), and RDMA verbs ([`rdma`]:
 //! RDMA WRITEs into the region registered with the device, committed by an RDMA
 //! WRITE with immediate data; libibverbs is loaded at run time). docs/transport.md
 //! has the protocol; docs/performance.md compares them.

@@ -61,7 +61,7 @@ impl Primary {
         config.validate()?;
         let mut sender = match config.implementation {
             Implementation::Std => Sender::Std,
-            Implementation::Uring => Sender::Uring(Box::new(UringSender::new()?)),
+            Implementation::Uring => Sender::Uring(Box::new(UringSender::new(&stream)?)),
             Implementation::Rdma => {
                 Sender::Rdma(Box::new(RdmaWriter::open(&config.rdma, config.liveness)?))
             }

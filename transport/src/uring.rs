@@ -1,6 +1,6 @@
 //! The io_uring paths; all of the transport's `unsafe` lives here.
 //!
-//! Two rules make the raw buffers sound:
+//! Three rules make the raw buffers sound:
 //!
 //! 1. **No function returns before the completion of every operation it submitted
 //!    has been reaped.** When the wait for a send's completion times out or fails,
@@ -13,23 +13,41 @@
 //! 2. **The receive region is borrowed for the receiver's whole life.**
 //!    [`UringReceiver`] holds the region's exclusive borrow for `'r`, so no Rust
 //!    reference to the region exists while a receive into it is in flight, and the
-//!    received bytes are handed out only as slices borrowing the receiver.
+//!    received bytes are handed out only as slices borrowing the receiver. Bytes
+//!    received ahead of the message being parsed stay in the region and are moved
+//!    with raw copies, between operations, inside the region's bounds.
+//! 3. **A ring is only entered by the thread that set it up.** Rings are set up with
+//!    `SINGLE_ISSUER | DEFER_TASKRUN`: the kernel refuses submissions from any other
+//!    thread, and runs the work that completes an operation only inside its
+//!    creator's `io_uring_enter`. [`ThreadRing`] sets its ring up again when a call
+//!    comes from another thread (a `Primary` may move between threads); by rule 1
+//!    nothing is in flight between calls, so the old ring is simply closed.
 
 use std::io::{self, IoSlice};
 use std::marker::PhantomData;
 use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
-use std::os::fd::AsRawFd;
-use std::ptr::NonNull;
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::{self, NonNull};
+use std::thread::{self, ThreadId};
 use std::time::Duration;
 
 use io_uring::{IoUring, Probe, opcode, types};
 
 use crate::control::{CONTROL_BYTES, Inbound, mid_epoch};
 use crate::error::TransportError;
+use crate::region::ReceiveRegion;
+
+/// Entries of each ring: at most a receive and its cancellation are ever queued.
+const ENTRIES: u32 = 8;
 
 /// Most payload bytes one receive asks for (its result must fit an `i32`).
 const MAX_RECV_BYTES: usize = 1 << 30;
+
+/// Most bytes a receive that does not yet know the epoch's length takes beyond the
+/// control message (at most the slot): it may take bytes of later messages, which are
+/// then copied once, so this bounds that copy.
+const AHEAD_BYTES: usize = 256 << 10;
 
 /// Most iovecs one `sendmsg` takes (IOV_MAX).
 const MAX_IOVECS: usize = 1024;
@@ -38,9 +56,29 @@ const MAX_IOVECS: usize = 1024;
 /// may take the liveness timeout plus `n` at this rate.
 const MIN_SEND_BYTES_PER_SEC: u64 = 64 << 20;
 
+/// A receive's `ioprio` flag: arm the poll before the first attempt (linux/io_uring.h;
+/// the io-uring crate does not export it).
+const IORING_RECVSEND_POLL_FIRST: u16 = 1;
+
+/// The socket, as the ring's registered file 0.
+const SOCKET: types::Fixed = types::Fixed(0);
+
+/// Sets up a ring for the calling thread and checks that it runs the operations in
+/// `needs`.
 fn setup(what: &'static str, needs: &[(u8, &'static str)]) -> Result<IoUring, TransportError> {
     let uring = |what, source| TransportError::Uring { what, source };
-    let ring = IoUring::new(8).map_err(|e| uring(what, e))?;
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_coop_taskrun()
+        .build(ENTRIES)
+        .or_else(|e| match e.raw_os_error() {
+            // Kernels before 6.1 lack DEFER_TASKRUN: a plain ring works the same, a
+            // little slower.
+            Some(libc::EINVAL) => IoUring::new(ENTRIES),
+            _ => Err(e),
+        })
+        .map_err(|e| uring(what, e))?;
     let mut probe = Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
@@ -71,6 +109,51 @@ pub(crate) fn probe() -> Result<(), TransportError> {
     setup("setting up an io_uring", &RECEIVE_OPS).map(drop)
 }
 
+/// A ring entered only by the thread that set it up (module rule 3), with the
+/// connection's socket registered as file 0.
+struct ThreadRing {
+    ring: IoUring,
+    owner: ThreadId,
+    socket: RawFd,
+    what: &'static str,
+    needs: &'static [(u8, &'static str)],
+}
+
+impl ThreadRing {
+    /// Sets up a ring for the calling thread, checks that it runs `needs`, and
+    /// registers `socket`.
+    fn new(
+        what: &'static str,
+        needs: &'static [(u8, &'static str)],
+        socket: RawFd,
+    ) -> Result<Self, TransportError> {
+        let ring = setup(what, needs)?;
+        ring.submitter()
+            .register_files(&[socket])
+            .map_err(|source| TransportError::Uring {
+                what: "registering the socket with io_uring",
+                source,
+            })?;
+        Ok(Self {
+            ring,
+            owner: thread::current().id(),
+            socket,
+            what,
+            needs,
+        })
+    }
+
+    /// The ring, set up again first if the calling thread is not its owner.
+    fn get(&mut self) -> Result<&mut IoUring, TransportError> {
+        if self.owner != thread::current().id() {
+            // Nothing is in flight between calls (module rule 1): closing the old
+            // ring abandons no operation.
+            *self = Self::new(self.what, self.needs, self.socket)?;
+        }
+        Ok(&mut self.ring)
+    }
+}
+
 /// The results of operations submitted together, indexed by their `user_data`.
 struct Completions<const N: usize> {
     results: [i32; N],
@@ -93,7 +176,7 @@ impl<const N: usize> Completions<N> {
         }
     }
 
-    /// Waits up to `wait` until all `N` have completed.
+    /// Submits what is queued and waits up to `wait` until all `N` have completed.
     fn wait(&mut self, ring: &mut IoUring, wait: Duration) -> io::Result<()> {
         let ts = types::Timespec::from(wait);
         let args = types::SubmitArgs::new().timespec(&ts);
@@ -150,9 +233,9 @@ fn wait_error(e: io::Error, reported: Duration) -> TransportError {
     }
 }
 
-/// Waits up to `wait` for the completion of the one send in flight and returns its
-/// result. On timeout or failure the socket is shut down, which completes the send
-/// at once, and the completion is reaped before returning.
+/// Submits the one send queued and waits up to `wait` for its completion, whose
+/// result it returns. On timeout or failure the socket is shut down, which completes
+/// the send at once, and the completion is reaped before returning.
 fn complete_send(
     ring: &mut IoUring,
     stream: &TcpStream,
@@ -173,11 +256,11 @@ fn complete_send(
 const RECEIVE: u64 = 0;
 const CANCEL: u64 = 1;
 
-/// Waits up to `wait` for the completion of the one receive in flight (`RECEIVE`) and
-/// returns its result. If it does not come in time, the receive is cancelled: it then
-/// completes at once with the bytes it had received (or `-ECANCELED` if none), which
-/// is returned. On any other failure the socket is shut down and the completion
-/// reaped before returning.
+/// Submits the one receive queued (`RECEIVE`) and waits up to `wait` for its
+/// completion, whose result it returns. If it does not come in time, the receive is
+/// cancelled: it then completes at once with the bytes it had received (or
+/// `-ECANCELED` if none), which is returned. On any other failure the socket is shut
+/// down and the completion reaped before returning.
 fn complete_receive(
     ring: &mut IoUring,
     stream: &TcpStream,
@@ -211,27 +294,41 @@ fn errno(what: &'static str, res: i32, timeout: Duration) -> TransportError {
     TransportError::from_io(what, io::Error::from_raw_os_error(-res), timeout)
 }
 
+/// The error for a full submission queue (never expected: each ring holds at most
+/// one operation and its cancellation).
+fn queue_full(what: &'static str) -> TransportError {
+    TransportError::Io {
+        what,
+        source: io::Error::other("submission queue full"),
+    }
+}
+
 /// Sends an epoch's parts with one `SendMsg` submission each (up to 1024 parts).
 pub(crate) struct UringSender {
-    ring: IoUring,
+    ring: ThreadRing,
 }
 
 impl UringSender {
-    /// Sets up a small ring and checks that it supports `SendMsg`.
-    pub(crate) fn new() -> Result<Self, TransportError> {
+    /// Sets up a small ring with `stream`'s socket registered, and checks that it
+    /// supports `SendMsg`.
+    pub(crate) fn new(stream: &TcpStream) -> Result<Self, TransportError> {
         Ok(Self {
-            ring: setup("setting up the primary's io_uring", &SEND_OPS)?,
+            ring: ThreadRing::new(
+                "setting up the primary's io_uring",
+                &SEND_OPS,
+                stream.as_raw_fd(),
+            )?,
         })
     }
 
-    /// Sends every byte of `slices` on `stream`, in order.
+    /// Sends every byte of `slices` on the registered socket (`stream`'s), in order.
     pub(crate) fn send_all(
         &mut self,
         stream: &TcpStream,
         mut slices: &mut [IoSlice<'_>],
         timeout: Duration,
     ) -> Result<(), TransportError> {
-        let fd = types::Fd(stream.as_raw_fd());
+        let ring = self.ring.get()?;
         while !slices.is_empty() {
             let count = slices.len().min(MAX_IOVECS);
             let bytes: usize = slices[..count].iter().map(|s| s.len()).sum();
@@ -241,23 +338,19 @@ impl UringSender {
             // IoSlice is guaranteed ABI-compatible with iovec on Unix.
             msg.msg_iov = slices.as_mut_ptr().cast::<libc::iovec>();
             msg.msg_iovlen = count;
-            let sqe = opcode::SendMsg::new(fd, &msg)
+            let sqe = opcode::SendMsg::new(SOCKET, &msg)
                 .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
                 .build();
             // SAFETY: the entry points to `msg`, which points to `slices[..count]`,
-            // which borrow the bytes to send; all of them live until `complete`
+            // which borrow the bytes to send; all of them live until `complete_send`
             // returns, and it returns only after this operation's completion was
             // reaped (rule 1 of the module). The ring is empty, so the push succeeds.
-            let pushed = unsafe { self.ring.submission().push(&sqe) };
-            if pushed.is_err() {
-                return Err(TransportError::Io {
-                    what: "queueing an io_uring send",
-                    source: io::Error::other("submission queue full"),
-                });
+            if unsafe { ring.submission().push(&sqe) }.is_err() {
+                return Err(queue_full("queueing an io_uring send"));
             }
             let budget =
                 timeout + Duration::from_secs_f64(bytes as f64 / MIN_SEND_BYTES_PER_SEC as f64);
-            let res = complete_send(&mut self.ring, stream, budget, timeout)?;
+            let res = complete_send(ring, stream, budget, timeout)?;
             if res < 0 {
                 return Err(errno("sending an epoch with io_uring", res, timeout));
             }
@@ -274,89 +367,100 @@ impl UringSender {
     }
 }
 
-/// Receives payloads with `RecvMsg` (`MSG_WAITALL`) straight into the receive
-/// region, together with the control message that follows each.
+/// Receives everything the primary sends with `RecvMsg` submissions: control
+/// messages into a 32-byte buffer, payloads straight into their slots of the receive
+/// region.
+///
+/// A receive that waits for the next control message does not know how long the
+/// epoch behind it will be, so it also offers the start of the slot the next epoch
+/// is expected in (up to [`AHEAD_BYTES`]): the kernel fills the message, then the
+/// slot, with whatever has arrived, and a small epoch usually comes in whole with its
+/// EPOCH message and COMMIT, in one system call. Bytes that arrived ahead are kept
+/// in the region (`ahead`) and consumed before the socket is read again.
 pub(crate) struct UringReceiver<'r> {
-    ring: IoUring,
+    ring: ThreadRing,
     base: NonNull<u8>,
     len: usize,
+    slots: usize,
+    slot_bytes: usize,
+    /// The slot a receive of the next control message offers for what follows it.
+    next_slot: usize,
+    /// Bytes received but not yet parsed: a range of the region, inside one slot.
+    ahead: Range<usize>,
     _region: PhantomData<&'r mut [u8]>,
 }
 
 impl<'r> UringReceiver<'r> {
-    /// Sets up a small ring for receiving into `region`.
-    pub(crate) fn new(region: &'r mut [u8]) -> Result<Self, TransportError> {
-        let ring = setup("setting up the backup's io_uring", &RECEIVE_OPS)?;
+    /// Sets up a small ring with `stream`'s socket registered, for receiving into
+    /// `region`, whose replica has committed epoch `committed`.
+    pub(crate) fn new(
+        region: &'r mut ReceiveRegion,
+        stream: &TcpStream,
+        committed: u64,
+    ) -> Result<Self, TransportError> {
+        let ring = ThreadRing::new(
+            "setting up the backup's io_uring",
+            &RECEIVE_OPS,
+            stream.as_raw_fd(),
+        )?;
+        let (slots, slot_bytes) = (region.slots(), region.slot_bytes());
+        let bytes = region.bytes_mut();
         Ok(Self {
             ring,
-            len: region.len(),
-            base: NonNull::from(region).cast::<u8>(),
+            len: bytes.len(),
+            base: NonNull::from(bytes).cast::<u8>(),
+            slots,
+            slot_bytes,
+            next_slot: (committed.wrapping_add(1) % slots as u64) as usize,
+            ahead: 0..0,
             _region: PhantomData,
         })
     }
 
-    /// Receives the `range.len()` payload bytes from `stream` into `range` of the
-    /// region, then the control message that follows them, which it returns.
+    /// Submits one `RecvMsg` (with `flags`; with `poll_first`, the kernel waits for
+    /// the socket to turn readable before it first tries) into `iovecs` on the
+    /// registered socket and waits for it, checking liveness every heartbeat interval: a receive still
+    /// without bytes then is cancelled and submitted again, until the peer has been
+    /// silent for the liveness timeout. Returns the bytes received (at least one).
     ///
-    /// One `RecvMsg` with `MSG_WAITALL`, whose iovecs are the slot and the message,
-    /// takes both: the kernel keeps receiving until every byte is in, so an epoch
-    /// costs one system call here however it arrives. Liveness is checked every
-    /// heartbeat interval: a receive still incomplete then is cancelled (the bytes it
-    /// took count as hearing from the peer) and resubmitted for the rest.
-    pub(crate) fn read_payload_and_message(
+    /// # Safety
+    ///
+    /// Every iovec must describe memory valid for writes and not accessed otherwise
+    /// until this returns.
+    unsafe fn receive(
         &mut self,
         stream: &TcpStream,
-        range: Range<usize>,
+        iovecs: &mut [libc::iovec],
+        flags: i32,
+        poll_first: bool,
         inbound: &mut Inbound,
         timeout: Duration,
-    ) -> Result<[u8; CONTROL_BYTES], TransportError> {
-        if range.end > self.len || range.start >= range.end {
-            return Err(TransportError::Io {
-                what: "reading into the receive region",
-                source: io::Error::other("range empty or outside the region"),
-            });
-        }
-        let fd = types::Fd(stream.as_raw_fd());
-        let mut message = [0u8; CONTROL_BYTES];
-        let mut at = range.start;
-        let mut message_at = 0;
-        while message_at < CONTROL_BYTES {
-            let n = (range.end - at).min(MAX_RECV_BYTES);
-            let last = at + n == range.end;
-            let mut iovecs = [
-                libc::iovec {
-                    // `at <= self.len`, so the pointer stays inside (or one past) the region.
-                    iov_base: self.base.as_ptr().wrapping_add(at).cast(),
-                    iov_len: n,
-                },
-                libc::iovec {
-                    iov_base: message[message_at..].as_mut_ptr().cast(),
-                    iov_len: CONTROL_BYTES - message_at,
-                },
-            ];
+    ) -> Result<usize, TransportError> {
+        let ring = self.ring.get()?;
+        let ioprio = if poll_first {
+            IORING_RECVSEND_POLL_FIRST
+        } else {
+            0
+        };
+        loop {
             // SAFETY: msghdr is a plain C struct of integers and pointers, for which
             // all-zero is a valid value (no name, no control data, no flags).
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             msg.msg_iov = iovecs.as_mut_ptr();
-            msg.msg_iovlen = if last { 2 } else { 1 };
-            let sqe = opcode::RecvMsg::new(fd, &mut msg)
-                .flags(libc::MSG_WAITALL as u32)
+            msg.msg_iovlen = iovecs.len();
+            let sqe = opcode::RecvMsg::new(SOCKET, &mut msg)
+                .flags(flags as u32)
+                .ioprio(ioprio)
                 .build()
                 .user_data(RECEIVE);
-            // SAFETY: the entry points to `msg`, which points to `iovecs`: bytes
-            // `at..at + n` of the region (inside it: `range.end <= self.len`) and the
-            // rest of `message`. All of them live until `complete_receive` returns,
-            // and it returns only after the receive's completion was reaped (module
-            // rule 1); no Rust reference to the region exists meanwhile (rule 2).
-            // The ring is empty, so the push succeeds.
-            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-                return Err(TransportError::Io {
-                    what: "queueing an io_uring receive",
-                    source: io::Error::other("submission queue full"),
-                });
+            // SAFETY: the entry points to `msg`, which points to `iovecs`, whose
+            // memory the caller guarantees; all of them live until `complete_receive`
+            // returns, and it returns only after the receive's completion was reaped
+            // (module rule 1). The ring is empty, so the push succeeds.
+            if unsafe { ring.submission().push(&sqe) }.is_err() {
+                return Err(queue_full("queueing an io_uring receive"));
             }
-            let wait = inbound.wait_slice();
-            let res = complete_receive(&mut self.ring, stream, wait, timeout).map_err(mid_epoch)?;
+            let res = complete_receive(ring, stream, inbound.wait_slice(), timeout)?;
             if res == -libc::ECANCELED {
                 // Nothing arrived during this wait.
                 if inbound.silence_left().is_zero() {
@@ -365,31 +469,168 @@ impl<'r> UringReceiver<'r> {
                 continue;
             }
             if res < 0 {
-                return Err(mid_epoch(errno(
-                    "receiving an epoch with io_uring",
-                    res,
-                    timeout,
-                )));
+                return Err(errno("receiving from the peer with io_uring", res, timeout));
             }
             if res == 0 {
-                return Err(TransportError::PeerClosed(" in the middle of an epoch"));
+                return Err(TransportError::PeerClosed(""));
             }
             inbound.heard();
-            let res = res as usize;
-            let payload = res.min(range.end - at);
-            at += payload;
-            message_at += res - payload;
+            return Ok(res as usize);
+        }
+    }
+
+    /// An iovec for bytes `range` of the region.
+    fn region_iovec(&self, range: Range<usize>) -> libc::iovec {
+        libc::iovec {
+            // Callers pass ranges inside the region, so the pointer stays inside (or
+            // one past) it.
+            iov_base: self.base.as_ptr().wrapping_add(range.start).cast(),
+            iov_len: range.len(),
+        }
+    }
+
+    /// Copies `len` bytes at `from` of the region to `to`; the ranges may overlap.
+    fn move_within(&mut self, from: usize, to: usize, len: usize) {
+        assert!(from.max(to) + len <= self.len, "a move outside the region");
+        // SAFETY: both ranges lie inside the region (checked above), which is
+        // borrowed exclusively for 'r; no receive is in flight (module rule 1) and
+        // `&mut self` excludes any slice handed out by `bytes`. `ptr::copy` allows
+        // overlapping ranges.
+        unsafe {
+            ptr::copy(
+                self.base.as_ptr().add(from),
+                self.base.as_ptr().add(to),
+                len,
+            )
+        }
+    }
+
+    /// Takes up to `into.len()` of the bytes received ahead; returns how many.
+    fn take_ahead(&mut self, into: &mut [u8]) -> usize {
+        let n = into.len().min(self.ahead.len());
+        // SAFETY: `ahead` lies inside the region and `into` is a distinct buffer of
+        // at least `n` bytes; no receive is in flight (module rule 1).
+        unsafe {
+            ptr::copy_nonoverlapping(
+                self.base.as_ptr().add(self.ahead.start),
+                into.as_mut_ptr(),
+                n,
+            )
+        }
+        self.ahead.start += n;
+        n
+    }
+
+    /// The next control message from the primary (heartbeats included: the caller
+    /// counts them).
+    ///
+    /// Bytes received ahead are used first. Otherwise one `RecvMsg` (without
+    /// `MSG_WAITALL`) offers the rest of the message and the start of the slot the
+    /// next epoch is expected in; what lands in the slot stays ahead.
+    pub(crate) fn next_message(
+        &mut self,
+        stream: &TcpStream,
+        inbound: &mut Inbound,
+        timeout: Duration,
+    ) -> Result<[u8; CONTROL_BYTES], TransportError> {
+        let mut message = [0u8; CONTROL_BYTES];
+        let mut filled = self.take_ahead(&mut message);
+        while filled < CONTROL_BYTES {
+            let start = self.next_slot * self.slot_bytes;
+            let window = self.slot_bytes.min(AHEAD_BYTES);
+            let mut iovecs = [
+                libc::iovec {
+                    iov_base: message[filled..].as_mut_ptr().cast(),
+                    iov_len: CONTROL_BYTES - filled,
+                },
+                self.region_iovec(start..start + window),
+            ];
+            // SAFETY: the iovecs are the rest of `message`, a local, and bytes
+            // `start..start + window` of slot `next_slot`, inside the region, which
+            // no Rust reference points into while `&mut self` is held (rule 2).
+            // Nothing is buffered, so the next message has most likely not arrived:
+            // skip the attempt that would find nothing.
+            let n = unsafe { self.receive(stream, &mut iovecs, 0, true, inbound, timeout) }?;
+            let into_message = n.min(CONTROL_BYTES - filled);
+            filled += into_message;
+            self.ahead = start..start + (n - into_message);
         }
         Ok(message)
+    }
+
+    /// Receives epoch `epoch`'s `len` payload bytes (1 to a slot) into its slot, then
+    /// the control message that follows them; returns that message and where the
+    /// payload lies in the region.
+    ///
+    /// The bytes already received ahead are moved to the start of the slot (if the
+    /// epoch was expected in this slot, they are there already), and one `RecvMsg`
+    /// with `MSG_WAITALL`, whose iovecs are the rest of the payload and of the
+    /// message, takes what is missing: the kernel keeps receiving until every byte is
+    /// in. Liveness is checked every heartbeat interval: a receive still incomplete
+    /// then is cancelled (the bytes it took count as hearing from the peer) and
+    /// submitted again for the rest.
+    pub(crate) fn read_payload_and_message(
+        &mut self,
+        stream: &TcpStream,
+        epoch: u64,
+        len: usize,
+        inbound: &mut Inbound,
+        timeout: Duration,
+    ) -> Result<([u8; CONTROL_BYTES], Range<usize>), TransportError> {
+        if len == 0 || len > self.slot_bytes {
+            return Err(TransportError::Io {
+                what: "reading into the receive region",
+                source: io::Error::other("payload empty or larger than a slot"),
+            });
+        }
+        let slot = (epoch % self.slots as u64) as usize;
+        let start = slot * self.slot_bytes;
+        let range = start..start + len;
+        self.next_slot = (slot + 1) % self.slots;
+        // At most a window of a slot is ever ahead, so it fits this slot.
+        let have = self.ahead.len();
+        if self.ahead.start != start {
+            self.move_within(self.ahead.start, start, have);
+        }
+        let mut at = start + have.min(len);
+        self.ahead = at..start + have;
+        let mut message = [0u8; CONTROL_BYTES];
+        let mut message_at = self.take_ahead(&mut message);
+        while message_at < CONTROL_BYTES {
+            let n = (range.end - at).min(MAX_RECV_BYTES);
+            let mut iovecs = [
+                self.region_iovec(at..at + n),
+                libc::iovec {
+                    iov_base: message[message_at..].as_mut_ptr().cast(),
+                    iov_len: CONTROL_BYTES - message_at,
+                },
+            ];
+            // Only the payload until it is complete, then only the message.
+            let iovecs = match (n, at + n == range.end) {
+                (0, _) => &mut iovecs[1..],
+                (_, true) => &mut iovecs[..],
+                (_, false) => &mut iovecs[..1],
+            };
+            // SAFETY: the iovecs are bytes `at..at + n` of the payload's range, inside
+            // the region (`len <= slot_bytes`), which no Rust reference points into
+            // while `&mut self` is held (rule 2), and the rest of `message`, a local.
+            let got =
+                unsafe { self.receive(stream, iovecs, libc::MSG_WAITALL, false, inbound, timeout) }
+                    .map_err(mid_epoch)?;
+            let payload = got.min(n);
+            at += payload;
+            message_at += got - payload;
+        }
+        Ok((message, range))
     }
 
     /// The received bytes in `range` (inside the region).
     pub(crate) fn bytes(&self, range: Range<usize>) -> &[u8] {
         let range = range.start.min(self.len)..range.end.min(self.len);
         // SAFETY: the range lies inside the region, which is borrowed for 'r and
-        // valid. No receive is in flight (each is reaped before
-        // `read_payload_and_message` returns), and the returned slice borrows `self`,
-        // so none can start while it lives.
+        // valid. No receive is in flight (each is reaped before the receiving
+        // functions return), and the returned slice borrows `self`, so none can start
+        // and no bytes can be moved while it lives.
         unsafe {
             std::slice::from_raw_parts(
                 self.base.as_ptr().add(range.start),

@@ -11,4 +11,6 @@ use common::tcp_links;
 cases!(tcp_links;
     the_replica_equals_the_primary_after_every_implementation_carries_the_web_workload,
     an_epoch_larger_than_a_slot_or_beyond_the_window_is_refused_before_sending,
+    messages_that_arrive_together_or_in_odd_pieces_are_taken_in_order,
+    a_primary_moved_to_another_thread_keeps_sending,
 );

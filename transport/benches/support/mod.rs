@@ -59,9 +59,33 @@ impl Epochs {
     }
 }
 
+/// Runs the calling thread on CPU `cpu` only.
+pub fn pin(cpu: usize) {
+    assert!(cpu < libc::CPU_SETSIZE as usize, "no CPU {cpu}");
+    // SAFETY: cpu_set_t is a plain bit array, for which all-zero is the empty set;
+    // CPU_SET writes bit `cpu`, inside the set (checked above); `set` is a valid
+    // cpu_set_t of the size passed, and pid 0 is the calling thread.
+    let res = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        res,
+        0,
+        "cannot pin to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// Connects a primary to a backup thread that receives every epoch into its region
-/// and acknowledges it (without applying it: this measures the transport alone).
-pub fn connect(implementation: Implementation, slot_bytes: usize) -> Primary {
+/// and acknowledges it (without applying it: this measures the transport alone). The
+/// backup thread runs on CPU `backup_cpu` only, if given.
+pub fn connect(
+    implementation: Implementation,
+    slot_bytes: usize,
+    backup_cpu: Option<usize>,
+) -> Primary {
     let mut config = TransportConfig::new(geometry(), implementation);
     config.liveness = Liveness {
         interval: Duration::from_millis(25),
@@ -71,6 +95,9 @@ pub fn connect(implementation: Implementation, slot_bytes: usize) -> Primary {
     let addr = listener.local_addr().unwrap();
     let backup_config = config.clone();
     std::thread::spawn(move || {
+        if let Some(cpu) = backup_cpu {
+            pin(cpu);
+        }
         let (stream, _) = listener.accept().unwrap();
         let mut region = ReceiveRegion::new(2, slot_bytes).unwrap();
         let mut backup = Backup::accept(stream, &mut region, &backup_config, &key(), 0).unwrap();

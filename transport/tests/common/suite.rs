@@ -8,6 +8,7 @@
 //! new connection resumes.
 
 use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -320,4 +321,115 @@ pub fn heartbeats_keep_an_idle_link_alive_past_the_timeout(link: &Link) {
     );
     assert_eq!(ended.committed, 2);
     assert_eq!(ended.digest, protected.digest());
+}
+
+/// Reads control messages from `stream` until one other than a heartbeat, and checks
+/// that it acknowledges `epoch`.
+fn expect_ack(stream: &mut TcpStream, epoch: u64) {
+    let mut m = [0u8; 32];
+    loop {
+        stream.read_exact(&mut m).unwrap();
+        if m[0] != 5 {
+            break;
+        }
+    }
+    assert_eq!((m[0], &m[8..16]), (3, &epoch.to_le_bytes()[..]), "{m:?}");
+}
+
+pub fn messages_that_arrive_together_or_in_odd_pieces_are_taken_in_order(link: &Link) {
+    // One slot (what arrives ahead of an epoch moves within the slot it is in) and
+    // two slots (it moves to the next epoch's slot).
+    for slots in [1, 2] {
+        let listener = link.listener();
+        let ended = run_backup(
+            listener.try_clone().unwrap(),
+            link,
+            2000,
+            slots,
+            full_slot(),
+            1,
+        );
+        let mut raw = RawPrimary::connect(link, &listener);
+        let mut protected = Protected::web(21);
+        let beat = control(5, 0, 1, 0);
+        let framed = |protected: &mut Protected| {
+            let epoch = protected.step();
+            let (n, bytes) = (epoch.stats.epoch, epoch.to_vec());
+            let mut out = control(1, 0, n, bytes.len() as u64).to_vec();
+            out.extend_from_slice(&bytes);
+            out.extend_from_slice(&control(2, 0, n, 0));
+            out
+        };
+        // Heartbeats and two whole epochs in one write: they arrive together.
+        let mut together = beat.to_vec();
+        together.extend(framed(&mut protected));
+        together.extend(beat);
+        together.extend(beat);
+        together.extend(framed(&mut protected));
+        raw.stream.write_all(&together).unwrap();
+        expect_ack(&mut raw.stream, 1);
+        expect_ack(&mut raw.stream, 2);
+        // Two more, cut inside a message, inside the payload, and inside the COMMIT
+        // of one epoch followed by the start of the next; each piece arrives alone.
+        let mut stream = framed(&mut protected);
+        let first_len = stream.len();
+        stream.extend(beat);
+        stream.extend(framed(&mut protected));
+        // In EPOCH 3, in its payload, in COMMIT 3, in EPOCH 4 (after a heartbeat).
+        let cuts = [0, 13, 132, first_len - 20, first_len + 40, stream.len()];
+        for piece in cuts.windows(2) {
+            raw.stream.write_all(&stream[piece[0]..piece[1]]).unwrap();
+            thread::sleep(Duration::from_millis(20));
+        }
+        expect_ack(&mut raw.stream, 3);
+        expect_ack(&mut raw.stream, 4);
+        protected.encoder.acknowledge(4).unwrap();
+        drop(raw);
+        let ended = ended.recv().unwrap();
+        assert!(
+            matches!(ended.error, TransportError::PeerClosed(_)),
+            "{} ({slots} slots): {}",
+            link.name(),
+            ended.error
+        );
+        assert_eq!(ended.committed, 4);
+        assert_eq!(
+            ended.digest,
+            protected.digest(),
+            "{} ({slots} slots)",
+            link.name()
+        );
+    }
+}
+
+pub fn a_primary_moved_to_another_thread_keeps_sending(link: &Link) {
+    let listener = link.listener();
+    let stream = connect(&listener);
+    let ended = run_backup(listener, link, 2000, 2, full_slot(), 1);
+    let mut protected = Protected::web(9);
+    let mut primary = Primary::connect(stream, &link.primary(2000), &key(1)).unwrap();
+    for _ in 0..2 {
+        commit_one(&mut primary, &mut protected);
+    }
+    let (mut primary, mut protected) = thread::spawn(move || {
+        for _ in 0..3 {
+            commit_one(&mut primary, &mut protected);
+        }
+        (primary, protected)
+    })
+    .join()
+    .unwrap();
+    for _ in 0..2 {
+        commit_one(&mut primary, &mut protected);
+    }
+    drop(primary);
+    let ended = ended.recv().unwrap();
+    assert!(
+        matches!(ended.error, TransportError::PeerClosed(_)),
+        "{}: {}",
+        link.name(),
+        ended.error
+    );
+    assert_eq!(ended.committed, 7);
+    assert_eq!(ended.digest, protected.digest(), "{}", link.name());
 }
