@@ -106,6 +106,19 @@ where
                 committed(applied.epoch);
             }
             Ok(Served::Refused { .. }) => last_heard = Instant::now(),
+            Ok(Served::Scrubbed {
+                epoch, mismatched, ..
+            }) => {
+                last_heard = Instant::now();
+                if !mismatched.is_empty() {
+                    eprintln!(
+                        "fgbi: ERROR: the replica at epoch {epoch} differs from the primary's checkpoint in {} chunks of {} bytes (first at byte {}); the primary sends them again",
+                        mismatched.len(),
+                        fgbi_transport::SCRUB_CHUNK_BYTES,
+                        mismatched[0] * fgbi_transport::SCRUB_CHUNK_BYTES as u64,
+                    );
+                }
+            }
             Err(e) => break e,
         }
     };

@@ -74,6 +74,7 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
             epochs: Some(12),
             connect_timeout: Duration::from_secs(5),
             digests: true,
+            scrub_every: primary::DEFAULT_SCRUB_EVERY,
         };
         let mut digests = std::collections::HashMap::new();
         let last = primary::run(
@@ -174,6 +175,7 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
         epochs: Some(15),
         connect_timeout: Duration::from_secs(5),
         digests: true,
+        scrub_every: primary::DEFAULT_SCRUB_EVERY,
     };
     let (mut digests, mut unprotected, mut connections) = (std::collections::HashMap::new(), 0, 0);
     primary::run(

@@ -85,6 +85,10 @@ pub struct PrimaryArgs {
     /// Print each checkpoint's digest (costs a pass over memory, outside the pause).
     #[arg(long)]
     digests: bool,
+    /// Every this many epochs, have the backup compare 1 MiB of its replica with
+    /// the checkpoint's digests, going round memory; 0 turns scrubbing off.
+    #[arg(long, default_value_t = primary::DEFAULT_SCRUB_EVERY)]
+    scrub_every: u64,
 }
 
 /// Runs `fgbi primary`: protects a workload and replicates it to the backup.
@@ -103,6 +107,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
         epochs: args.epochs,
         connect_timeout: Duration::from_secs(10),
         digests: args.digests,
+        scrub_every: args.scrub_every,
     };
     let mut out = std::io::stdout().lock();
     let last = primary::run(
@@ -129,6 +134,16 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
                     "unprotected: no backup holds the workload ({reason}); it keeps running"
                 ),
                 PrimaryEvent::Connected(n) => format!("connected backup_committed={n}"),
+                PrimaryEvent::Scrubbed {
+                    epoch,
+                    range,
+                    diverged,
+                } => format!(
+                    "scrubbed {epoch} bytes={}..{} diverged_pages={}",
+                    range.start,
+                    range.end,
+                    diverged.len()
+                ),
             };
             // A closed stdout must not stop replication.
             let _ = writeln!(out, "{line}").and_then(|()| out.flush());

@@ -11,4 +11,5 @@ use common::tcp_links;
 cases!(tcp_links;
     the_replica_equals_the_primary_after_every_implementation_carries_the_web_workload,
     an_epoch_larger_than_a_slot_or_beyond_the_window_is_refused_before_sending,
+    a_scrub_names_exactly_the_chunks_that_differ,
 );
