@@ -17,6 +17,7 @@ pub mod bench;
 pub mod capi;
 pub mod checkpoint;
 pub mod fault;
+pub mod fence;
 pub mod local;
 pub mod primary;
 pub mod replicator;

@@ -51,6 +51,7 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
             slots: 2,
             max_state: 4096,
             digest: true,
+            fence: Default::default(),
         };
         let backup_key = PresharedKey::from_file(&key_path).unwrap();
         let backup = std::thread::spawn(move || {
@@ -154,6 +155,7 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
             slots: 2,
             max_state: 4096,
             digest: true,
+            fence: Default::default(),
         };
         backup::run(
             &listener,

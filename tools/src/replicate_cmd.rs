@@ -10,6 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use clap::Args;
 use fgbi::backup::{self, BackupOptions, FailoverReport};
+use fgbi::fence::{Fence, UNFENCED_WARNING};
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
 use fgbi::restart::{self, Restarted, SharedMemory};
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
@@ -174,6 +175,18 @@ pub struct BackupArgs {
     /// After failover of a synthetic workload, run it for this many epochs and report.
     #[arg(long, default_value_t = 20)]
     run_epochs: u64,
+    /// Before failing over, run this command with `/bin/sh -c` to make sure the
+    /// primary is stopped (power it off, stop its instance, shut its switch port);
+    /// only its exit status 0 lets the backup fail over. See docs/operations.md.
+    #[arg(long, value_name = "CMD")]
+    fence: Option<String>,
+    /// How long the fence command may run before it is killed and counts as failed.
+    #[arg(long, default_value_t = 10_000)]
+    fence_timeout_ms: u64,
+    /// After a failed fence, how long to wait for the primary to come back before
+    /// fencing again.
+    #[arg(long, default_value_t = 1_000)]
+    fence_retry_ms: u64,
 }
 
 /// Runs `fgbi backup`: holds the replica and fails over when the primary dies.
@@ -189,7 +202,15 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, String> {
         slots: 2,
         max_state: 1 << 20,
         digest: args.restart.is_none(),
+        fence: Fence {
+            command: args.fence.clone(),
+            timeout: Duration::from_millis(args.fence_timeout_ms),
+            retry: Duration::from_millis(args.fence_retry_ms.max(1)),
+        },
     };
+    if args.fence.is_none() {
+        eprintln!("fgbi: {UNFENCED_WARNING}");
+    }
     let listening = listener.local_addr().map_err(|e| e.to_string())?;
     let committed = |n| println!("committed {n}");
     let Some(command) = &args.restart else {
@@ -257,7 +278,7 @@ fn print_failover(report: &FailoverReport) {
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     println!(
-        "failover epoch={}{} detected_ns={detected_ns} silence_us={} finish_us={} restore_us={} first_run_us={} cause={:?}",
+        "failover epoch={}{} detected_ns={detected_ns} silence_us={} finish_us={} fence_us={} restore_us={} first_run_us={} cause={:?}",
         report.epoch,
         report
             .digest
@@ -265,6 +286,7 @@ fn print_failover(report: &FailoverReport) {
             .unwrap_or_default(),
         report.silence.as_micros(),
         report.finish.as_micros(),
+        report.fence.as_micros(),
         report.restore.as_micros(),
         report.first_run.as_micros(),
         report.cause
