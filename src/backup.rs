@@ -10,6 +10,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::DerefMut;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use fgbi_engine::{Applier, EncoderConfig, memory_digest};
@@ -19,6 +20,7 @@ use fgbi_transport::{
 
 use crate::fence::Fence;
 use crate::local::ReplicationError;
+use crate::metrics::Metrics;
 
 /// What the backup does.
 #[derive(Clone, Debug)]
@@ -37,6 +39,8 @@ pub struct BackupOptions {
     pub digest: bool,
     /// How to fence the primary before failing over (none by default: a warning).
     pub fence: Fence,
+    /// Where to count what the backup does, for `--metrics`.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// What happened when the primary died.
@@ -116,7 +120,15 @@ where
                     key,
                     applier.committed(),
                 )?;
-                serve(backup, peer, &mut applier, &mut replica, &mut committed)
+                let metrics = options.metrics.as_deref();
+                serve(
+                    backup,
+                    peer,
+                    &mut applier,
+                    &mut replica,
+                    &mut committed,
+                    metrics,
+                )
             }
             (None, Some(silence)) => silence,
             (None, None) => continue,
@@ -141,6 +153,9 @@ where
             }
         }
     };
+    if let Some(m) = &options.metrics {
+        m.failed_over();
+    }
     let epoch = applier.committed();
     let digest = options.digest.then(|| memory_digest(&replica));
     let started = Instant::now();
@@ -182,12 +197,19 @@ fn serve(
     applier: &mut Applier,
     replica: &mut [u8],
     committed: &mut impl FnMut(u64),
+    metrics: Option<&Metrics>,
 ) -> Silence {
     let mut last_heard = Instant::now();
+    if let Some(m) = metrics {
+        m.set_protected(true);
+    }
     let failure = loop {
         match backup.serve_one(applier, replica) {
             Ok(Served::Committed(applied)) => {
                 last_heard = Instant::now();
+                if let Some(m) = metrics {
+                    m.committed(applied.epoch, applied.bytes);
+                }
                 committed(applied.epoch);
             }
             Ok(Served::Refused { .. }) => last_heard = Instant::now(),
@@ -195,6 +217,9 @@ fn serve(
                 epoch, mismatched, ..
             }) => {
                 last_heard = Instant::now();
+                if let Some(m) = metrics {
+                    m.scrubbed(mismatched.len() as u64);
+                }
                 if !mismatched.is_empty() {
                     eprintln!(
                         "fgbi: ERROR: the replica at epoch {epoch} differs from the primary's checkpoint in {} chunks of {} bytes (first at byte {}); the primary sends them again",
@@ -210,6 +235,9 @@ fn serve(
     let detected = Instant::now();
     let detected_at = SystemTime::now();
     drop(backup);
+    if let Some(m) = metrics {
+        m.set_protected(false);
+    }
     Silence {
         failure,
         peer,

@@ -19,6 +19,7 @@ pub mod checkpoint;
 pub mod fault;
 pub mod fence;
 pub mod local;
+pub mod metrics;
 pub mod primary;
 pub mod replicator;
 pub mod restart;

@@ -52,6 +52,7 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
             max_state: 4096,
             digest: true,
             fence: Default::default(),
+            metrics: None,
         };
         let backup_key = PresharedKey::from_file(&key_path).unwrap();
         let backup = std::thread::spawn(move || {
@@ -156,6 +157,7 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
             max_state: 4096,
             digest: true,
             fence: Default::default(),
+            metrics: None,
         };
         backup::run(
             &listener,

@@ -6,11 +6,13 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::Args;
 use fgbi::backup::{self, BackupOptions, FailoverReport};
 use fgbi::fence::{Fence, UNFENCED_WARNING};
+use fgbi::metrics::{self, Metrics};
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
 use fgbi::restart::{self, Restarted, SharedMemory};
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
@@ -90,6 +92,9 @@ pub struct PrimaryArgs {
     /// the checkpoint's digests, going round memory; 0 turns scrubbing off.
     #[arg(long, default_value_t = primary::DEFAULT_SCRUB_EVERY)]
     scrub_every: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// Runs `fgbi primary`: protects a workload and replicates it to the backup.
@@ -110,6 +115,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
         digests: args.digests,
         scrub_every: args.scrub_every,
     };
+    let metrics = start_metrics(args.metrics, "primary")?;
     let mut out = std::io::stdout().lock();
     let last = primary::run(
         &mut machine,
@@ -117,6 +123,9 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
         &options,
         &key,
         |e| {
+            if let Some(m) = &metrics {
+                m.primary_event(&e);
+            }
             let line = match e {
                 PrimaryEvent::Sent {
                     epoch,
@@ -187,6 +196,9 @@ pub struct BackupArgs {
     /// fencing again.
     #[arg(long, default_value_t = 1_000)]
     fence_retry_ms: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// Runs `fgbi backup`: holds the replica and fails over when the primary dies.
@@ -207,6 +219,7 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, String> {
             timeout: Duration::from_millis(args.fence_timeout_ms),
             retry: Duration::from_millis(args.fence_retry_ms.max(1)),
         },
+        metrics: start_metrics(args.metrics, "backup")?,
     };
     if args.fence.is_none() {
         eprintln!("fgbi: {UNFENCED_WARNING}");
@@ -268,6 +281,21 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, String> {
         Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         None => ExitCode::FAILURE,
     })
+}
+
+/// Starts serving the metrics of `role` on `address`, when given, and says where.
+fn start_metrics(
+    address: Option<SocketAddr>,
+    role: &'static str,
+) -> Result<Option<Arc<Metrics>>, String> {
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    let m = Arc::new(Metrics::new(role));
+    let bound = metrics::serve(address, Arc::clone(&m))
+        .map_err(|e| format!("cannot serve metrics on {address}: {e}"))?;
+    println!("metrics http://{bound}/metrics");
+    Ok(Some(m))
 }
 
 /// Prints the `failover` line: the epoch, type I downtime in parts, the cause.

@@ -2,16 +2,19 @@
 //! forwarding both ways without closing anything): the backup fences before failing
 //! over, so one copy runs, never two.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, channel};
-use std::time::{Duration, Instant};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use common::{key_file, lines, wait_for};
 
 /// Forwards connections to `target` until `partitioned` is set; from then on it
 /// reads and drops everything both ways, and holds new connections open silently.
@@ -57,46 +60,6 @@ fn proxy(target: SocketAddr, partitioned: Arc<AtomicBool>) -> SocketAddr {
         }
     });
     address
-}
-
-/// The lines `from` writes, as they come.
-fn lines(from: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits for a line containing `text`, keeping every line seen in `seen`.
-fn wait_for(rx: &Receiver<String>, text: &str, seen: &mut Vec<String>) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        seen.push(line.clone());
-        if line.contains(text) {
-            return line;
-        }
-    }
-    panic!("no line with {text:?}; seen: {seen:#?}");
-}
-
-fn key_file(dir: &Path) -> PathBuf {
-    let path = dir.join("link.key");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap()
-        .write_all(b"0123456789abcdef0123456789abcdef")
-        .unwrap();
-    path
 }
 
 struct Pair {
@@ -163,9 +126,7 @@ fn start(dir: &Path, fence: &str) -> Pair {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fgbi-fence-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch(&format!("fence-{name}"))
 }
 
 #[test]
