@@ -536,7 +536,11 @@ impl Worker {
         for &page in pages {
             if owner(page, self.workers) == self.index {
                 let local = local_index(page, self.workers);
-                self.forgotten.insert(local, 0);
+                // Only digests can call a page unchanged; a dropped cached copy
+                // makes the other modes send it whole.
+                if self.digests.is_some() {
+                    self.forgotten.insert(local, 0);
+                }
                 self.cache.invalidate(local as u64);
             }
         }
