@@ -8,8 +8,9 @@
 //! the last committed epoch and that epoch's state blob become the protected
 //! program, which starts running at once. Type I downtime is reported in parts.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::DerefMut;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use fgbi_engine::{Applier, EncoderConfig, memory_digest};
@@ -17,7 +18,9 @@ use fgbi_transport::{
     Backup, PresharedKey, ReceiveRegion, Served, TransportConfig, TransportError,
 };
 
+use crate::fence::Fence;
 use crate::local::ReplicationError;
+use crate::metrics::Metrics;
 
 /// What the backup does.
 #[derive(Clone, Debug)]
@@ -34,6 +37,10 @@ pub struct BackupOptions {
     /// checkpoint (a pass over memory, between finishing and restoring, counted in
     /// no part of type I downtime).
     pub digest: bool,
+    /// How to fence the primary before failing over (none by default: a warning).
+    pub fence: Fence,
+    /// Where to count what the backup does, for `--metrics`.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// What happened when the primary died.
@@ -52,13 +59,18 @@ pub struct FailoverReport {
     /// Finishing the last epoch: the replica is only ever changed by whole epochs, so
     /// this is the time to abandon the connection.
     pub finish: Duration,
+    /// Running the fence command that succeeded (zero without one).
+    pub fence: Duration,
     /// Rebuilding the protected program from the replica and state blob.
     pub restore: Duration,
     /// From the end of the restore until the program's first step completed.
     pub first_run: Duration,
 }
 
-/// Serves one primary until it dies, then fails over: `restore` turns the replica
+/// Serves one primary until it dies, then fences it with `options.fence` and fails
+/// over. If the fence fails the backup does not fail over: it says so on stderr,
+/// waits for the primary to reconnect (and serves it on with the replica it holds),
+/// and fences again after each `options.fence.retry` without one. `restore` turns the replica
 /// (all-zero `replica` memory of the geometry's size, updated epoch by epoch) and the
 /// last committed state blob into the protected program, `first_run` runs its first
 /// step. Returns the report and the program.
@@ -87,33 +99,63 @@ where
     let pages = usize::try_from(geometry.pages()).unwrap_or(usize::MAX);
     let mut region =
         ReceiveRegion::for_epochs(&options.encoder, pages, options.max_state, options.slots)?;
-    let (stream, _) = listener.accept().map_err(|source| TransportError::Io {
-        what: "accepting the primary",
-        source,
-    })?;
-    let mut backup = Backup::accept(
-        stream,
-        &mut region,
-        &options.transport,
-        key,
-        applier.committed(),
-    )?;
-    let mut last_heard = Instant::now();
-    let failure = loop {
-        match backup.serve_one(&mut applier, &mut replica) {
-            Ok(Served::Committed(applied)) => {
-                last_heard = Instant::now();
-                committed(applied.epoch);
+    // A primary that fell silent while the fence failed: fence again unless it
+    // comes back.
+    let mut unfenced: Option<Silence> = None;
+    let (silence, fence_time) = loop {
+        let accepted = match &unfenced {
+            None => Some(listener.accept()),
+            Some(_) => accept_within(listener, options.fence.retry),
+        };
+        let silence = match (accepted, unfenced.take()) {
+            (Some(accepted), _) => {
+                let (stream, peer) = accepted.map_err(|source| TransportError::Io {
+                    what: "accepting the primary",
+                    source,
+                })?;
+                let backup = Backup::accept(
+                    stream,
+                    &mut region,
+                    &options.transport,
+                    key,
+                    applier.committed(),
+                )?;
+                let metrics = options.metrics.as_deref();
+                serve(
+                    backup,
+                    peer,
+                    &mut applier,
+                    &mut replica,
+                    &mut committed,
+                    metrics,
+                )
             }
-            Ok(Served::Refused { .. }) => last_heard = Instant::now(),
-            Err(e) => break e,
+            (None, Some(silence)) => silence,
+            (None, None) => continue,
+        };
+        let started = Instant::now();
+        let peer = silence.peer;
+        match options.fence.run(Some(peer), applier.committed()) {
+            Ok(true) => {
+                eprintln!("fgbi: fenced the primary {peer}: failing over");
+                break (silence, started.elapsed());
+            }
+            Ok(false) => {
+                eprintln!("fgbi: {}", crate::fence::UNFENCED_WARNING);
+                break (silence, started.elapsed());
+            }
+            Err(e) => {
+                eprintln!(
+                    "fgbi: ERROR: the primary {peer} fell silent ({}) but {e}; NOT failing over: waiting for the primary to come back, fencing again in {:?}",
+                    silence.failure, options.fence.retry
+                );
+                unfenced = Some(silence);
+            }
         }
     };
-    let detected = Instant::now();
-    let detected_at = SystemTime::now();
-    let silence = detected - last_heard;
-    drop(backup);
-    let finish = detected.elapsed();
+    if let Some(m) = &options.metrics {
+        m.failed_over();
+    }
     let epoch = applier.committed();
     let digest = options.digest.then(|| memory_digest(&replica));
     let started = Instant::now();
@@ -124,15 +166,114 @@ where
     let first_run_time = started.elapsed();
     Ok((
         FailoverReport {
-            cause: failure.to_string(),
+            cause: silence.failure.to_string(),
             epoch,
             digest,
-            detected_at,
-            silence,
-            finish,
+            detected_at: silence.detected_at,
+            silence: silence.detected - silence.last_heard,
+            finish: silence.finish,
+            fence: fence_time,
             restore: restore_time,
             first_run: first_run_time,
         },
         program,
     ))
+}
+
+/// How a primary's connection ended.
+struct Silence {
+    failure: TransportError,
+    peer: SocketAddr,
+    last_heard: Instant,
+    detected: Instant,
+    detected_at: SystemTime,
+    finish: Duration,
+}
+
+/// Serves the connection of the primary at `peer` until it fails.
+fn serve(
+    mut backup: Backup<'_>,
+    peer: SocketAddr,
+    applier: &mut Applier,
+    replica: &mut [u8],
+    committed: &mut impl FnMut(u64),
+    metrics: Option<&Metrics>,
+) -> Silence {
+    let mut last_heard = Instant::now();
+    if let Some(m) = metrics {
+        m.set_protected(true);
+    }
+    let failure = loop {
+        match backup.serve_one(applier, replica) {
+            Ok(Served::Committed(applied)) => {
+                last_heard = Instant::now();
+                if let Some(m) = metrics {
+                    m.committed(applied.epoch, applied.bytes);
+                }
+                committed(applied.epoch);
+            }
+            Ok(Served::Refused { .. }) => last_heard = Instant::now(),
+            Ok(Served::Scrubbed {
+                epoch, mismatched, ..
+            }) => {
+                last_heard = Instant::now();
+                if let Some(m) = metrics {
+                    m.scrubbed(mismatched.len() as u64);
+                }
+                if !mismatched.is_empty() {
+                    eprintln!(
+                        "fgbi: ERROR: the replica at epoch {epoch} differs from the primary's checkpoint in {} chunks of {} bytes (first at byte {}); the primary sends them again",
+                        mismatched.len(),
+                        fgbi_transport::SCRUB_CHUNK_BYTES,
+                        mismatched[0] * fgbi_transport::SCRUB_CHUNK_BYTES as u64,
+                    );
+                }
+            }
+            Err(e) => break e,
+        }
+    };
+    let detected = Instant::now();
+    let detected_at = SystemTime::now();
+    drop(backup);
+    if let Some(m) = metrics {
+        m.set_protected(false);
+    }
+    Silence {
+        failure,
+        peer,
+        last_heard,
+        detected,
+        detected_at,
+        finish: detected.elapsed(),
+    }
+}
+
+/// Waits up to `timeout` for a primary to connect.
+fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
+    let deadline = Instant::now() + timeout;
+    if let Err(e) = listener.set_nonblocking(true) {
+        return Some(Err(e));
+    }
+    let accepted = loop {
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            accepted => break Some(accepted),
+        }
+    };
+    let restored = listener.set_nonblocking(false);
+    match (accepted, restored) {
+        (Some(Ok((stream, peer))), Ok(())) => {
+            Some(stream.set_nonblocking(false).map(|()| (stream, peer)))
+        }
+        (Some(Err(e)), _) | (_, Err(e)) => Some(Err(e)),
+        (None, Ok(())) => None,
+    }
 }

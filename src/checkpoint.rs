@@ -11,6 +11,7 @@
 //! write-protected while it is stopped and copied out after it resumes, each before
 //! the program's first write to it, so the pause no longer grows with the dirty set.
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use fgbi_engine::memory_digest;
@@ -25,6 +26,9 @@ pub struct Checkpointer {
     staging: Staging,
     dirty: Vec<u64>,
     state: Vec<u8>,
+    /// Chunks of memory to digest at the next pause, for a scrub.
+    scrub: Option<Range<u64>>,
+    scrub_digests: Vec<u128>,
 }
 
 /// One checkpoint, borrowed from the [`Checkpointer`] until the next.
@@ -39,12 +43,22 @@ pub struct Checkpoint<'a> {
     pub pause: Duration,
     /// Digest of the whole memory at the checkpoint, when asked for.
     pub digest: Option<u128>,
+    /// Digests of the chunks [`Checkpointer::scrub`] asked for, taken while the
+    /// program was stopped (empty when none were).
+    pub scrub: &'a [u128],
 }
 
 impl Checkpointer {
     /// Empty buffers.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Asks the next checkpoint for the xxh3-128 digests of memory's chunks `chunks`
+    /// ([`fgbi_transport::SCRUB_CHUNK_BYTES`] each; the last chunk of memory may be
+    /// shorter), taken while the program is stopped and counted in the pause.
+    pub fn scrub(&mut self, chunks: Range<u64>) {
+        self.scrub = Some(chunks);
     }
 
     /// Takes a checkpoint of `program`, adding `carried` pages to its dirty pages.
@@ -69,6 +83,15 @@ impl Checkpointer {
             _ => None,
         };
         fault::reached(Point::Pause);
+        self.scrub_digests.clear();
+        if let (Ok(()), Some(chunks)) = (&captured, self.scrub.take()) {
+            let memory = program.memory();
+            let chunk = fgbi_transport::SCRUB_CHUNK_BYTES;
+            self.scrub_digests.extend(chunks.map(|c| {
+                let start = (c as usize).saturating_mul(chunk).min(memory.len());
+                memory_digest(&memory[start..(start + chunk).min(memory.len())])
+            }));
+        }
         let mut digest_time = Duration::ZERO;
         let digest = (captured.is_ok() && verify).then(|| {
             let started = Instant::now();
@@ -94,6 +117,7 @@ impl Checkpointer {
             state: &self.state,
             pause,
             digest,
+            scrub: &self.scrub_digests,
         })
     }
 

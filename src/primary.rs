@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use fgbi_engine::{Encoder, EncoderConfig};
 use fgbi_hyp::protected::Protected;
-use fgbi_transport::{PresharedKey, Primary, Reply, TransportConfig, TransportError};
+use fgbi_transport::{
+    PresharedKey, Primary, Reply, SCRUB_CHUNK_BYTES, TransportConfig, TransportError,
+};
 
 use crate::checkpoint::Checkpointer;
 use crate::fault::{self, Point};
@@ -38,7 +40,15 @@ pub struct PrimaryOptions {
     pub connect_timeout: Duration,
     /// Take each checkpoint's digest (for demos and tests; costs a memory pass).
     pub digests: bool,
+    /// Scrub every this many epochs (0: never); see [`Link::scrub_every`].
+    pub scrub_every: u64,
 }
+
+/// Epochs between scrubs unless told otherwise.
+pub const DEFAULT_SCRUB_EVERY: u64 = 40;
+
+/// Chunks of [`SCRUB_CHUNK_BYTES`] one scrub compares: 1 MiB of memory.
+pub const SCRUB_CHUNKS: u64 = 16;
 
 /// One event of the primary's side, for logs and demos.
 #[derive(Clone, Debug)]
@@ -64,6 +74,17 @@ pub enum PrimaryEvent {
     },
     /// Connected (or reconnected) to a backup at this committed epoch.
     Connected(u64),
+    /// The backup compared a slice of its replica with the checkpoint of `epoch`.
+    Scrubbed {
+        /// The epoch compared.
+        epoch: u64,
+        /// Memory compared, bytes from the start.
+        range: std::ops::Range<u64>,
+        /// The pages of the chunks that differed: the replica had diverged. They are
+        /// sent whole with the next epoch (an error message is also written to
+        /// stderr).
+        diverged: Vec<u64>,
+    },
 }
 
 /// What became of one checkpoint.
@@ -94,6 +115,10 @@ pub struct Link<'k> {
     synced: bool,
     /// Unprotected was reported since the backup last committed a checkpoint.
     reported: bool,
+    /// Epochs between scrubs (0: none).
+    scrub_every: u64,
+    /// The next chunk to scrub.
+    scrub_next: u64,
 }
 
 impl<'k> Link<'k> {
@@ -115,7 +140,17 @@ impl<'k> Link<'k> {
             connection: None,
             synced: false,
             reported: false,
+            scrub_every: DEFAULT_SCRUB_EVERY,
+            scrub_next: 0,
         })
+    }
+
+    /// Every `epochs` epochs (0: never), once the backup committed the epoch, asks
+    /// it to compare the next slice of its replica ([`SCRUB_CHUNKS`] chunks, going
+    /// round memory) with digests of that epoch's checkpoint taken in its pause;
+    /// chunks that differ are reported and their pages sent whole again.
+    pub fn scrub_every(&mut self, epochs: u64) {
+        self.scrub_every = epochs;
     }
 
     /// Tries to connect until `deadline` (at least once); on failure reports the
@@ -167,6 +202,18 @@ impl<'k> Link<'k> {
             Some(_) => self.encoder.carried_pages(),
             None => &[],
         };
+        let scrub = self.connection.is_some()
+            && self.scrub_every > 0
+            && self.encoder.next_epoch() % self.scrub_every == 0;
+        let chunks = self
+            .config
+            .geometry
+            .mem_bytes()
+            .div_ceil(SCRUB_CHUNK_BYTES as u64);
+        let slice = self.scrub_next..(self.scrub_next + SCRUB_CHUNKS).min(chunks);
+        if scrub {
+            self.checkpointer.scrub(slice.clone());
+        }
         let checkpoint = self.checkpointer.take(program, carried, digest)?;
         let mut shipped = Shipped {
             epoch: 0,
@@ -203,6 +250,40 @@ impl<'k> Link<'k> {
                 shipped.committed = true;
                 self.reported = false;
                 event(PrimaryEvent::Committed(n));
+                if !checkpoint.scrub.is_empty() {
+                    let timeout = self.transport.liveness.timeout * 4;
+                    match primary.scrub(slice.start, checkpoint.scrub, timeout) {
+                        Ok((epoch, mismatched)) => {
+                            self.scrub_next = if slice.end >= chunks { 0 } else { slice.end };
+                            let diverged = diverged_pages(
+                                &slice,
+                                mismatched,
+                                self.config.geometry.mem_bytes(),
+                            );
+                            if !diverged.is_empty() {
+                                eprintln!(
+                                    "fgbi: ERROR: the backup's replica diverged from checkpoint {epoch} in {} pages of bytes {}..{}; sending them whole again",
+                                    diverged.len(),
+                                    slice.start * SCRUB_CHUNK_BYTES as u64,
+                                    slice.end * SCRUB_CHUNK_BYTES as u64,
+                                );
+                                self.encoder.resend(&diverged)?;
+                            }
+                            let chunk = SCRUB_CHUNK_BYTES as u64;
+                            event(PrimaryEvent::Scrubbed {
+                                epoch,
+                                range: slice.start * chunk
+                                    ..(slice.end * chunk).min(self.config.geometry.mem_bytes()),
+                                diverged,
+                            });
+                        }
+                        Err(e) => {
+                            self.connection = None;
+                            self.unprotected(&e, event);
+                            let _ = self.connect(Instant::now(), event);
+                        }
+                    }
+                }
             }
             Ok(Reply::Refused { epoch, .. }) => self.encoder.lose(epoch)?,
             Err(e) => {
@@ -250,6 +331,21 @@ impl<'k> Link<'k> {
     }
 }
 
+/// The pages of the chunks of `slice` whose bits are set in `mismatched`, within
+/// `mem_bytes` of memory.
+fn diverged_pages(slice: &std::ops::Range<u64>, mismatched: u64, mem_bytes: u64) -> Vec<u64> {
+    let chunk = SCRUB_CHUNK_BYTES as u64;
+    let page = fgbi_engine::PAGE_SIZE as u64;
+    (0..slice.end - slice.start)
+        .filter(|i| *i < 64 && mismatched & (1 << i) != 0)
+        .flat_map(|i| {
+            let start = (slice.start + i) * chunk;
+            let end = (start + chunk).min(mem_bytes);
+            start / page..end.div_ceil(page)
+        })
+        .collect()
+}
+
 /// Runs the primary loop over `program`, one `step` per epoch, until
 /// `options.epochs` epochs are committed or an unrecoverable error occurs; `event`
 /// sees every step.
@@ -266,6 +362,7 @@ pub fn run<P: Protected + ?Sized>(
         options.backup,
         key,
     )?;
+    link.scrub_every(options.scrub_every);
     link.connect(Instant::now() + options.connect_timeout, &mut event)?;
     let mut next = Instant::now();
     loop {

@@ -51,6 +51,8 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
             slots: 2,
             max_state: 4096,
             digest: true,
+            fence: Default::default(),
+            metrics: None,
         };
         let backup_key = PresharedKey::from_file(&key_path).unwrap();
         let backup = std::thread::spawn(move || {
@@ -74,6 +76,7 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
             epochs: Some(12),
             connect_timeout: Duration::from_secs(5),
             digests: true,
+            scrub_every: primary::DEFAULT_SCRUB_EVERY,
         };
         let mut digests = std::collections::HashMap::new();
         let last = primary::run(
@@ -153,6 +156,8 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
             slots: 2,
             max_state: 4096,
             digest: true,
+            fence: Default::default(),
+            metrics: None,
         };
         backup::run(
             &listener,
@@ -174,6 +179,7 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
         epochs: Some(15),
         connect_timeout: Duration::from_secs(5),
         digests: true,
+        scrub_every: primary::DEFAULT_SCRUB_EVERY,
     };
     let (mut digests, mut unprotected, mut connections) = (std::collections::HashMap::new(), 0, 0);
     primary::run(

@@ -154,6 +154,16 @@ impl Encoder {
         Ok(())
     }
 
+    /// The backup's copy of `pages` is known to be wrong (a scrub found it diverged):
+    /// the next epoch carries them, and sends each whole, not as changed blocks or a
+    /// delta against what the encoder believed the backup held. Should that epoch be
+    /// lost, the one that replaces it does the same.
+    pub fn resend(&mut self, pages: &[u64]) -> Result<(), EncodeError> {
+        self.carry(pages)?;
+        self.crew.forget(pages.to_vec());
+        Ok(())
+    }
+
     /// Memory the encoder keeps beside the protected memory: (digest bytes, cache bytes).
     pub fn overhead_bytes(&self) -> (usize, usize) {
         self.crew.overhead_bytes()

@@ -33,6 +33,7 @@ enum Job {
         output: Box<WorkerOutput>,
     },
     Acknowledge(u64),
+    Forget(Arc<Vec<u64>>),
     RollBack {
         epoch: u64,
         lost: Arc<Vec<u64>>,
@@ -203,6 +204,15 @@ impl Crew {
         }
     }
 
+    /// Forwards pages whose copy on the backup is unknown to every worker.
+    pub fn forget(&mut self, pages: Vec<u64>) {
+        self.local.forget(&pages);
+        let pages = Arc::new(pages);
+        for t in &self.threads {
+            let _ = t.thread.jobs.send(Job::Forget(Arc::clone(&pages)));
+        }
+    }
+
     /// Forwards a roll-back to every worker.
     pub fn roll_back(&mut self, epoch: u64, lost: Vec<u64>) {
         self.local.roll_back(epoch, &lost);
@@ -238,6 +248,7 @@ fn run(worker: &mut Worker, jobs: &Receiver<Job>, replies: &Sender<Reply>) {
                 }
             }
             Job::Acknowledge(epoch) => worker.acknowledge(epoch),
+            Job::Forget(pages) => worker.forget(&pages),
             Job::RollBack { epoch, lost } => worker.roll_back(epoch, &lost),
         }
     }

@@ -3,7 +3,7 @@
 //! the dirty ones into page records. Workers share nothing, so the hot path takes no
 //! lock; a page always belongs to the same worker for a given worker count.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
 use crate::config::{EncoderConfig, Mode};
@@ -139,6 +139,10 @@ pub struct Worker {
     spare_undo: Vec<Undo>,
     lz4: Lz4Governor,
     scratch: Scratch,
+    /// Owned pages (local index) whose content on the backup is unknown, so they
+    /// are sent whole: 0 until an epoch sends them, then that epoch until it is
+    /// acknowledged (a roll-back puts them back to 0).
+    forgotten: HashMap<usize, u64>,
     /// This epoch's output.
     pub output: WorkerOutput,
 }
@@ -169,6 +173,7 @@ impl Worker {
             spare_undo: Vec::new(),
             lz4: Lz4Governor::default(),
             scratch: Scratch::default(),
+            forgotten: HashMap::new(),
             output: WorkerOutput::default(),
         }
     }
@@ -318,12 +323,21 @@ impl Worker {
         };
         // The table moves forward, and the epoch records how to move it back.
         let mask = table.update(local, &s.new, &mut undo.digests);
+        if mask != 0 {
+            undo.pages.push((local, mask));
+        }
+        if let Some(sent) = self.forgotten.get_mut(&local) {
+            // What the backup holds is unknown: the page goes whole.
+            *sent = epoch;
+            self.raw_page(page, data);
+            self.refresh_cache(local, data, epoch, None);
+            return;
+        }
         let counts = &mut self.output.counts;
         if mask == 0 {
             counts.unchanged += 1;
             return;
         }
-        undo.pages.push((local, mask));
         let zero = table.zero_digest();
         let changed = mask.count_ones() as usize;
         counts.changed_blocks += changed as u64;
@@ -475,6 +489,7 @@ impl Worker {
 
     /// Forgets the undo logs of epochs up to `epoch`: the backup committed them.
     pub fn acknowledge(&mut self, epoch: u64) {
+        self.forgotten.retain(|_, sent| *sent == 0 || *sent > epoch);
         while self.undo.front().is_some_and(|u| u.epoch <= epoch) {
             if let Some(undo) = self.undo.pop_front() {
                 self.spare_undo.push(undo);
@@ -499,10 +514,34 @@ impl Worker {
             }
             self.spare_undo.push(undo);
         }
+        for sent in self.forgotten.values_mut() {
+            if *sent >= epoch {
+                *sent = 0;
+            }
+        }
         for &page in lost_pages {
             if owner(page, self.workers) == self.index {
                 self.cache
                     .invalidate(local_index(page, self.workers) as u64);
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// The backup's copy of the owned ones of `pages` is unknown (a scrub found it
+    /// diverged): each is sent whole, with no delta or digest comparison, until an
+    /// epoch that sent it is acknowledged.
+    pub fn forget(&mut self, pages: &[u64]) {
+        for &page in pages {
+            if owner(page, self.workers) == self.index {
+                let local = local_index(page, self.workers);
+                // Only digests can call a page unchanged; a dropped cached copy
+                // makes the other modes send it whole.
+                if self.digests.is_some() {
+                    self.forgotten.insert(local, 0);
+                }
+                self.cache.invalidate(local as u64);
             }
         }
     }

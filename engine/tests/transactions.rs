@@ -201,3 +201,49 @@ fn carried_pages_missing_from_the_checkpoint_are_refused() {
     p.applier.apply(&mut p.replica, &bytes).unwrap();
     assert!(p.in_sync());
 }
+
+#[test]
+fn resend_repairs_a_diverged_replica_page_even_when_the_repair_is_lost_once() {
+    for mode in Mode::ALL {
+        for workers in [1, 3] {
+            let mut p = Pair::new(mode, workers);
+            let (e1, b1) = p.epoch(300);
+            p.applier.apply(&mut p.replica, &b1).unwrap();
+            p.encoder.acknowledge(e1).unwrap();
+            // The replica goes wrong behind the encoder's back, in blocks the
+            // primary does not change.
+            for page in [5usize, 6, 900] {
+                p.replica[page * 4096 + 70] ^= 0x3c;
+            }
+            assert!(!p.in_sync());
+            p.encoder.resend(&[5, 6, 900]).unwrap();
+            // The repair epoch is lost; the retry must still send the pages whole.
+            let (e2, _lost) = p.epoch(50);
+            p.encoder.lose(e2).unwrap();
+            let (e2, b2) = p.epoch(50);
+            p.applier.apply(&mut p.replica, &b2).unwrap();
+            p.encoder.acknowledge(e2).unwrap();
+            assert!(p.in_sync(), "{mode} workers {workers}");
+            // Acknowledged: later epochs are deltas again.
+            let (e3, b3) = p.epoch(50);
+            p.applier.apply(&mut p.replica, &b3).unwrap();
+            p.encoder.acknowledge(e3).unwrap();
+            assert!(p.in_sync(), "{mode} workers {workers}");
+        }
+    }
+}
+
+#[test]
+fn carrying_alone_does_not_repair_a_diverged_page_in_fgbi_mode() {
+    // The negative control of the test above: the digests say the page is unchanged.
+    let mut p = Pair::new(Mode::Fgbi, 2);
+    let (e1, b1) = p.epoch(300);
+    p.applier.apply(&mut p.replica, &b1).unwrap();
+    p.encoder.acknowledge(e1).unwrap();
+    p.replica[5 * 4096 + 70] ^= 0x3c;
+    p.encoder.carry(&[5]).unwrap();
+    let (e2, b2) = p.epoch(0);
+    p.applier.apply(&mut p.replica, &b2).unwrap();
+    p.encoder.acknowledge(e2).unwrap();
+    assert!(!p.in_sync());
+}

@@ -160,6 +160,9 @@ impl Link {
             slots: SLOTS,
             max_state: MAX_STATE,
             digest: true,
+            // The bench crashes its own primary: it is known dead, nothing to fence.
+            fence: Default::default(),
+            metrics: None,
         };
         let key = self.key()?;
         let tracking = self.tracking;
@@ -218,6 +221,8 @@ impl Link {
             // The last checkpoint is compared after the loop returns, outside any
             // measured time.
             digests: false,
+            // Every failover compares the whole replica; pauses stay comparable.
+            scrub_every: 0,
         };
         let mut step = step;
         let key = self.key()?;
@@ -247,7 +252,7 @@ impl Link {
                 }),
                 PrimaryEvent::Committed(n) => event(LinkEvent::Committed(n)),
                 PrimaryEvent::Unprotected { .. } => lost.set(true),
-                PrimaryEvent::Connected(_) => {}
+                PrimaryEvent::Connected(_) | PrimaryEvent::Scrubbed { .. } => {}
             },
         )?)
     }

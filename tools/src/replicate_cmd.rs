@@ -11,7 +11,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use clap::Args;
 use fgbi::backup::{self, BackupOptions, FailoverReport};
+use fgbi::fence::{Fence, UNFENCED_WARNING};
 use fgbi::input_log::{self, InputLogger};
+use fgbi::metrics::{self, Metrics};
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
 use fgbi::restart::{self, Restarted, SharedMemory};
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
@@ -87,6 +89,13 @@ pub struct PrimaryArgs {
     /// Print each checkpoint's digest (costs a pass over memory, outside the pause).
     #[arg(long)]
     digests: bool,
+    /// Every this many epochs, have the backup compare 1 MiB of its replica with
+    /// the checkpoint's digests, going round memory; 0 turns scrubbing off.
+    #[arg(long, default_value_t = primary::DEFAULT_SCRUB_EVERY)]
+    scrub_every: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// Runs `fgbi primary`: protects a workload and replicates it to the backup.
@@ -105,7 +114,9 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
         epochs: args.epochs,
         connect_timeout: Duration::from_secs(10),
         digests: args.digests,
+        scrub_every: args.scrub_every,
     };
+    let metrics = start_metrics(args.metrics, "primary")?;
     let mut out = std::io::stdout().lock();
     let last = primary::run(
         &mut machine,
@@ -113,6 +124,9 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
         &options,
         &key,
         |e| {
+            if let Some(m) = &metrics {
+                m.primary_event(&e);
+            }
             let line = match e {
                 PrimaryEvent::Sent {
                     epoch,
@@ -131,6 +145,16 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
                     "unprotected: no backup holds the workload ({reason}); it keeps running"
                 ),
                 PrimaryEvent::Connected(n) => format!("connected backup_committed={n}"),
+                PrimaryEvent::Scrubbed {
+                    epoch,
+                    range,
+                    diverged,
+                } => format!(
+                    "scrubbed {epoch} bytes={}..{} diverged_pages={}",
+                    range.start,
+                    range.end,
+                    diverged.len()
+                ),
             };
             // A closed stdout must not stop replication.
             let _ = writeln!(out, "{line}").and_then(|()| out.flush());
@@ -166,6 +190,21 @@ pub struct BackupArgs {
     /// After failover of a synthetic workload, run it for this many epochs and report.
     #[arg(long, default_value_t = 20)]
     run_epochs: u64,
+    /// Before failing over, run this command with `/bin/sh -c` to make sure the
+    /// primary is stopped (power it off, stop its instance, shut its switch port);
+    /// only its exit status 0 lets the backup fail over. See docs/operations.md.
+    #[arg(long, value_name = "CMD")]
+    fence: Option<String>,
+    /// How long the fence command may run before it is killed and counts as failed.
+    #[arg(long, default_value_t = 10_000)]
+    fence_timeout_ms: u64,
+    /// After a failed fence, how long to wait for the primary to come back before
+    /// fencing again.
+    #[arg(long, default_value_t = 1_000)]
+    fence_retry_ms: u64,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// Runs `fgbi backup`: holds the replica and fails over when the primary dies.
@@ -181,7 +220,16 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, String> {
         slots: 2,
         max_state: 1 << 20,
         digest: args.restart.is_none(),
+        fence: Fence {
+            command: args.fence.clone(),
+            timeout: Duration::from_millis(args.fence_timeout_ms),
+            retry: Duration::from_millis(args.fence_retry_ms.max(1)),
+        },
+        metrics: start_metrics(args.metrics, "backup")?,
     };
+    if args.fence.is_none() {
+        eprintln!("fgbi: {UNFENCED_WARNING}");
+    }
     let listening = listener.local_addr().map_err(|e| e.to_string())?;
     let committed = |n| println!("committed {n}");
     let Some(command) = &args.restart else {
@@ -255,6 +303,21 @@ pub fn backup(args: BackupArgs) -> Result<ExitCode, String> {
     })
 }
 
+/// Starts serving the metrics of `role` on `address`, when given, and says where.
+fn start_metrics(
+    address: Option<SocketAddr>,
+    role: &'static str,
+) -> Result<Option<Arc<Metrics>>, String> {
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    let m = Arc::new(Metrics::new(role));
+    let bound = metrics::serve(address, Arc::clone(&m))
+        .map_err(|e| format!("cannot serve metrics on {address}: {e}"))?;
+    println!("metrics http://{bound}/metrics");
+    Ok(Some(m))
+}
+
 /// Prints the `failover` line: the epoch, type I downtime in parts, the cause.
 fn print_failover(report: &FailoverReport) {
     let detected_ns = report
@@ -263,7 +326,7 @@ fn print_failover(report: &FailoverReport) {
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     println!(
-        "failover epoch={}{} detected_ns={detected_ns} silence_us={} finish_us={} restore_us={} first_run_us={} cause={:?}",
+        "failover epoch={}{} detected_ns={detected_ns} silence_us={} finish_us={} fence_us={} restore_us={} first_run_us={} cause={:?}",
         report.epoch,
         report
             .digest
@@ -271,6 +334,7 @@ fn print_failover(report: &FailoverReport) {
             .unwrap_or_default(),
         report.silence.as_micros(),
         report.finish.as_micros(),
+        report.fence.as_micros(),
         report.restore.as_micros(),
         report.first_run.as_micros(),
         report.cause

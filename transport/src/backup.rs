@@ -3,14 +3,16 @@
 use std::net::TcpStream;
 use std::ops::Range;
 
-use fgbi_engine::{AppliedEpoch, Applier, ApplyError};
+use fgbi_engine::{AppliedEpoch, Applier, ApplyError, memory_digest};
 
 use crate::config::{Implementation, Liveness, TransportConfig};
-use crate::control::{CONTROL_BYTES, Control, Inbound, NackReason};
+use crate::control::{
+    CONTROL_BYTES, Control, Inbound, NackReason, SCRUB_CHUNK_BYTES, SCRUB_MAX_CHUNKS,
+};
 use crate::error::TransportError;
 use crate::handshake::{self, Offer, PresharedKey, Role};
 use crate::heartbeat::Outbound;
-use crate::rdma::RdmaReceiver;
+use crate::rdma::{Arrival, RdmaReceiver};
 use crate::region::ReceiveRegion;
 use crate::uring::UringReceiver;
 
@@ -36,6 +38,24 @@ pub enum Served {
         /// Why the applier refused it.
         error: ApplyError,
     },
+    /// The primary asked to compare chunks of the replica (at its committed epoch)
+    /// with its checkpoint's; the answer has been sent. The primary repairs.
+    Scrubbed {
+        /// The replica's committed epoch.
+        epoch: u64,
+        /// First chunk compared ([`crate::control::SCRUB_CHUNK_BYTES`] each).
+        first: u64,
+        /// Chunks compared.
+        count: u64,
+        /// Chunks that differ, as indices into memory's chunks.
+        mismatched: Vec<u64>,
+    },
+}
+
+/// What came next from the primary.
+enum Next {
+    Epoch(u64, Range<usize>),
+    Scrub { first: u64, count: u64 },
 }
 
 enum Payload<'r> {
@@ -153,7 +173,13 @@ impl<'r> Backup<'r> {
             return Err(TransportError::Unanswered(epoch));
         }
         match self.receive() {
-            Ok((epoch, range)) => {
+            Ok(Next::Scrub { .. }) => {
+                self.broken = true;
+                Err(TransportError::Protocol(
+                    "the primary sent a scrub request: serve it with Backup::serve_one".into(),
+                ))
+            }
+            Ok(Next::Epoch(epoch, range)) => {
                 self.pending = Some(epoch);
                 Ok(Received {
                     epoch,
@@ -167,26 +193,23 @@ impl<'r> Backup<'r> {
         }
     }
 
-    fn receive(&mut self) -> Result<(u64, Range<usize>), TransportError> {
-        if let Payload::Rdma(receiver) = &mut self.payload {
-            let (slot, epoch, len) =
-                receiver.wait_commit(&mut self.inbound, &self.stream, self.liveness)?;
-            check_declared(&self.outbound, epoch, len, self.slot_bytes)?;
-            receiver.take(slot, len as usize);
-            return Ok((epoch, 0..len as usize));
-        }
-        let timeout = self.liveness.timeout;
+    fn receive(&mut self) -> Result<Next, TransportError> {
         let message = match &mut self.payload {
-            Payload::Uring(receiver) => loop {
-                let m = receiver.next_message(&self.stream, &mut self.inbound, timeout)?;
-                if let Some(message) = self.inbound.accept(&m)? {
-                    break message;
+            Payload::Rdma(receiver) => {
+                match receiver.wait_commit(&mut self.inbound, &self.stream, self.liveness)? {
+                    Arrival::Commit { slot, epoch, len } => {
+                        check_declared(&self.outbound, epoch, len, self.slot_bytes)?;
+                        receiver.take(slot, len as usize);
+                        return Ok(Next::Epoch(epoch, 0..len as usize));
+                    }
+                    Arrival::Message(message) => message,
                 }
-            },
-            _ => self.inbound.next_message(None)?,
+            }
+            _ => self.next_control()?,
         };
         let (epoch, len) = match message {
             Control::Epoch { epoch, len } => (epoch, len),
+            Control::Scrub { first, count } => return Ok(Next::Scrub { first, count }),
             other => {
                 return Err(TransportError::Protocol(format!(
                     "expected an epoch, got {other:?}"
@@ -194,6 +217,7 @@ impl<'r> Backup<'r> {
             }
         };
         check_declared(&self.outbound, epoch, len, self.slot_bytes)?;
+        let timeout = self.liveness.timeout;
         // The primary sends EPOCH, payload and COMMIT under one lock: the message
         // right after the payload must be that COMMIT.
         let (commit, range) = match &mut self.payload {
@@ -219,10 +243,28 @@ impl<'r> Backup<'r> {
             }
         };
         match Control::decode(&commit)? {
-            Control::Commit { epoch: c } if c == epoch => Ok((epoch, range)),
+            Control::Commit { epoch: c } if c == epoch => Ok(Next::Epoch(epoch, range)),
             other => Err(TransportError::Protocol(format!(
                 "expected the commit of epoch {epoch}, got {other:?}"
             ))),
+        }
+    }
+
+    /// The next control message other than a heartbeat, through the io_uring
+    /// receiver when there is one (it may hold bytes already received).
+    fn next_control(&mut self) -> Result<Control, TransportError> {
+        match &mut self.payload {
+            Payload::Uring(receiver) => loop {
+                let m = receiver.next_message(
+                    &self.stream,
+                    &mut self.inbound,
+                    self.liveness.timeout,
+                )?;
+                if let Some(message) = self.inbound.accept(&m)? {
+                    return Ok(message);
+                }
+            },
+            _ => self.inbound.next_message(None),
         }
     }
 
@@ -254,13 +296,37 @@ impl<'r> Backup<'r> {
 
     /// Receives one epoch, applies it to `replica` with `applier`, and answers it:
     /// ACK if it committed, NACK if the applier refused it.
+    ///
+    /// A scrub request that comes instead of an epoch is served too: each chunk's
+    /// digest is compared with the replica's as it arrives, and the chunks that
+    /// differ are named in the answer.
     pub fn serve_one(
         &mut self,
         applier: &mut Applier,
         replica: &mut [u8],
     ) -> Result<Served, TransportError> {
-        let received = self.recv_epoch()?;
-        let epoch = received.epoch;
+        if self.broken {
+            return Err(TransportError::Broken);
+        }
+        if let Some(epoch) = self.pending {
+            return Err(TransportError::Unanswered(epoch));
+        }
+        let next = self.receive().inspect_err(|_| self.broken = true)?;
+        let (epoch, range) = match next {
+            Next::Scrub { first, count } => {
+                return self
+                    .scrub(first, count, applier.committed(), replica)
+                    .inspect_err(|_| self.broken = true);
+            }
+            Next::Epoch(epoch, range) => {
+                self.pending = Some(epoch);
+                (epoch, range)
+            }
+        };
+        let received = Received {
+            epoch,
+            bytes: self.payload.bytes(range),
+        };
         match applier.apply(replica, received.bytes) {
             Ok(applied) => {
                 self.ack(epoch)?;
@@ -275,6 +341,54 @@ impl<'r> Backup<'r> {
                 Ok(Served::Refused { epoch, error })
             }
         }
+    }
+}
+
+impl Backup<'_> {
+    /// Compares chunks `first..first + count` of `replica` (at `epoch`) with the
+    /// digests that follow, and answers with the mask of those that differ.
+    fn scrub(
+        &mut self,
+        first: u64,
+        count: u64,
+        epoch: u64,
+        replica: &[u8],
+    ) -> Result<Served, TransportError> {
+        let chunks = replica.len().div_ceil(SCRUB_CHUNK_BYTES) as u64;
+        if count > SCRUB_MAX_CHUNKS || first.checked_add(count).is_none_or(|end| end > chunks) {
+            return Err(TransportError::Protocol(format!(
+                "a scrub of chunks {first}+{count}; the replica has {chunks}"
+            )));
+        }
+        let mut mask = 0u64;
+        for i in 0..count {
+            let theirs = match self.next_control()? {
+                Control::ScrubDigest { low, high } => u128::from(low) | (u128::from(high) << 64),
+                other => {
+                    return Err(TransportError::Protocol(format!(
+                        "expected a scrub digest, got {other:?}"
+                    )));
+                }
+            };
+            let start = (first + i) as usize * SCRUB_CHUNK_BYTES;
+            let end = (start + SCRUB_CHUNK_BYTES).min(replica.len());
+            if memory_digest(&replica[start..end]) != theirs {
+                mask |= 1 << i;
+            }
+        }
+        self.outbound.send(&Control::ScrubResult {
+            epoch,
+            mismatched: mask,
+        })?;
+        Ok(Served::Scrubbed {
+            epoch,
+            first,
+            count,
+            mismatched: (0..count)
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| first + i)
+                .collect(),
+        })
     }
 }
 

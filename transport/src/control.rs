@@ -3,7 +3,9 @@
 //! Every control message is [`CONTROL_BYTES`] long: kind (1 byte), code (1), six
 //! zero bytes, two little-endian u64 fields, and an xxh3-64 checksum of the first
 //! 24 bytes. An EPOCH message is followed by its payload; nothing else carries a
-//! body, so the stream can never be made to buffer more than one slot.
+//! body, so the stream can never be made to buffer more than one slot. A scrub is a
+//! SCRUB message followed by at most [`SCRUB_MAX_CHUNKS`] SCRUB-DIGEST messages,
+//! each compared as it arrives, answered by one SCRUB-RESULT.
 
 use std::io::{self, Read};
 use std::net::TcpStream;
@@ -16,6 +18,12 @@ use crate::error::TransportError;
 
 /// Bytes in every control message.
 pub const CONTROL_BYTES: usize = 32;
+
+/// Bytes of memory one scrub digest covers (the last chunk of memory may be shorter).
+pub const SCRUB_CHUNK_BYTES: usize = 64 << 10;
+
+/// Most chunks one scrub compares: the result names the mismatches in a 64-bit mask.
+pub const SCRUB_MAX_CHUNKS: u64 = 64;
 
 /// Seeds the control checksum so that it differs from the wire format's frame checksums.
 const CHECKSUM_SEED: u64 = u64::from_le_bytes(*b"FGBTctl1");
@@ -65,6 +73,14 @@ pub(crate) enum Control {
     Nack { epoch: u64, reason: NackReason },
     /// The sender is alive; `time` is its clock (ns since the Unix epoch), for logs.
     Heartbeat { time: u64 },
+    /// Compare the replica's chunks `first..first + count` at its committed epoch;
+    /// `count` SCRUB-DIGEST messages follow, one per chunk in order.
+    Scrub { first: u64, count: u64 },
+    /// The xxh3-128 digest (low, high halves) of the next chunk of a scrub.
+    ScrubDigest { low: u64, high: u64 },
+    /// The replica at `epoch` differs in the chunks of the scrub whose bits are set
+    /// in `mismatched` (bit i: chunk `first + i`).
+    ScrubResult { epoch: u64, mismatched: u64 },
 }
 
 impl Control {
@@ -75,6 +91,9 @@ impl Control {
             Control::Ack { epoch } => (3, 0, epoch, 0),
             Control::Nack { epoch, reason } => (4, reason.code(), epoch, 0),
             Control::Heartbeat { time } => (5, 0, time, 0),
+            Control::Scrub { first, count } => (6, 0, first, count),
+            Control::ScrubDigest { low, high } => (7, 0, low, high),
+            Control::ScrubResult { epoch, mismatched } => (8, 0, epoch, mismatched),
         };
         let mut m = [0; CONTROL_BYTES];
         m[0] = kind;
@@ -108,7 +127,7 @@ impl Control {
             ));
         }
         let (a, b) = (field(8), field(16));
-        if m[0] != 1 && b != 0 {
+        if !matches!(m[0], 1 | 6 | 7 | 8) && b != 0 {
             return Err(TransportError::Protocol(
                 "a control message has a non-zero unused field".into(),
             ));
@@ -122,6 +141,17 @@ impl Control {
                 reason: NackReason::from_code(m[1]),
             },
             5 => Control::Heartbeat { time: a },
+            6 if (1..=SCRUB_MAX_CHUNKS).contains(&b) => Control::Scrub { first: a, count: b },
+            6 => {
+                return Err(TransportError::Protocol(format!(
+                    "a scrub of {b} chunks: 1 to {SCRUB_MAX_CHUNKS} are allowed"
+                )));
+            }
+            7 => Control::ScrubDigest { low: a, high: b },
+            8 => Control::ScrubResult {
+                epoch: a,
+                mismatched: b,
+            },
             kind => {
                 return Err(TransportError::Protocol(format!(
                     "unknown control message kind {kind}"
@@ -374,6 +404,18 @@ mod tests {
                 reason: NackReason::OutOfSequence,
             },
             Control::Heartbeat { time: 123 },
+            Control::Scrub {
+                first: 5,
+                count: 16,
+            },
+            Control::ScrubDigest {
+                low: 0x0123,
+                high: u64::MAX,
+            },
+            Control::ScrubResult {
+                epoch: 9,
+                mismatched: 0b101,
+            },
         ];
         for message in messages {
             let bytes = message.encode();
@@ -394,6 +436,11 @@ mod tests {
         m[24..].copy_from_slice(&sum.to_le_bytes());
         assert!(matches!(
             Control::decode(&m),
+            Err(TransportError::Protocol(_))
+        ));
+        let empty_scrub = Control::Scrub { first: 0, count: 0 }.encode();
+        assert!(matches!(
+            Control::decode(&empty_scrub),
             Err(TransportError::Protocol(_))
         ));
         let nack = Control::Nack {

@@ -31,7 +31,7 @@ mod uring;
 
 pub use backup::{Backup, Received, Served};
 pub use config::{Implementation, Liveness, RdmaConfig, TransportConfig};
-pub use control::NackReason;
+pub use control::{NackReason, SCRUB_CHUNK_BYTES, SCRUB_MAX_CHUNKS};
 pub use error::{HandshakeError, KeyError, TransportError};
 pub use handshake::PresharedKey;
 pub use primary::{Primary, Reply};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use fgbi_engine::EncodedEpoch;
 
 use crate::config::{Implementation, Liveness, TransportConfig};
-use crate::control::{Control, Inbound, NackReason};
+use crate::control::{CONTROL_BYTES, Control, Inbound, NackReason};
 use crate::error::TransportError;
 use crate::handshake::{self, Offer, PresharedKey, Role};
 use crate::heartbeat::Outbound;
@@ -181,6 +181,61 @@ impl Primary {
         };
         self.in_flight.pop_front();
         Ok(reply)
+    }
+}
+
+impl Primary {
+    /// Asks the backup to compare its replica, at its committed epoch, with
+    /// `digests`: the xxh3-128 digests of chunks `first..` ([`crate::SCRUB_CHUNK_BYTES`]
+    /// each, at most [`crate::SCRUB_MAX_CHUNKS`]) of the checkpoint it should equal. Only
+    /// with no epoch in flight. Returns the backup's committed epoch and the mask of
+    /// chunks that differ (bit i: chunk `first + i`).
+    pub fn scrub(
+        &mut self,
+        first: u64,
+        digests: &[u128],
+        timeout: Duration,
+    ) -> Result<(u64, u64), TransportError> {
+        if self.broken {
+            return Err(TransportError::Broken);
+        }
+        if !self.in_flight.is_empty() {
+            return Err(TransportError::Protocol(
+                "a scrub needs every epoch answered first".into(),
+            ));
+        }
+        let count = digests.len() as u64;
+        // Decoding our own request refuses a count the backup would refuse.
+        Control::decode(&Control::Scrub { first, count }.encode())?;
+        let mut messages = Vec::with_capacity((digests.len() + 1) * CONTROL_BYTES);
+        messages.extend_from_slice(&Control::Scrub { first, count }.encode());
+        for &d in digests {
+            let (low, high) = (d as u64, (d >> 64) as u64);
+            messages.extend_from_slice(&Control::ScrubDigest { low, high }.encode());
+        }
+        let writer = self.outbound.lock();
+        let sent = write_all_vectored(
+            &writer,
+            &mut [IoSlice::new(&messages)],
+            self.liveness.timeout,
+        );
+        drop(writer);
+        sent.inspect_err(|_| self.broken = true)?;
+        let deadline = Some((Instant::now() + timeout, timeout));
+        match self.inbound.next_message(deadline) {
+            Ok(Control::ScrubResult { epoch, mismatched }) => Ok((epoch, mismatched)),
+            Ok(other) => {
+                self.broken = true;
+                Err(TransportError::Protocol(format!(
+                    "expected a scrub result, got {other:?}"
+                )))
+            }
+            Err(e) => {
+                // A late result would be taken for an epoch's reply.
+                self.broken = true;
+                Err(e)
+            }
+        }
     }
 }
 

@@ -13,4 +13,5 @@ cases!(tcp_links;
     an_epoch_larger_than_a_slot_or_beyond_the_window_is_refused_before_sending,
     messages_that_arrive_together_or_in_odd_pieces_are_taken_in_order,
     a_primary_moved_to_another_thread_keeps_sending,
+    a_scrub_names_exactly_the_chunks_that_differ,
 );

@@ -21,6 +21,7 @@ use fgbi_transport::{Primary, RdmaConfig, Reply, TransportError};
 cases!(rdma_links;
     the_replica_equals_the_primary_after_every_implementation_carries_the_web_workload,
     an_epoch_larger_than_a_slot_or_beyond_the_window_is_refused_before_sending,
+    a_scrub_names_exactly_the_chunks_that_differ,
     a_primary_that_stops_mid_epoch_leaves_the_replica_committed_and_a_new_one_resumes,
     a_huge_declared_length_is_refused_before_any_payload_is_read,
     a_peer_flooding_heartbeats_is_refused,

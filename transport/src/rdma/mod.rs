@@ -337,6 +337,14 @@ impl RdmaWriter {
     }
 }
 
+/// What [`RdmaReceiver::wait_commit`] saw first.
+pub(crate) enum Arrival {
+    /// An epoch committed into `slot`, declaring `epoch` and `len`.
+    Commit { slot: usize, epoch: u64, len: u64 },
+    /// A control message on the TCP side channel.
+    Message(Control),
+}
+
 /// The backup's end of an RDMA link: its ring registered for the primary's writes.
 ///
 /// [`crate::Backup`] uses it for [`crate::Implementation::Rdma`]; it is public so
@@ -455,13 +463,14 @@ impl<'r> RdmaReceiver<'r> {
 
     /// Waits for the next commit, reading the side channel's heartbeats meanwhile.
     /// Returns the slot and its record's epoch number and declared length (which the
-    /// caller checks against the slot before [`RdmaReceiver::take`]).
+    /// caller checks against the slot before [`RdmaReceiver::take`]), or a control
+    /// message other than a heartbeat that came on the side channel first.
     pub(crate) fn wait_commit(
         &mut self,
         inbound: &mut Inbound,
         stream: &TcpStream,
         liveness: Liveness,
-    ) -> Result<(usize, u64, u64), TransportError> {
+    ) -> Result<Arrival, TransportError> {
         loop {
             let left = inbound.silence_left();
             // Past the limit, one last short look still takes what queued meanwhile.
@@ -474,13 +483,12 @@ impl<'r> RdmaReceiver<'r> {
             match self.endpoint.next(Some(stream.as_raw_fd()), wait)? {
                 Woken::Completion(wc) => {
                     inbound.heard();
-                    return self.commit_of(wc);
+                    let (slot, epoch, len) = self.commit_of(wc)?;
+                    return Ok(Arrival::Commit { slot, epoch, len });
                 }
                 Woken::Readable => {
                     if let Some(message) = inbound.read_ready()? {
-                        return Err(TransportError::Protocol(format!(
-                            "expected an RDMA commit, got {message:?} on the TCP connection"
-                        )));
+                        return Ok(Arrival::Message(message));
                     }
                 }
                 Woken::Idle if expired => {

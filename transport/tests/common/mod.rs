@@ -445,7 +445,10 @@ pub fn run_backup(
                 Err(e) => e,
                 Ok(mut backup) => loop {
                     match backup.serve_one(&mut applier, &mut replica) {
-                        Ok(fgbi_transport::Served::Committed(_)) => {}
+                        Ok(
+                            fgbi_transport::Served::Committed(_)
+                            | fgbi_transport::Served::Scrubbed { .. },
+                        ) => {}
                         Ok(fgbi_transport::Served::Refused { epoch, error }) => {
                             refused.push((epoch, error))
                         }

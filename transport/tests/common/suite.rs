@@ -433,3 +433,39 @@ pub fn a_primary_moved_to_another_thread_keeps_sending(link: &Link) {
     assert_eq!(ended.committed, 7);
     assert_eq!(ended.digest, protected.digest(), "{}", link.name());
 }
+
+/// A scrub compares chunks of the replica at its committed epoch with the digests
+/// sent, names exactly the chunks that differ, and the connection serves on.
+pub fn a_scrub_names_exactly_the_chunks_that_differ(link: &Link) {
+    let listener = link.listener();
+    let stream = connect(&listener);
+    let ended = run_backup(listener, link, 2000, 2, full_slot(), 1);
+    let mut protected = Protected::web(3);
+    let mut primary = Primary::connect(stream, &link.primary(2000), &key(1)).unwrap();
+    for _ in 0..5 {
+        commit_one(&mut primary, &mut protected);
+    }
+    let chunk = fgbi_transport::SCRUB_CHUNK_BYTES;
+    let first = 2u64;
+    let mut digests: Vec<u128> = (first..first + 16)
+        .map(|c| {
+            let start = c as usize * chunk;
+            fgbi_engine::memory_digest(&protected.memory[start..start + chunk])
+        })
+        .collect();
+    let timeout = Duration::from_secs(10);
+    assert_eq!(primary.scrub(first, &digests, timeout).unwrap(), (5, 0));
+    digests[3] ^= 1;
+    digests[15] ^= 1 << 100;
+    assert_eq!(
+        primary.scrub(first, &digests, timeout).unwrap(),
+        (5, (1 << 3) | (1 << 15))
+    );
+    commit_one(&mut primary, &mut protected);
+    // More chunks than a result can name are refused before anything is sent.
+    assert!(primary.scrub(0, &[0; 65], timeout).is_err());
+    drop(primary);
+    let ended = ended.recv().unwrap();
+    assert_eq!(ended.committed, 6);
+    assert_eq!(ended.digest, protected.digest());
+}

@@ -1,0 +1,163 @@
+//! Scrubbing: a replica page corrupted on purpose on the backup is found by the
+//! primary's periodic comparison of chunk digests, reported, and repaired; with
+//! scrubbing off it stays wrong.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::Duration;
+
+use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
+use fgbi_engine::{Applier, EncoderConfig, Geometry, Mode, PAGE_SIZE, memory_digest};
+use fgbi_hyp::memory::Region;
+use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
+use fgbi_transport::{
+    Backup, Implementation, PresharedKey, ReceiveRegion, SCRUB_CHUNK_BYTES, Served, TransportConfig,
+};
+
+/// The page the test corrupts on the backup, after it committed [`CORRUPT_AFTER`].
+const CORRUPT_PAGE: usize = 1234;
+const CORRUPT_AFTER: u64 = 3;
+const EPOCHS: u64 = 24;
+
+/// What one run of a primary and a backup whose replica was corrupted saw.
+struct Run {
+    /// The primary's checkpoint digests by epoch.
+    digests: HashMap<u64, u128>,
+    /// Pages the primary found diverged.
+    diverged: Vec<u64>,
+    /// Chunks the backup found different.
+    mismatched: Vec<u64>,
+    /// The backup's committed epoch and its replica's digest at the end.
+    replica: (u64, u128),
+}
+
+fn run(implementation: Implementation, scrub_every: u64) -> Run {
+    let dir = std::env::temp_dir().join(format!(
+        "fgbi-scrub-{}-{}-{scrub_every}",
+        std::process::id(),
+        implementation.as_str()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_path = dir.join("link.key");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&key_path)
+        .unwrap()
+        .write_all(b"0123456789abcdef0123456789abcdef")
+        .unwrap();
+    let mem = 16usize << 20;
+    let geometry = Geometry::new(mem as u64, 64).unwrap();
+    let mut encoder = EncoderConfig::new(geometry, Mode::Fgbi);
+    encoder.cache_bytes = 1 << 20;
+    let transport = TransportConfig::new(geometry, implementation);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (backup_encoder, backup_transport) = (encoder.clone(), transport.clone());
+    let backup_key = PresharedKey::from_file(&key_path).unwrap();
+    let backup = std::thread::spawn(move || {
+        let pages = geometry.pages() as usize;
+        let mut region = ReceiveRegion::for_epochs(&backup_encoder, pages, 4096, 2).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        let mut applier = Applier::new(geometry);
+        let mut replica = Region::new(mem).unwrap();
+        let mut link =
+            Backup::accept(stream, &mut region, &backup_transport, &backup_key, 0).unwrap();
+        let mut mismatched = Vec::new();
+        // Served until the primary, done, closes the connection.
+        while let Ok(served) = link.serve_one(&mut applier, &mut replica) {
+            match served {
+                Served::Committed(applied) if applied.epoch == CORRUPT_AFTER => {
+                    replica[CORRUPT_PAGE * PAGE_SIZE + 100] ^= 0xa5;
+                }
+                Served::Scrubbed { mismatched: m, .. } => mismatched.extend(m),
+                _ => {}
+            }
+        }
+        (mismatched, applier.committed(), memory_digest(&replica))
+    });
+
+    let key = PresharedKey::from_file(&key_path).unwrap();
+    let mut machine = SyntheticMachine::new("idle", mem, 5, Tracking::Kernel, false).unwrap();
+    let options = PrimaryOptions {
+        encoder,
+        transport,
+        backup: address,
+        epoch: Duration::from_millis(5),
+        epochs: Some(EPOCHS),
+        connect_timeout: Duration::from_secs(5),
+        digests: true,
+        scrub_every,
+    };
+    let (mut digests, mut diverged) = (HashMap::new(), Vec::new());
+    primary::run(
+        &mut machine,
+        |m| m.run().map_err(Into::into),
+        &options,
+        &key,
+        |e| match e {
+            PrimaryEvent::Sent {
+                epoch,
+                digest: Some(d),
+                ..
+            } => {
+                digests.insert(epoch, d);
+            }
+            PrimaryEvent::Scrubbed { diverged: d, .. } => diverged.extend(d),
+            _ => {}
+        },
+    )
+    .unwrap();
+    let (mismatched, epoch, digest) = backup.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    Run {
+        digests,
+        diverged,
+        mismatched,
+        replica: (epoch, digest),
+    }
+}
+
+#[test]
+fn a_corrupted_replica_page_is_found_reported_and_repaired() {
+    for implementation in [Implementation::Std, Implementation::Uring] {
+        if !fgbi_hyp::feature::available(implementation.as_str(), implementation.available()) {
+            continue;
+        }
+        let name = implementation.as_str();
+        // Every second epoch 1 MiB: the corrupted chunk comes round at epoch 10.
+        let scrubbed = run(implementation, 2);
+        let chunk = (CORRUPT_PAGE * PAGE_SIZE / SCRUB_CHUNK_BYTES) as u64;
+        assert_eq!(
+            scrubbed.mismatched,
+            vec![chunk],
+            "{name}: the backup saw it"
+        );
+        let pages_per_chunk = (SCRUB_CHUNK_BYTES / PAGE_SIZE) as u64;
+        let expected: Vec<u64> = (chunk * pages_per_chunk..(chunk + 1) * pages_per_chunk).collect();
+        assert_eq!(
+            scrubbed.diverged, expected,
+            "{name}: the primary reported it"
+        );
+        assert_eq!(scrubbed.replica.0, EPOCHS);
+        assert_eq!(
+            Some(scrubbed.replica.1),
+            scrubbed.digests.get(&EPOCHS).copied(),
+            "{name}: repaired: the replica equals the last checkpoint"
+        );
+
+        // Negative control: without scrubbing the corruption stays.
+        let unscrubbed = run(implementation, 0);
+        assert!(unscrubbed.mismatched.is_empty() && unscrubbed.diverged.is_empty());
+        assert_eq!(unscrubbed.replica.0, EPOCHS);
+        assert_ne!(
+            Some(unscrubbed.replica.1),
+            unscrubbed.digests.get(&EPOCHS).copied(),
+            "{name}: unscrubbed, the replica stays diverged"
+        );
+    }
+}

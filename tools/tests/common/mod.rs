@@ -1,0 +1,54 @@
+//! Helpers of the tests that run `fgbi primary` and `fgbi backup` as processes.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+/// The lines `from` writes, as they come.
+pub fn lines(from: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line containing `text`, keeping every line seen in `seen`.
+pub fn wait_for(rx: &Receiver<String>, text: &str, seen: &mut Vec<String>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        seen.push(line.clone());
+        if line.contains(text) {
+            return line;
+        }
+    }
+    panic!("no line with {text:?}; seen: {seen:#?}");
+}
+
+pub fn key_file(dir: &Path) -> PathBuf {
+    let path = dir.join("link.key");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap()
+        .write_all(b"0123456789abcdef0123456789abcdef")
+        .unwrap();
+    path
+}
+
+/// A fresh scratch directory named for `name` and this process.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fgbi-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
