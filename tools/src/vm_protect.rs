@@ -183,8 +183,10 @@ pub fn backup(args: &BackupArgs) -> Result<ExitCode, String> {
     .map_err(|e| e.to_string())?;
     print_failover(&report);
     println!(
-        "restored {} from epoch {} and running it on the backup",
-        config.program, report.epoch
+        "restarted pid={} the {} guest in a VM restored from epoch {}, running on the backup",
+        std::process::id(),
+        config.program,
+        report.epoch
     );
     let code = loop {
         match vm.wait_finish(Duration::from_secs(3600)) {
