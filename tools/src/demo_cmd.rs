@@ -163,12 +163,16 @@ fn application(args: &DemoArgs, exe: &Path, common: &[String], service: SocketAd
 
 /// The kv guest in a KVM micro-VM (`fgbi primary --vm kv`), restored by `fgbi
 /// backup --vm kv`.
-fn virtual_machine(exe: &Path, common: &[String], service: SocketAddr) -> Service {
+fn virtual_machine(args: &DemoArgs, exe: &Path, common: &[String], service: SocketAddr) -> Service {
     let vm = ["--vm", "kv", "--port", &service.port().to_string()].map(String::from);
     let mut backup = Command::new(exe);
     backup.arg("backup").args(common).args(&vm);
     let mut primary = Command::new(exe);
-    primary.arg("primary").args(common).args(&vm);
+    primary
+        .arg("primary")
+        .args(common)
+        .args(&vm)
+        .args(["--transport", &args.transport]);
     Service {
         backup,
         primary,
@@ -190,19 +194,18 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
         args.mem.to_string(),
         "--key".into(),
         key.display().to_string(),
-        "--transport".into(),
-        args.transport.clone(),
         "--heartbeat-ms".into(),
         args.heartbeat_ms.to_string(),
     ];
     let mut service = match args.vm {
-        true => virtual_machine(&exe, &common, service_addr),
+        true => virtual_machine(args, &exe, &common, service_addr),
         false => application(args, &exe, &common, service_addr),
     };
     let mut backup = Kill(
         service
             .backup
             .args(["--listen", &backup_addr.to_string()])
+            .args(["--transport", &args.transport])
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start the backup: {e}"))?,
