@@ -383,10 +383,11 @@ impl Results<'_> {
             "  finishing the last epoch                       {:>9.3} ms",
             f.apply / 1e3
         );
-        println!(
-            "  restore (hand over, exec, map, check, listen)  {:>9.3} ms",
-            f.restore / 1e3
-        );
+        let restore = match a.vm {
+            true => "restore (VM from replica and state, listen)  ",
+            false => "restore (hand over, exec, map, check, listen)",
+        };
+        println!("  {restore}  {:>9.3} ms", f.restore / 1e3);
         println!(
             "  first reply to a reconnected client, from the kill {:>5.1} ms",
             f.first_reply / 1e3
