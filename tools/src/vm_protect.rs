@@ -164,17 +164,24 @@ pub fn backup(args: &BackupArgs) -> Result<ExitCode, String> {
     let replica = Region::new(config.mem_bytes).map_err(|e| e.to_string())?;
     let listening = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening {listening}");
-    let (report, (vm, _server)) = backup::run(
+    let (report, restored) = backup::run(
         &listener,
         &options,
         &key,
         replica,
-        |replica, state, _| {
+        |replica, state, epoch| {
+            // Before the first commit the replica holds no VM.
+            if epoch == 0 {
+                return Ok(None);
+            }
             let (vm, _) = KvmVm::restore(config, &replica, state)?;
             let server = args.vm.serve(&vm)?;
-            Ok::<_, HypError>((vm, server))
+            Ok::<_, HypError>(Some((vm, server)))
         },
-        |(vm, _): &mut (KvmVm, Option<KvServer>)| match vm.guest_stop() {
+        |restored: &mut Option<(KvmVm, Option<KvServer>)>| match restored
+            .as_ref()
+            .and_then(|(vm, _)| vm.guest_stop())
+        {
             Some(stop) => Err(HypError::from(KvmError::Guest(stop))),
             None => Ok(()),
         },
@@ -182,6 +189,12 @@ pub fn backup(args: &BackupArgs) -> Result<ExitCode, String> {
     )
     .map_err(|e| e.to_string())?;
     print_failover(&report);
+    let Some((vm, _server)) = restored else {
+        return Err(
+            "the primary died before the backup committed its first checkpoint: there is no VM to restore; start the backup and the primary again"
+                .into(),
+        );
+    };
     println!(
         "restarted pid={} the {} guest in a VM restored from epoch {}, running on the backup",
         std::process::id(),
