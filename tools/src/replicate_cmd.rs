@@ -25,7 +25,8 @@ use crate::vm_protect::{self, VmArgs};
 /// Settings both sides must agree on.
 #[derive(Args, Debug, Clone)]
 pub struct Shared {
-    /// Protected memory size (with --vm: guest memory, a multiple of 2 MiB from 4 MiB) (K, M, G suffixes).
+    /// Protected memory size (K, M, G suffixes); with --vm the guest memory, a multiple
+    /// of 2 MiB from 4 MiB.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub(crate) mem: u64,
     /// Block size in bytes.
@@ -70,25 +71,25 @@ pub struct PrimaryArgs {
     pub(crate) vm: VmArgs,
     /// The backup's address.
     #[arg(long)]
-    pub(crate) backup: SocketAddr,
+    backup: SocketAddr,
     /// Workload to protect.
     #[arg(long, default_value = "web", conflicts_with = "vm")]
     workload: String,
     /// Encoding mode.
     #[arg(long, default_value = "fgbi")]
-    pub(crate) mode: Mode,
+    mode: Mode,
     /// Epoch length, milliseconds.
     #[arg(long, default_value_t = 25)]
-    pub(crate) epoch_ms: u64,
+    epoch_ms: u64,
     /// Stop after this many committed epochs (default: run until killed).
     #[arg(long)]
-    pub(crate) epochs: Option<u64>,
+    epochs: Option<u64>,
     /// Workload (or guest) seed.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
     /// Print each checkpoint's digest (costs a pass over memory, outside the pause).
     #[arg(long)]
-    pub(crate) digests: bool,
+    digests: bool,
 }
 
 /// Runs `fgbi primary`: protects a workload and replicates it to the backup.
