@@ -8,7 +8,9 @@
 //! on, and reads every acknowledged write back. It prints type II downtime (from the
 //! primary's per-epoch lines), type I downtime in parts, bytes per epoch, and the
 //! writes acknowledged and lost; `--json` writes the same. It exits 1 if a write was
-//! lost, 2 if the failover did not happen.
+//! lost, 2 if the failover did not happen. With `--vm` the service is the `kv` guest
+//! in a KVM micro-VM: `fgbi primary --vm kv` and `fgbi backup --vm kv`, which
+//! restores the VM and serves it on the same port.
 
 mod client;
 mod synthetic;
@@ -67,12 +69,16 @@ pub struct DemoArgs {
     #[arg(long, value_name = "POINT@N", hide = true)]
     fault: Option<String>,
     /// Reply before the backup committed (to show what output commit prevents).
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, conflicts_with = "vm")]
     no_output_commit: bool,
     /// With --mode llm: restart without replaying the input log (to show what the
     /// replay prevents).
     #[arg(long, hide = true)]
     no_replay: bool,
+    /// Run the key-value service inside a KVM micro-VM (the kv guest, `fgbi primary
+    /// --vm kv`), restored by the backup (`fgbi backup --vm kv`) on failover.
+    #[arg(long, conflicts_with = "workload")]
+    vm: bool,
     /// Protect a synthetic workload (web, npb-ep, sys, dense, dup, idle) instead of the
     /// service, kill it after --epochs committed epochs, and compare digests.
     #[arg(long)]
@@ -117,6 +123,86 @@ struct Failover {
     ready: String,
 }
 
+/// How the protected key-value service is run: the commands of its two sides and
+/// what they print.
+struct Service {
+    /// The backup, listening at once.
+    backup: Command,
+    /// The protected service, replicating to the backup.
+    primary: Command,
+    /// The lines the primary prints once it serves and once a backup holds it.
+    ready: [&'static str; 2],
+    /// What the primary's lines start with (its per-epoch lines follow it).
+    prefix: &'static str,
+    /// The line the backup prints when the restarted service has ended.
+    ended: Option<&'static str>,
+}
+
+/// The key-value service of examples/kv (`fgbi kv`), restarted by `fgbi backup
+/// --restart` from the replica's memory.
+/// With `input_log` (LLM mode), both sides also get the input log's address.
+fn application(
+    args: &DemoArgs,
+    exe: &Path,
+    common: &[String],
+    service: SocketAddr,
+    input_log: Option<SocketAddr>,
+) -> Service {
+    let mem = args.mem.to_string();
+    let port = service.port().to_string();
+    let restart = format!(
+        "exec {} kv --restart --port {port} --mem {mem}{}",
+        shell_quote(exe),
+        if args.no_replay { " --no-replay" } else { "" }
+    );
+    let mut backup = Command::new(exe);
+    backup
+        .arg("backup")
+        .args(common)
+        .args(["--restart", &restart]);
+    let mut primary = Command::new(exe);
+    primary.args(["kv", "--port", &port]).args(common).args([
+        "--verify-every",
+        "0",
+        "--log-epochs",
+    ]);
+    if let Some(addr) = input_log {
+        backup.args(["--input-log", &addr.to_string()]);
+        primary.args(["--input-log", &addr.to_string()]);
+    }
+    if args.no_output_commit {
+        primary.arg("--no-output-commit");
+    }
+    Service {
+        backup,
+        primary,
+        ready: ["kv: listening", "kv: connected"],
+        prefix: "kv: ",
+        ended: Some("restarted command ended"),
+    }
+}
+
+/// The kv guest in a KVM micro-VM (`fgbi primary --vm kv`), restored by `fgbi
+/// backup --vm kv`.
+fn virtual_machine(args: &DemoArgs, exe: &Path, common: &[String], service: SocketAddr) -> Service {
+    let vm = ["--vm", "kv", "--port", &service.port().to_string()].map(String::from);
+    let mut backup = Command::new(exe);
+    backup.arg("backup").args(common).args(&vm);
+    let mut primary = Command::new(exe);
+    primary
+        .arg("primary")
+        .args(common)
+        .args(&vm)
+        .args(["--transport", &args.transport]);
+    Service {
+        backup,
+        primary,
+        ready: ["serving the Redis protocol", "connected"],
+        prefix: "",
+        ended: None,
+    }
+}
+
 fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
     let dir = Scratch::new()?;
     let key = write_key(&dir.0)?;
@@ -127,63 +213,42 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
     if args.no_replay && !llm {
         return Err("--no-replay goes with --mode llm".into());
     }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mem = args.mem.to_string();
-    let restart = format!(
-        "exec {} kv --restart --port {} --mem {mem}{}",
-        shell_quote(&exe),
-        service_addr.port(),
-        if args.no_replay { " --no-replay" } else { "" }
-    );
-    let mut backup_cmd = Command::new(&exe);
-    backup_cmd
-        .args([
-            "backup",
-            "--listen",
-            &backup_addr.to_string(),
-            "--mem",
-            &mem,
-        ])
-        .arg("--key")
-        .arg(&key)
-        .args(["--transport", &args.transport])
-        .args(["--heartbeat-ms", &args.heartbeat_ms.to_string()])
-        .args(["--restart", &restart])
-        .stdout(Stdio::piped());
-    if let Some(addr) = input_log {
-        backup_cmd.args(["--input-log", &addr.to_string()]);
+    if llm && args.vm {
+        return Err(
+            "--mode llm logs the inputs of the kv application; the VM's service has no input log: drop --vm or --mode llm".into(),
+        );
     }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let common = [
+        "--mem".into(),
+        args.mem.to_string(),
+        "--key".into(),
+        key.display().to_string(),
+        "--heartbeat-ms".into(),
+        args.heartbeat_ms.to_string(),
+    ];
+    let mut service = match args.vm {
+        true => virtual_machine(args, &exe, &common, service_addr),
+        false => application(args, &exe, &common, service_addr, input_log),
+    };
     let mut backup = Kill(
-        backup_cmd
+        service
+            .backup
+            .args(["--listen", &backup_addr.to_string()])
+            .args(["--transport", &args.transport])
+            .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start the backup: {e}"))?,
     );
     let backup_lines = lines(&mut backup.0)?;
     wait_for(&backup_lines, "listening", Duration::from_secs(10))?;
 
-    let mut primary_cmd = Command::new(&exe);
-    primary_cmd
-        .args([
-            "kv",
-            "--port",
-            &service_addr.port().to_string(),
-            "--mem",
-            &mem,
-        ])
+    let primary_cmd = service
+        .primary
         .args(["--backup", &backup_addr.to_string()])
-        .arg("--key")
-        .arg(&key)
         .args(["--mode", &args.mode.to_string()])
         .args(["--epoch-ms", &epoch_ms(args).to_string()])
-        .args(["--heartbeat-ms", &args.heartbeat_ms.to_string()])
-        .args(["--verify-every", "0", "--log-epochs"])
         .stdout(Stdio::piped());
-    if let Some(addr) = input_log {
-        primary_cmd.args(["--input-log", &addr.to_string()]);
-    }
-    if args.no_output_commit {
-        primary_cmd.arg("--no-output-commit");
-    }
     match &args.fault {
         Some(fault) => primary_cmd.env(FAULT_ENV, fault),
         None => primary_cmd.env_remove(FAULT_ENV),
@@ -194,9 +259,10 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
             .map_err(|e| format!("cannot start the service: {e}"))?,
     );
     let stats = Arc::new(Mutex::new(PrimaryStats::default()));
-    let primary_lines = collect(&mut primary.0, Arc::clone(&stats))?;
-    wait_for(&primary_lines, "kv: listening", Duration::from_secs(30))?;
-    wait_for(&primary_lines, "kv: connected", Duration::from_secs(30))?;
+    let primary_lines = collect(&mut primary.0, service.prefix, Arc::clone(&stats))?;
+    for ready in service.ready {
+        wait_for(&primary_lines, ready, Duration::from_secs(30))?;
+    }
 
     // Load until the service dies.
     let run_id = SystemTime::now()
@@ -248,13 +314,11 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
         lost += client::lost(&mut check, ledger)
             .map_err(|e| format!("cannot read the writes back: {e}"))?;
     }
-    // SHUTDOWN ends the restarted service, and with it the backup.
-    let _ = check.send(&[vec![b"SHUTDOWN".to_vec()]]);
-    let _ = wait_for(
-        &backup_lines,
-        "restarted command ended",
-        Duration::from_secs(10),
-    );
+    if let Some(ended) = service.ended {
+        // SHUTDOWN ends the restarted service, and with it the backup.
+        let _ = check.send(&[vec![b"SHUTDOWN".to_vec()]]);
+        let _ = wait_for(&backup_lines, ended, Duration::from_secs(10));
+    }
 
     let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(PoisonError::into_inner));
     let results = Results {
@@ -322,7 +386,8 @@ impl Results<'_> {
     fn print(&self) {
         let (a, f, pause) = (self.args, &self.failover, self.pauses());
         println!(
-            "fgbi demo: key-value service, {} MiB store, {} mode, {} ms epochs, output commit {}{}, {} clients",
+            "fgbi demo: key-value service{}, {} MiB store, {} mode, {} ms epochs, output commit {}{}, {} clients",
+            if a.vm { " in a KVM micro-VM" } else { "" },
             a.mem >> 20,
             a.mode,
             epoch_ms(a),
@@ -367,10 +432,11 @@ impl Results<'_> {
             "  finishing the last epoch                       {:>9.3} ms",
             f.apply / 1e3
         );
-        println!(
-            "  restore (hand over, exec, map, check, listen)  {:>9.3} ms",
-            f.restore / 1e3
-        );
+        let restore = match a.vm {
+            true => "restore (VM from replica and state, listen)  ",
+            false => "restore (hand over, exec, map, check, listen)",
+        };
+        println!("  {restore}  {:>9.3} ms", f.restore / 1e3);
         println!(
             "  replay of {:>6} logged inputs                 {:>9.3} ms",
             f.replayed,
@@ -400,6 +466,7 @@ impl Results<'_> {
         let (a, f, pause) = (self.args, &self.failover, self.pauses());
         json!({
             "mode": a.mode.to_string(),
+            "vm": a.vm,
             "mem_bytes": a.mem,
             "epoch_ms": epoch_ms(a),
             "clients": a.clients,
@@ -538,20 +605,22 @@ fn since(at: SystemTime) -> f64 {
 /// `stats` as they come.
 fn collect(
     child: &mut Child,
+    prefix: &'static str,
     stats: Arc<Mutex<PrimaryStats>>,
 ) -> Result<mpsc::Receiver<String>, String> {
     let stdout = child.stdout.take().ok_or("the service has no stdout")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("kv: sent ") {
+            let own = line.strip_prefix(prefix).unwrap_or_default();
+            if let Some(rest) = own.strip_prefix("sent ") {
                 let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
                 let number = |name| field(rest, name, ' ').and_then(|v| v.parse::<u64>().ok());
                 if let (Some(pause), Some(bytes)) = (number("pause_us="), number("bytes=")) {
                     stats.pauses.push(pause as f64);
                     stats.wire_bytes += bytes;
                 }
-            } else if let Some(n) = line.strip_prefix("kv: committed ") {
+            } else if let Some(n) = own.strip_prefix("committed ") {
                 let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
                 stats.committed = n.parse().unwrap_or(stats.committed);
             } else {

@@ -11,6 +11,7 @@ mod replicate_cmd;
 mod size;
 mod transport_arg;
 mod vm_cmd;
+mod vm_protect;
 
 use std::process::ExitCode;
 
@@ -32,7 +33,7 @@ enum Command {
     /// Records a running process's memory, epoch by epoch, into a trace file that
     /// `fgbi bench --trace` replays.
     Record(record_cmd::RecordArgs),
-    /// Protects a synthetic workload and replicates it to a backup.
+    /// Protects a synthetic workload or a KVM micro-VM and replicates it to a backup.
     Primary(replicate_cmd::PrimaryArgs),
     /// Holds the replica, and fails over when the primary dies.
     Backup(replicate_cmd::BackupArgs),

@@ -1,6 +1,7 @@
 //! `fgbi primary` and `fgbi backup`: replication between two processes (or hosts)
 //! and failover, of a synthetic workload or (`fgbi backup --restart`) of an
-//! application protected through the library, restarted from the replica.
+//! application protected through the library, restarted from the replica, or
+//! (`--vm`, [`crate::vm_protect`]) of a KVM micro-VM.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -23,13 +24,15 @@ use fgbi_transport::{Liveness, PresharedKey, TransportConfig};
 
 use crate::size::parse_size;
 use crate::transport_arg::TransportArgs;
+use crate::vm_protect::{self, VmArgs};
 
 /// Settings both sides must agree on.
 #[derive(Args, Debug, Clone)]
 pub struct Shared {
-    /// Protected memory size (K, M, G suffixes).
+    /// Protected memory size (K, M, G suffixes); with --vm the guest memory, a multiple
+    /// of 2 MiB from 4 MiB.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
-    mem: u64,
+    pub(crate) mem: u64,
     /// Block size in bytes.
     #[arg(long, default_value = "64", value_parser = parse_size)]
     block: u64,
@@ -44,7 +47,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn configs(&self, mode: Mode) -> Result<(EncoderConfig, TransportConfig), String> {
+    pub(crate) fn configs(&self, mode: Mode) -> Result<(EncoderConfig, TransportConfig), String> {
         let block = usize::try_from(self.block).map_err(|_| "--block is too large".to_string())?;
         let geometry = Geometry::new(self.mem, block).map_err(|e| e.to_string())?;
         let implementation = self.link.implementation()?;
@@ -58,7 +61,7 @@ impl Shared {
         Ok((EncoderConfig::new(geometry, mode), transport))
     }
 
-    fn key(&self) -> Result<PresharedKey, String> {
+    pub(crate) fn key(&self) -> Result<PresharedKey, String> {
         PresharedKey::from_file(&self.key).map_err(|e| e.to_string())
     }
 }
@@ -67,12 +70,14 @@ impl Shared {
 #[derive(Args, Debug, Clone)]
 pub struct PrimaryArgs {
     #[command(flatten)]
-    shared: Shared,
+    pub(crate) shared: Shared,
+    #[command(flatten)]
+    pub(crate) vm: VmArgs,
     /// The backup's address.
     #[arg(long)]
     backup: SocketAddr,
     /// Workload to protect.
-    #[arg(long, default_value = "web")]
+    #[arg(long, default_value = "web", conflicts_with = "vm")]
     workload: String,
     /// Encoding mode.
     #[arg(long, default_value = "fgbi")]
@@ -83,9 +88,9 @@ pub struct PrimaryArgs {
     /// Stop after this many committed epochs (default: run until killed).
     #[arg(long)]
     epochs: Option<u64>,
-    /// Workload seed.
+    /// Workload (or guest) seed.
     #[arg(long, default_value_t = 1)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Print each checkpoint's digest (costs a pass over memory, outside the pause).
     #[arg(long)]
     digests: bool,
@@ -100,22 +105,15 @@ pub struct PrimaryArgs {
 
 /// Runs `fgbi primary`: protects a workload and replicates it to the backup.
 pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
-    let (encoder, transport) = args.shared.configs(args.mode)?;
+    if args.vm.guest.is_some() {
+        return vm_protect::primary(&args);
+    }
     let key = args.shared.key()?;
     let mem = usize::try_from(args.shared.mem).map_err(|_| "--mem is too large".to_string())?;
     let mut machine =
         SyntheticMachine::new(&args.workload, mem, args.seed, Tracking::Kernel, false)
             .map_err(|e| e.to_string())?;
-    let options = PrimaryOptions {
-        encoder,
-        transport,
-        backup: args.backup,
-        epoch: Duration::from_millis(args.epoch_ms.max(1)),
-        epochs: args.epochs,
-        connect_timeout: Duration::from_secs(10),
-        digests: args.digests,
-        scrub_every: args.scrub_every,
-    };
+    let options = args.options()?;
     let metrics = start_metrics(args.metrics, "primary")?;
     let mut out = std::io::stdout().lock();
     let last = primary::run(
@@ -127,37 +125,7 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
             if let Some(m) = &metrics {
                 m.primary_event(&e);
             }
-            let line = match e {
-                PrimaryEvent::Sent {
-                    epoch,
-                    pause,
-                    bytes,
-                    digest,
-                } => format!(
-                    "sent {epoch} pause_us={} bytes={bytes}{}",
-                    pause.as_micros(),
-                    digest
-                        .map(|d| format!(" digest={d:032x}"))
-                        .unwrap_or_default()
-                ),
-                PrimaryEvent::Committed(n) => format!("committed {n}"),
-                PrimaryEvent::Unprotected { reason } => format!(
-                    "unprotected: no backup holds the workload ({reason}); it keeps running"
-                ),
-                PrimaryEvent::Connected(n) => format!("connected backup_committed={n}"),
-                PrimaryEvent::Scrubbed {
-                    epoch,
-                    range,
-                    diverged,
-                } => format!(
-                    "scrubbed {epoch} bytes={}..{} diverged_pages={}",
-                    range.start,
-                    range.end,
-                    diverged.len()
-                ),
-            };
-            // A closed stdout must not stop replication.
-            let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+            print_event(&mut out, &e);
         },
     )
     .map_err(|e| e.to_string())?;
@@ -165,19 +133,74 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+impl PrimaryArgs {
+    /// The primary loop's options.
+    pub(crate) fn options(&self) -> Result<PrimaryOptions, String> {
+        let (encoder, transport) = self.shared.configs(self.mode)?;
+        Ok(PrimaryOptions {
+            encoder,
+            transport,
+            backup: self.backup,
+            epoch: Duration::from_millis(self.epoch_ms.max(1)),
+            epochs: self.epochs,
+            connect_timeout: Duration::from_secs(10),
+            digests: self.digests,
+            scrub_every: self.scrub_every,
+        })
+    }
+}
+
+/// Prints one line for a primary event (`sent`, `committed`, `unprotected`,
+/// `connected`, `scrubbed`).
+pub(crate) fn print_event(out: &mut impl Write, e: &PrimaryEvent) {
+    let line = match e {
+        PrimaryEvent::Sent {
+            epoch,
+            pause,
+            bytes,
+            digest,
+        } => format!(
+            "sent {epoch} pause_us={} bytes={bytes}{}",
+            pause.as_micros(),
+            digest
+                .map(|d| format!(" digest={d:032x}"))
+                .unwrap_or_default()
+        ),
+        PrimaryEvent::Committed(n) => format!("committed {n}"),
+        PrimaryEvent::Unprotected { reason } => {
+            format!("unprotected: no backup holds the workload ({reason}); it keeps running")
+        }
+        PrimaryEvent::Connected(n) => format!("connected backup_committed={n}"),
+        PrimaryEvent::Scrubbed {
+            epoch,
+            range,
+            diverged,
+        } => format!(
+            "scrubbed {epoch} bytes={}..{} diverged_pages={}",
+            range.start,
+            range.end,
+            diverged.len()
+        ),
+    };
+    // A closed stdout must not stop replication.
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
 /// Arguments of `fgbi backup`.
 #[derive(Args, Debug, Clone)]
 pub struct BackupArgs {
     #[command(flatten)]
-    shared: Shared,
+    pub(crate) shared: Shared,
+    #[command(flatten)]
+    pub(crate) vm: VmArgs,
     /// Address to listen on.
     #[arg(long)]
-    listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// The primary is an application protected through the library: on failover,
     /// run this command with `/bin/sh -c`, handing it the replica's memory (see
     /// docs/operations.md), then wait for it to end and exit with its status.
     /// Without it the primary is `fgbi primary`'s synthetic workload, rebuilt here.
-    #[arg(long, value_name = "CMD")]
+    #[arg(long, value_name = "CMD", conflicts_with = "vm")]
     restart: Option<String>,
     /// How long the restarted command may take to say it serves, milliseconds.
     #[arg(long, default_value_t = 30_000)]
@@ -207,29 +230,40 @@ pub struct BackupArgs {
     metrics: Option<SocketAddr>,
 }
 
+impl BackupArgs {
+    /// The backup loop's settings (`digest`: take the replica's digest at
+    /// failover); warns when no fence command is configured.
+    pub(crate) fn options(&self, digest: bool) -> Result<BackupOptions, String> {
+        let (encoder, transport) = self.shared.configs(Mode::Fgbi)?;
+        if self.fence.is_none() {
+            eprintln!("fgbi: {UNFENCED_WARNING}");
+        }
+        Ok(BackupOptions {
+            encoder,
+            transport,
+            slots: 2,
+            max_state: 1 << 20,
+            digest,
+            fence: Fence {
+                command: self.fence.clone(),
+                timeout: Duration::from_millis(self.fence_timeout_ms),
+                retry: Duration::from_millis(self.fence_retry_ms.max(1)),
+            },
+            metrics: start_metrics(self.metrics, "backup")?,
+        })
+    }
+}
+
 /// Runs `fgbi backup`: holds the replica and fails over when the primary dies.
 pub fn backup(args: BackupArgs) -> Result<ExitCode, String> {
-    let (encoder, transport) = args.shared.configs(Mode::Fgbi)?;
+    if args.vm.guest.is_some() {
+        return vm_protect::backup(&args);
+    }
     let key = args.shared.key()?;
     let mem = usize::try_from(args.shared.mem).map_err(|_| "--mem is too large".to_string())?;
     let listener = TcpListener::bind(args.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let mut options = BackupOptions {
-        encoder,
-        transport,
-        slots: 2,
-        max_state: 1 << 20,
-        digest: args.restart.is_none(),
-        fence: Fence {
-            command: args.fence.clone(),
-            timeout: Duration::from_millis(args.fence_timeout_ms),
-            retry: Duration::from_millis(args.fence_retry_ms.max(1)),
-        },
-        metrics: start_metrics(args.metrics, "backup")?,
-    };
-    if args.fence.is_none() {
-        eprintln!("fgbi: {UNFENCED_WARNING}");
-    }
+    let mut options = args.options(args.restart.is_none())?;
     let listening = listener.local_addr().map_err(|e| e.to_string())?;
     let committed = |n| println!("committed {n}");
     let Some(command) = &args.restart else {
@@ -319,7 +353,7 @@ fn start_metrics(
 }
 
 /// Prints the `failover` line: the epoch, type I downtime in parts, the cause.
-fn print_failover(report: &FailoverReport) {
+pub(crate) fn print_failover(report: &FailoverReport) {
     let detected_ns = report
         .detected_at
         .duration_since(UNIX_EPOCH)

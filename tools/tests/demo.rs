@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use fgbi_hyp::kvm::{DirtyTracking, probe};
 use fgbi_hyp::tracking::DirtyTracker;
 use serde_json::Value;
 
@@ -189,4 +190,30 @@ fn in_llm_mode_without_the_replay_acknowledged_writes_are_lost() {
         runs.push(printed);
     }
     panic!("no acknowledged write was lost in three runs: {runs:#?}");
+}
+
+#[test]
+fn the_demo_fails_over_a_kvm_micro_vm_and_loses_no_acknowledged_write() {
+    if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
+        return;
+    }
+    let Some((code, printed, json)) = demo("vm", &["--vm"]) else {
+        return;
+    };
+    assert_eq!(code, 0, "{printed}");
+    assert_eq!(json["vm"], true, "{json}");
+    assert!(printed.contains("in a KVM micro-VM"), "{printed}");
+    assert!(number(&json, &["epochs"]) > 0.0, "{json}");
+    assert!(number(&json, &["failover_epoch"]) > 0.0, "{json}");
+    assert!(number(&json, &["failover_ms", "restore"]) > 0.0, "{json}");
+    assert!(
+        number(&json, &["requests_acknowledged_before_kill"]) > 0.0,
+        "{json}"
+    );
+    assert!(
+        number(&json, &["requests_acknowledged"])
+            > number(&json, &["requests_acknowledged_before_kill"]),
+        "the restored VM took writes: {json}"
+    );
+    assert_eq!(number(&json, &["requests_lost"]), 0.0, "{printed}");
 }

@@ -1,0 +1,258 @@
+//! `fgbi primary --vm` and `fgbi backup --vm`: a KVM micro-VM running the kv guest
+//! is replicated between two processes, its primary is killed with SIGKILL, and the
+//! VM the backup restores answers Debian's unmodified `redis-cli` on the same port
+//! with every acknowledged write. Skips, loudly, without KVM or redis-cli.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use fgbi_hyp::kvm::{DirtyTracking, probe};
+
+/// A child killed when dropped, so a failing test leaves none behind.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A key file readable by its owner only.
+fn key_file(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("fgbi-{name}-{}.key", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap()
+        .write_all(b"a key of at least sixteen bytes, for the test")
+        .unwrap();
+    path
+}
+
+/// `child`'s stdout as a channel of lines.
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for(lines: &mpsc::Receiver<String>, prefix: &str) -> String {
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no {prefix:?} line"));
+        if line.starts_with(prefix) {
+            return line;
+        }
+    }
+}
+
+fn available() -> bool {
+    if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
+        return false;
+    }
+    let cli_here = Command::new("redis-cli")
+        .arg("--version")
+        .output()
+        .map(drop)
+        .map_err(|_| "redis-cli not on PATH; install Debian's redis-tools (.ci/run does)");
+    fgbi_hyp::feature::available("redis-cli", cli_here)
+}
+
+/// redis-cli's answer to `args`; fails the test if none comes within 30 s (a reply
+/// held for good).
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let mut child = Kill(
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "no answer to {args:?} in 30 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut out = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    out.trim().to_string()
+}
+
+/// A backup and a primary of `guest` (with `vm` flags) on free ports, the primary
+/// connected; their stdout lines.
+struct Pair {
+    backup: Kill,
+    backup_lines: mpsc::Receiver<String>,
+    primary: Kill,
+    primary_lines: mpsc::Receiver<String>,
+    key: PathBuf,
+}
+
+impl Pair {
+    fn start(name: &str, vm: &[&str]) -> Self {
+        let key = key_file(name);
+        let link = format!("127.0.0.1:{}", free_port());
+        let command = |command: &str| {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_fgbi"));
+            c.arg(command)
+                .args(vm)
+                .args(["--mem", "16M", "--key"])
+                .arg(&key)
+                .stdout(Stdio::piped());
+            c
+        };
+        let mut backup = Kill(command("backup").args(["--listen", &link]).spawn().unwrap());
+        let backup_lines = lines(&mut backup.0);
+        wait_for(&backup_lines, "listening");
+        let mut primary = Kill(
+            command("primary")
+                .args(["--backup", &link])
+                .spawn()
+                .unwrap(),
+        );
+        let primary_lines = lines(&mut primary.0);
+        wait_for(&primary_lines, "connected");
+        Self {
+            backup,
+            backup_lines,
+            primary,
+            primary_lines,
+            key,
+        }
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.key);
+    }
+}
+
+#[test]
+fn a_protected_vm_survives_a_kill_of_its_primary_and_answers_redis_cli() {
+    if !available() {
+        return;
+    }
+    let port = free_port();
+    let mut pair = Pair::start("vm-protect", &["--vm", "kv", "--port", &port.to_string()]);
+
+    assert_eq!(redis_cli(port, &["SET", "city", "Kyoto"]), "OK");
+    for n in 1..=3 {
+        assert_eq!(redis_cli(port, &["INCR", "visits"]), n.to_string());
+    }
+    pair.primary.0.kill().unwrap();
+    pair.primary.0.wait().unwrap();
+
+    let failover = wait_for(&pair.backup_lines, "failover ");
+    wait_for(&pair.backup_lines, "restarted pid=");
+    assert_eq!(redis_cli(port, &["GET", "city"]), "Kyoto", "{failover}");
+    assert_eq!(redis_cli(port, &["INCR", "visits"]), "4", "{failover}");
+    assert_eq!(redis_cli(port, &["DBSIZE"]), "2");
+}
+
+#[test]
+fn a_vm_whose_backup_dies_keeps_answering_unprotected() {
+    if !available() {
+        return;
+    }
+    let port = free_port();
+    let mut pair = Pair::start("vm-alone", &["--vm", "kv", "--port", &port.to_string()]);
+    assert_eq!(redis_cli(port, &["SET", "k", "1"]), "OK");
+    pair.backup.0.kill().unwrap();
+    pair.backup.0.wait().unwrap();
+    // Held replies are released once the primary knows no backup holds the VM.
+    assert_eq!(redis_cli(port, &["INCR", "k"]), "2");
+    assert_eq!(redis_cli(port, &["GET", "k"]), "2");
+    assert!(pair.primary.0.try_wait().unwrap().is_none());
+}
+
+#[test]
+fn a_counter_vm_restored_on_the_backup_runs_on_without_a_gap() {
+    if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
+        return;
+    }
+    // The counter guest checks every page and its count after the restore, and
+    // faults on a gap or a bad byte: the backup then exits with an error.
+    let mut pair = Pair::start("vm-counter", &["--vm", "counter", "--vcpus", "2"]);
+    wait_for(&pair.primary_lines, "committed 5");
+    pair.primary.0.kill().unwrap();
+    pair.primary.0.wait().unwrap();
+    let failover = wait_for(&pair.backup_lines, "failover ");
+    wait_for(&pair.backup_lines, "restarted pid=");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        pair.backup.0.try_wait().unwrap().is_none(),
+        "the restored VM stopped: {failover}"
+    );
+}
+
+#[test]
+fn vm_flags_that_do_not_fit_get_a_clear_error() {
+    let key = key_file("vm-flags");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fgbi"))
+            .args(args)
+            .arg("--key")
+            .arg(&key)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let backup = ["--backup", "127.0.0.1:9"];
+    let (code, err) = run(&[&["primary", "--vm", "web", "--port", "1"][..], &backup].concat());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--port goes with --vm kv"), "{err}");
+    let (code, err) = run(&[&["primary", "--vm", "kv"][..], &backup].concat());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--vm kv needs --port"), "{err}");
+    let (code, err) = run(&[&["primary", "--vm", "nope"][..], &backup].concat());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown guest"), "{err}");
+    let (code, err) = run(&[
+        "backup",
+        "--vm",
+        "kv",
+        "--restart",
+        "true",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+    std::fs::remove_file(&key).unwrap();
+}
