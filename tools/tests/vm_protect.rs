@@ -3,9 +3,10 @@
 //! VM the backup restores answers Debian's unmodified `redis-cli` on the same port
 //! with every acknowledged write. Skips, loudly, without KVM or redis-cli.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::Read;
 use std::net::TcpListener;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -31,44 +32,19 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A key file readable by its owner only.
+/// A key file readable by its owner only, in a directory of its own.
 fn key_file(name: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("fgbi-{name}-{}.key", std::process::id()));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap()
-        .write_all(b"a key of at least sixteen bytes, for the test")
-        .unwrap();
-    path
+    common::key_file(&common::scratch(name))
 }
 
 /// `child`'s stdout as a channel of lines.
 fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
+    common::lines(child.stdout.take().unwrap())
 }
 
-fn wait_for(lines: &mpsc::Receiver<String>, prefix: &str) -> String {
-    loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no {prefix:?} line"));
-        if line.starts_with(prefix) {
-            return line;
-        }
-    }
+/// Waits for a line containing `text`.
+fn wait_for(lines: &mpsc::Receiver<String>, text: &str) -> String {
+    common::wait_for(lines, text, &mut Vec::new())
 }
 
 fn available() -> bool {
