@@ -415,6 +415,17 @@ pub struct Ended {
     pub refused: Vec<(u64, fgbi_engine::ApplyError)>,
 }
 
+impl Ended {
+    /// Checks that the primary closed the connection (`context` names the case).
+    pub fn assert_peer_closed(&self, context: &str) {
+        assert!(
+            matches!(self.error, fgbi_transport::TransportError::PeerClosed(_)),
+            "{context}: {}",
+            self.error
+        );
+    }
+}
+
 /// A backup that serves `connections` connections in turn with a region of `slots`
 /// slots of `slot_bytes`, reporting how each ended on the returned channel.
 pub fn run_backup(

@@ -51,12 +51,7 @@ pub fn the_replica_equals_the_primary_after_every_implementation_carries_the_web
     }
     drop(primary);
     let ended = ended.recv().unwrap();
-    assert!(
-        matches!(ended.error, TransportError::PeerClosed(_)),
-        "{}: {}",
-        link.name(),
-        ended.error
-    );
+    ended.assert_peer_closed(link.name());
     assert_eq!(ended.committed, 27);
     assert_eq!(ended.committed, protected.encoder.committed());
     assert_eq!(ended.digest, protected.digest(), "{}", link.name());
@@ -146,11 +141,7 @@ pub fn a_primary_that_stops_mid_epoch_leaves_the_replica_committed_and_a_new_one
     let at_five = protected.digest();
     drop(primary);
     let first = ended.recv().unwrap();
-    assert!(
-        matches!(first.error, TransportError::PeerClosed(_)),
-        "{}",
-        first.error
-    );
+    first.assert_peer_closed(link.name());
 
     // 2: a primary that sends half of epoch 6 and then falls silent.
     let mut raw = RawPrimary::connect(link, &listener);
@@ -314,11 +305,7 @@ pub fn heartbeats_keep_an_idle_link_alive_past_the_timeout(link: &Link) {
     commit_one(&mut primary, &mut protected);
     drop(primary);
     let ended = ended.recv().unwrap();
-    assert!(
-        matches!(ended.error, TransportError::PeerClosed(_)),
-        "{}",
-        ended.error
-    );
+    ended.assert_peer_closed(link.name());
     assert_eq!(ended.committed, 2);
     assert_eq!(ended.digest, protected.digest());
 }
@@ -386,12 +373,7 @@ pub fn messages_that_arrive_together_or_in_odd_pieces_are_taken_in_order(link: &
         protected.encoder.acknowledge(4).unwrap();
         drop(raw);
         let ended = ended.recv().unwrap();
-        assert!(
-            matches!(ended.error, TransportError::PeerClosed(_)),
-            "{} ({slots} slots): {}",
-            link.name(),
-            ended.error
-        );
+        ended.assert_peer_closed(&format!("{} ({slots} slots)", link.name()));
         assert_eq!(ended.committed, 4);
         assert_eq!(
             ended.digest,
@@ -424,12 +406,7 @@ pub fn a_primary_moved_to_another_thread_keeps_sending(link: &Link) {
     }
     drop(primary);
     let ended = ended.recv().unwrap();
-    assert!(
-        matches!(ended.error, TransportError::PeerClosed(_)),
-        "{}: {}",
-        link.name(),
-        ended.error
-    );
+    ended.assert_peer_closed(link.name());
     assert_eq!(ended.committed, 7);
     assert_eq!(ended.digest, protected.digest(), "{}", link.name());
 }
