@@ -141,7 +141,9 @@ where
                 break (silence, started.elapsed());
             }
             Ok(false) => {
-                eprintln!("fgbi: {}", crate::fence::UNFENCED_WARNING);
+                if !options.fence.in_process_primary {
+                    eprintln!("fgbi: {}", crate::fence::UNFENCED_WARNING);
+                }
                 break (silence, started.elapsed());
             }
             Err(e) => {

@@ -19,6 +19,7 @@ use fgbi_transport::{Implementation, Liveness, PresharedKey, TransportConfig, Tr
 
 use super::error::BenchError;
 use crate::backup::{self, BackupOptions};
+use crate::fence::Fence;
 use crate::local::ReplicationError;
 use crate::primary::{self, PrimaryEvent, PrimaryOptions};
 
@@ -161,7 +162,10 @@ impl Link {
             max_state: MAX_STATE,
             digest: true,
             // The bench crashes its own primary: it is known dead, nothing to fence.
-            fence: Default::default(),
+            fence: Fence {
+                in_process_primary: true,
+                ..Fence::default()
+            },
             metrics: None,
         };
         let key = self.key()?;
