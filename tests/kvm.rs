@@ -157,7 +157,8 @@ fn the_npb_ep_kernel_verifies_after_failing_over_mid_computation() {
     // The primary dies mid-computation; the replica's VM finishes the kernel.
     drop(vm);
     let (restored, _) = KvmVm::restore(config, replication.replica(), replication.state()).unwrap();
-    assert_eq!(restored.progress(), batches);
+    // The restored guest runs at once: it starts from the replica's batch count.
+    assert!(restored.progress() >= batches);
     let code = restored.wait_finish(Duration::from_secs(120)).unwrap();
     let console = restored.console();
     let result = EpResult::parse(&console).expect(&console);
