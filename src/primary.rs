@@ -302,14 +302,12 @@ impl<'k> Link<'k> {
             return Ok(());
         };
         let held = primary.backup_committed();
-        if held == 0 {
-            // An empty backup: start over with a full copy. A program's first harvest
-            // does not always report every page that differs from an empty replica (a
-            // program restored from a replica, or protected after it wrote), so even
-            // a fresh encoder sends everything once.
-            if self.encoder.committed() > 0 {
-                self.encoder = Encoder::new(self.config.clone())?;
-            }
+        if held == 0 && self.encoder.committed() > 0 {
+            // An empty backup: start over with a full copy. (A fresh encoder needs
+            // none: a program's first harvest reports every page that may differ from
+            // an empty replica, the `Protected::harvest` contract, and the pages of
+            // checkpoints never sent are carried.)
+            self.encoder = Encoder::new(self.config.clone())?;
             let all: Vec<u64> = (0..self.config.geometry.pages()).collect();
             self.encoder.carry(&all)?;
         } else if held > self.encoder.committed() {

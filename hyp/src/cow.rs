@@ -186,7 +186,7 @@ impl Shared {
             {
                 let buffer = self.buffer.load(Ordering::Acquire);
                 // SAFETY: a pending slot exists only while a snapshot is armed, whose
-                // buffer (`buffer`, non-null, `slots * PAGE` bytes) outlives every pending
+                // buffer (`buffer`, non-null, room for `slots * PAGE` bytes) outlives every pending
                 // slot: `Armed` waits for all of them to return to IDLE before releasing
                 // it. Slot `value` is below the armed page count, so its page lies inside
                 // the buffer, and winning the compare-exchange makes this the only copy
@@ -399,7 +399,11 @@ impl CowTracker {
             }
             previous = Some(page);
         }
-        buffer.resize(pages.len() * PAGE, 0);
+        // Room for every page, not filled: each page is written once, by the copier or
+        // the handler, and the length is set only when all are (`Armed::finish`), so
+        // the pause does not zero a buffer as large as the copy it avoids.
+        buffer.clear();
+        buffer.reserve(pages.len() * PAGE);
         if shared
             .buffer
             .compare_exchange(
@@ -538,7 +542,13 @@ impl Armed {
         }
         shared.copier_copies.fetch_add(copied, Ordering::Relaxed);
         self.release()?;
-        let buffer = self.buffer.take().unwrap_or_default();
+        let mut buffer = self.buffer.take().unwrap_or_default();
+        // SAFETY: `arm` reserved `pages.len() * PAGE` bytes. Every page's slot was
+        // pending when armed and only a copy turns a pending slot IDLE while the
+        // snapshot is being finished: the loop above claimed every slot the handler
+        // had not, and `release` waited for the handler's copies. So every byte below
+        // the new length was written by exactly one page copy.
+        unsafe { buffer.set_len(self.pages.len() * PAGE) };
         self.shared.failed()?;
         Ok((std::mem::take(&mut self.pages), buffer))
     }

@@ -76,7 +76,9 @@ pub trait Protected {
 
     /// Appends the 4 KiB pages written since the previous harvest and starts tracking
     /// anew. Called while stopped: a page written after the harvest belongs to the
-    /// next one, never to none.
+    /// next one, never to none. The first harvest reports every page that may differ
+    /// from zero (all of them for a program restored from a replica), so that a
+    /// backup starting from an empty replica receives everything.
     fn harvest(&mut self, dirty: &mut Vec<u64>) -> Result<(), HypError>;
 
     /// Appends the opaque machine-state blob (registers and devices, or an

@@ -11,7 +11,7 @@ use crate::cow::CowTracker;
 use crate::memory::{Backing, Region};
 use crate::protected::{HypError, Protected};
 use crate::tracking::{PageSafety, RegionTracker};
-use crate::workload::{self, Workload};
+use crate::workload::{self, PAGE, Workload};
 
 /// First bytes of a synthetic machine's state blob.
 const STATE_MAGIC: &[u8] = b"FGBSYN1\0";
@@ -98,6 +98,8 @@ pub struct SyntheticMachine {
     workload: Box<dyn Workload>,
     check: bool,
     written: Vec<u64>,
+    /// Restored from a replica: the first harvest reports every page.
+    report_all: bool,
     epochs: u64,
     stopped: bool,
 }
@@ -138,6 +140,7 @@ impl SyntheticMachine {
             tracker,
             check,
             written,
+            report_all: false,
             epochs: 0,
             stopped: false,
         })
@@ -188,6 +191,7 @@ impl SyntheticMachine {
             tracker,
             check: false,
             written: Vec::new(),
+            report_all: true,
             epochs: u64::from_le_bytes(epochs.try_into().unwrap_or_default()),
             stopped: false,
         })
@@ -232,6 +236,10 @@ impl Protected for SyntheticMachine {
     fn harvest(&mut self, dirty: &mut Vec<u64>) -> Result<(), HypError> {
         if !self.stopped {
             return Err(HypError::Order("harvest while running"));
+        }
+        if std::mem::take(&mut self.report_all) {
+            // The restored memory may differ from an empty replica anywhere.
+            dirty.extend(0..(self.memory.len() / PAGE) as u64);
         }
         let Some(tracker) = self.tracker.as_mut() else {
             dirty.append(&mut self.written);
