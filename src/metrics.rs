@@ -118,7 +118,7 @@ impl Metrics {
                 self.bytes.fetch_add(*bytes, Ordering::Relaxed);
                 self.paused(*pause);
             }
-            PrimaryEvent::Committed(n) => self.committed(*n, 0),
+            PrimaryEvent::Committed { epoch, .. } => self.committed(*epoch, 0),
             PrimaryEvent::Unprotected { .. } => self.set_protected(false),
             PrimaryEvent::Connected(n) => {
                 self.committed_epoch.store(*n, Ordering::Relaxed);

@@ -1,15 +1,21 @@
 //! The primary's side of replication over the network.
 //!
-//! [`Link`] takes one checkpoint at a time, encodes it, sends it into the backup's
-//! receive region and waits for the acknowledgement. When the backup refuses an epoch
-//! or the link breaks, the epoch (and any later one in flight) is lost and its pages
-//! are carried into the next; the program never stops for the backup. While no backup
+//! [`Link`] takes a checkpoint, encodes it and sends it into the backup's receive
+//! region without waiting for its acknowledgement: epochs pipeline, the next one
+//! running while earlier ones are in flight, at most one per receive slot of the
+//! backup. A full window makes the next checkpoint wait for the oldest answer, so a
+//! backup or link that falls behind stretches the epoch instead of growing memory.
+//! Answers are read as they arrive while the loop waits for the next epoch
+//! ([`Link::settle`]). When the backup refuses an epoch or the link breaks, the epoch
+//! (and every later one in flight) is lost and its pages are carried into the next;
+//! the program never stops for the backup. While no backup
 //! is reachable each checkpoint's pages are carried and the link tries to reconnect
 //! once per epoch; a backup that reconnects empty is re-synced from scratch while the
 //! program keeps running. [`run`] is the loop of `fgbi primary` over a program that
 //! runs in steps (a synthetic workload); [`crate::replicator`] drives the same
 //! [`Link`] from its epoch thread for an application's own memory.
 
+use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -64,8 +70,16 @@ pub enum PrimaryEvent {
         /// Digest of the checkpoint, when asked for.
         digest: Option<u128>,
     },
-    /// The backup committed every epoch up to this one.
-    Committed(u64),
+    /// The backup committed every epoch up to `epoch`: the first `checkpoints`
+    /// checkpoints this link took are on the backup, so the outputs they closed may
+    /// leave.
+    Committed {
+        /// The highest committed epoch.
+        epoch: u64,
+        /// How many of the link's checkpoints, counted from 1 in the order taken, the
+        /// backup now holds (pages of checkpoints never sent travel in later ones).
+        checkpoints: u64,
+    },
     /// No backup holds the program's state: it runs unprotected until one is
     /// reached again. Reported once when protection is lost (or never gained).
     Unprotected {
@@ -98,8 +112,17 @@ pub struct Shipped {
     pub bytes: u64,
     /// Type II downtime.
     pub pause: Duration,
-    /// Whether the backup committed this checkpoint (and every one before it).
-    pub committed: bool,
+    /// This checkpoint's number among the link's checkpoints, from 1.
+    pub checkpoint: u64,
+}
+
+/// An epoch sent and not yet answered.
+struct Sent {
+    epoch: u64,
+    /// The checkpoint it carries (see [`Shipped::checkpoint`]).
+    checkpoint: u64,
+    /// When it was sent: an answer overdue by four liveness timeouts loses it.
+    at: Instant,
 }
 
 /// The primary's end of replication: encoder, connection, and what to re-send.
@@ -119,6 +142,10 @@ pub struct Link<'k> {
     scrub_every: u64,
     /// The next chunk to scrub.
     scrub_next: u64,
+    /// Epochs sent and not yet answered, oldest first.
+    sent: VecDeque<Sent>,
+    /// Checkpoints taken.
+    taken: u64,
 }
 
 impl<'k> Link<'k> {
@@ -142,6 +169,8 @@ impl<'k> Link<'k> {
             reported: false,
             scrub_every: DEFAULT_SCRUB_EVERY,
             scrub_next: 0,
+            sent: VecDeque::new(),
+            taken: 0,
         })
     }
 
@@ -187,15 +216,29 @@ impl<'k> Link<'k> {
         self.connection.is_some()
     }
 
-    /// Takes one checkpoint of `program` (with its digest if `digest`), encodes it,
-    /// sends it and waits for the backup's answer. Without a backup the checkpoint's
-    /// pages are carried, and one attempt is made to reconnect for the next.
+    /// The highest epoch the backup committed.
+    pub fn committed(&self) -> u64 {
+        self.encoder.committed()
+    }
+
+    /// Takes one checkpoint of `program` (with its digest if `digest`), encodes it and
+    /// sends it, without waiting for its answer unless every receive slot of the
+    /// backup already holds an epoch in flight: then the oldest answer is awaited
+    /// first, and the epoch stretches. Without a backup the checkpoint's pages are
+    /// carried, and one attempt is made to reconnect for the next.
     pub fn checkpoint<P: Protected + ?Sized>(
         &mut self,
         program: &mut P,
         digest: bool,
         event: &mut dyn FnMut(PrimaryEvent),
     ) -> Result<Shipped, ReplicationError> {
+        while self
+            .connection
+            .as_ref()
+            .is_some_and(|primary| self.sent.len() >= primary.slots())
+        {
+            self.answer(None, event)?;
+        }
         self.reconcile(event)?;
         // Without a backup the carried pages stay carried: no need to copy them.
         let carried = match self.connection {
@@ -215,12 +258,13 @@ impl<'k> Link<'k> {
             self.checkpointer.scrub(slice.clone());
         }
         let checkpoint = self.checkpointer.take(program, carried, digest)?;
+        self.taken += 1;
         let mut shipped = Shipped {
             epoch: 0,
             dirty_pages: checkpoint.dirty.len() as u64,
             bytes: 0,
             pause: checkpoint.pause,
-            committed: false,
+            checkpoint: self.taken,
         };
         let Some(primary) = self.connection.as_mut() else {
             // Nobody to send to: keep the pages for the backup that comes next.
@@ -228,6 +272,7 @@ impl<'k> Link<'k> {
             let _ = self.connect(Instant::now(), event);
             return Ok(shipped);
         };
+        let scrub_digests = checkpoint.scrub.to_vec();
         let encoded = self
             .encoder
             .encode(checkpoint.dirty, checkpoint.pages, checkpoint.state)?;
@@ -239,61 +284,155 @@ impl<'k> Link<'k> {
             bytes: shipped.bytes,
             digest: checkpoint.digest,
         });
-        if sent.is_ok() {
-            fault::reached(Point::Sent);
+        if let Err(e) = sent {
+            self.fail(&e, event)?;
+            return Ok(shipped);
         }
-        let reply = sent.and_then(|()| primary.wait_reply(self.transport.liveness.timeout * 4));
+        fault::reached(Point::Sent);
+        self.sent.push_back(Sent {
+            epoch: shipped.epoch,
+            checkpoint: self.taken,
+            at: Instant::now(),
+        });
+        if !scrub_digests.is_empty() {
+            // A scrub compares the replica at this epoch: only with nothing in flight.
+            self.drain(event)?;
+            if self.connected() && self.encoder.committed() >= shipped.epoch {
+                self.scrub(slice, &scrub_digests, event)?;
+            }
+        }
+        Ok(shipped)
+    }
+
+    /// Reads the backup's answers as they arrive until every epoch in flight is
+    /// answered or `until` passes: call it while waiting for the next epoch.
+    pub fn settle(
+        &mut self,
+        until: Instant,
+        event: &mut dyn FnMut(PrimaryEvent),
+    ) -> Result<(), ReplicationError> {
+        while !self.sent.is_empty() && Instant::now() < until {
+            self.answer(Some(until), event)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every epoch in flight is answered (committed, refused, or lost
+    /// with the connection).
+    pub fn drain(&mut self, event: &mut dyn FnMut(PrimaryEvent)) -> Result<(), ReplicationError> {
+        while !self.sent.is_empty() {
+            self.answer(None, event)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the answer to the oldest epoch in flight, until `until` at most;
+    /// an answer overdue by four liveness timeouts loses the connection and every
+    /// epoch in flight.
+    fn answer(
+        &mut self,
+        until: Option<Instant>,
+        event: &mut dyn FnMut(PrimaryEvent),
+    ) -> Result<(), ReplicationError> {
+        let (Some(primary), Some(oldest)) = (self.connection.as_mut(), self.sent.front()) else {
+            self.sent.clear();
+            return Ok(());
+        };
+        let overdue = oldest.at + self.transport.liveness.timeout * 4;
+        let until = until.map_or(overdue, |until| until.min(overdue));
+        let reply = primary.wait_reply(until.saturating_duration_since(Instant::now()));
         match reply {
             Ok(Reply::Committed(n)) => {
                 fault::reached(Point::Acknowledged);
                 self.encoder.acknowledge(n)?;
-                shipped.committed = true;
+                let mut checkpoints = 0;
+                while let Some(sent) = self.sent.front().filter(|s| s.epoch <= n) {
+                    checkpoints = sent.checkpoint;
+                    self.sent.pop_front();
+                }
                 self.reported = false;
-                event(PrimaryEvent::Committed(n));
-                if !checkpoint.scrub.is_empty() {
-                    let timeout = self.transport.liveness.timeout * 4;
-                    match primary.scrub(slice.start, checkpoint.scrub, timeout) {
-                        Ok((epoch, mismatched)) => {
-                            self.scrub_next = if slice.end >= chunks { 0 } else { slice.end };
-                            let diverged = diverged_pages(
-                                &slice,
-                                mismatched,
-                                self.config.geometry.mem_bytes(),
-                            );
-                            if !diverged.is_empty() {
-                                eprintln!(
-                                    "fgbi: ERROR: the backup's replica diverged from checkpoint {epoch} in {} pages of bytes {}..{}; sending them whole again",
-                                    diverged.len(),
-                                    slice.start * SCRUB_CHUNK_BYTES as u64,
-                                    slice.end * SCRUB_CHUNK_BYTES as u64,
-                                );
-                                self.encoder.resend(&diverged)?;
-                            }
-                            let chunk = SCRUB_CHUNK_BYTES as u64;
-                            event(PrimaryEvent::Scrubbed {
-                                epoch,
-                                range: slice.start * chunk
-                                    ..(slice.end * chunk).min(self.config.geometry.mem_bytes()),
-                                diverged,
-                            });
+                event(PrimaryEvent::Committed {
+                    epoch: n,
+                    checkpoints,
+                });
+            }
+            Ok(Reply::Refused { epoch, .. }) => {
+                // Every later epoch was encoded against the refused one and will be
+                // refused too: lose them all, and take their answers before sending
+                // the next.
+                self.encoder.lose(epoch)?;
+                let later = self.sent.len() - 1;
+                self.sent.clear();
+                for _ in 0..later {
+                    match primary.wait_reply(self.transport.liveness.timeout * 4) {
+                        Ok(Reply::Refused { .. }) => {}
+                        Ok(Reply::Committed(n)) => {
+                            let e = TransportError::Protocol(format!(
+                                "the backup committed epoch {n} after refusing epoch {epoch}"
+                            ));
+                            return self.fail(&e, event);
                         }
-                        Err(e) => {
-                            self.connection = None;
-                            self.unprotected(&e, event);
-                            let _ = self.connect(Instant::now(), event);
-                        }
+                        Err(e) => return self.fail(&e, event),
                     }
                 }
             }
-            Ok(Reply::Refused { epoch, .. }) => self.encoder.lose(epoch)?,
-            Err(e) => {
-                self.encoder.lose(shipped.epoch)?;
-                self.connection = None;
-                self.unprotected(&e, event);
-                let _ = self.connect(Instant::now(), event);
-            }
+            Err(TransportError::ReplyTimeout(_)) if Instant::now() < overdue => {}
+            Err(e) => self.fail(&e, event)?,
         }
-        Ok(shipped)
+        Ok(())
+    }
+
+    /// The connection failed with `error`: every epoch in flight is lost, the
+    /// program runs unprotected, and one attempt is made to reconnect.
+    fn fail(
+        &mut self,
+        error: &TransportError,
+        event: &mut dyn FnMut(PrimaryEvent),
+    ) -> Result<(), ReplicationError> {
+        self.encoder.lose_all();
+        self.sent.clear();
+        self.connection = None;
+        self.unprotected(error, event);
+        let _ = self.connect(Instant::now(), event);
+        Ok(())
+    }
+
+    /// Asks the backup, holding the epoch whose pause took `digests`, to compare its
+    /// chunks `slice` with them; chunks that differ are reported and sent whole again.
+    fn scrub(
+        &mut self,
+        slice: std::ops::Range<u64>,
+        digests: &[u128],
+        event: &mut dyn FnMut(PrimaryEvent),
+    ) -> Result<(), ReplicationError> {
+        let Some(primary) = self.connection.as_mut() else {
+            return Ok(());
+        };
+        let mem_bytes = self.config.geometry.mem_bytes();
+        let chunks = mem_bytes.div_ceil(SCRUB_CHUNK_BYTES as u64);
+        match primary.scrub(slice.start, digests, self.transport.liveness.timeout * 4) {
+            Ok((epoch, mismatched)) => {
+                self.scrub_next = if slice.end >= chunks { 0 } else { slice.end };
+                let diverged = diverged_pages(&slice, mismatched, mem_bytes);
+                if !diverged.is_empty() {
+                    eprintln!(
+                        "fgbi: ERROR: the backup's replica diverged from checkpoint {epoch} in {} pages of bytes {}..{}; sending them whole again",
+                        diverged.len(),
+                        slice.start * SCRUB_CHUNK_BYTES as u64,
+                        slice.end * SCRUB_CHUNK_BYTES as u64,
+                    );
+                    self.encoder.resend(&diverged)?;
+                }
+                let chunk = SCRUB_CHUNK_BYTES as u64;
+                event(PrimaryEvent::Scrubbed {
+                    epoch,
+                    range: slice.start * chunk..(slice.end * chunk).min(mem_bytes),
+                    diverged,
+                });
+                Ok(())
+            }
+            Err(e) => self.fail(&e, event),
+        }
     }
 
     /// After a (re)connection, reconciles the encoder with what the backup holds.
@@ -365,11 +504,15 @@ pub fn run<P: Protected + ?Sized>(
     let mut next = Instant::now();
     loop {
         next += options.epoch;
+        link.settle(next, &mut event)?;
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         step(program)?;
         let shipped = link.checkpoint(program, options.digests, &mut event)?;
-        if shipped.committed && options.epochs.is_some_and(|limit| shipped.epoch >= limit) {
-            return Ok(shipped.epoch);
+        if let Some(limit) = options.epochs.filter(|&limit| shipped.epoch >= limit) {
+            link.drain(&mut event)?;
+            if link.committed() >= limit {
+                return Ok(link.committed());
+            }
         }
     }
 }

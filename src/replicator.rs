@@ -236,12 +236,11 @@ struct Outcome {
     wire_bytes: u64,
     pause: Duration,
     verified: Option<bool>,
-    /// Its outputs may be released: committed, or nothing holds the state.
-    release: bool,
-    committed: bool,
 }
 
 impl Sink<'_> {
+    /// Takes one checkpoint and hands it to the target; `observe` hears of it, and
+    /// of every commit as it happens.
     fn checkpoint(
         &mut self,
         memory: &mut ProcessMemory,
@@ -257,14 +256,15 @@ impl Sink<'_> {
                     bytes: report.wire_bytes,
                     digest: None,
                 });
-                observe(PrimaryEvent::Committed(report.epoch));
+                observe(PrimaryEvent::Committed {
+                    epoch: report.epoch,
+                    checkpoints: memory.closed_output_epoch(),
+                });
                 Ok(Outcome {
                     dirty_pages: report.dirty_pages,
                     wire_bytes: report.wire_bytes,
                     pause: report.pause,
                     verified: report.verified,
-                    release: true,
-                    committed: true,
                 })
             }
             Sink::Remote(link) => {
@@ -274,10 +274,34 @@ impl Sink<'_> {
                     wire_bytes: shipped.bytes,
                     pause: shipped.pause,
                     verified: None,
-                    release: shipped.committed || !link.connected(),
-                    committed: shipped.committed,
                 })
             }
+        }
+    }
+
+    /// Waits until `until`, taking the target's answers as they arrive; with
+    /// `until` `None`, until every checkpoint sent is answered.
+    fn settle(
+        &mut self,
+        until: Option<Instant>,
+        observe: &mut dyn FnMut(PrimaryEvent),
+    ) -> Result<(), ReplicationError> {
+        if let (Sink::Remote(link), Some(until)) = (&mut *self, until) {
+            link.settle(until, observe)?;
+        } else if let Sink::Remote(link) = self {
+            link.drain(observe)?;
+        }
+        if let Some(until) = until {
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// Whether the target holds the program's state: outputs wait for its commits.
+    fn protects(&self) -> bool {
+        match self {
+            Sink::Local(_) => true,
+            Sink::Remote(link) => link.connected(),
         }
     }
 }
@@ -288,7 +312,19 @@ fn run(
     options: &ReplicatorOptions,
     stop: &AtomicBool,
 ) -> Result<Summary, ReplicationError> {
-    let mut observe = observer(options);
+    let mut user = observer(options);
+    let outputs = memory.output_release();
+    let mut committed = 0;
+    // Outputs leave as soon as the checkpoint that closed them is committed (the
+    // n-th checkpoint closes output epoch n).
+    let mut observe = |event: PrimaryEvent| {
+        if let PrimaryEvent::Committed { checkpoints, .. } = event {
+            outputs.commit(checkpoints);
+            committed = checkpoints;
+            fault::reached(Point::Released);
+        }
+        user(event);
+    };
     let mut pauses = Vec::new();
     let mut summary = Summary {
         epochs: 0,
@@ -304,20 +340,20 @@ fn run(
     loop {
         let last = stop.load(Ordering::Acquire);
         if !last {
-            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            sink.settle(Some(next), &mut observe)?;
             next += options.epoch;
         }
         let verify =
             last || (options.verify_every > 0 && (summary.epochs + 1) % options.verify_every == 0);
         let outcome = sink.checkpoint(&mut memory, verify, &mut observe)?;
-        if outcome.release {
+        if last {
+            sink.settle(None, &mut observe)?;
+        }
+        if !sink.protects() {
+            // Nothing holds the state: the application runs unprotected.
             memory.commit_outputs(memory.closed_output_epoch());
-            if outcome.committed {
-                fault::reached(Point::Released);
-            }
         }
         summary.epochs += 1;
-        summary.committed += u64::from(outcome.committed);
         summary.dirty_pages += outcome.dirty_pages;
         summary.wire_bytes += outcome.wire_bytes;
         pauses.push(outcome.pause.as_secs_f64() * 1e6);
@@ -330,6 +366,7 @@ fn run(
             break;
         }
     }
+    summary.committed = committed;
     summary.pause_us = Percentiles::of(&mut pauses);
     if let Sink::Local(replication) = sink {
         summary.replica = Some(ReplicaView {

@@ -2,59 +2,48 @@
 //! backup's program continues exactly where the primary's last committed checkpoint
 //! stood.
 
-use std::io::Write;
-use std::net::TcpListener;
-use std::os::unix::fs::OpenOptionsExt;
+mod common;
+
 use std::time::Duration;
 
 use fgbi::backup::{self, BackupOptions};
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
-use fgbi_engine::{EncoderConfig, Geometry, Mode, memory_digest};
+use fgbi_engine::memory_digest;
 use fgbi_hyp::memory::Region;
 use fgbi_hyp::protected::Protected;
 use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
-use fgbi_transport::{Implementation, PresharedKey, TransportConfig};
+use fgbi_transport::Implementation;
 
-fn key_file(dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("link.key");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap();
-    file.write_all(b"0123456789abcdef0123456789abcdef").unwrap();
-    path
+use common::Pair;
+
+/// The settings of `fgbi backup` for `pair`: two slots, replica digests on.
+fn backup_options(pair: &Pair) -> BackupOptions {
+    BackupOptions {
+        encoder: pair.encoder.clone(),
+        transport: pair.transport.clone(),
+        slots: 2,
+        max_state: 4096,
+        digest: true,
+        fence: Default::default(),
+        metrics: None,
+    }
 }
 
 #[test]
 fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
-    let dir = std::env::temp_dir().join(format!("fgbi-failover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key_path = key_file(&dir);
-    let key = PresharedKey::from_file(&key_path).unwrap();
     for implementation in [Implementation::Std, Implementation::Uring] {
         if !fgbi_hyp::feature::available(implementation.as_str(), implementation.available()) {
             continue;
         }
         let mem = 16usize << 20;
-        let geometry = Geometry::new(mem as u64, 64).unwrap();
-        let mut encoder = EncoderConfig::new(geometry, Mode::Fgbi);
-        encoder.cache_bytes = 2 << 20;
-        let transport = TransportConfig::new(geometry, implementation);
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap();
-        let backup_options = BackupOptions {
-            encoder: encoder.clone(),
-            transport: transport.clone(),
-            slots: 2,
-            max_state: 4096,
-            digest: true,
-            fence: Default::default(),
-            metrics: None,
-        };
-        let backup_key = PresharedKey::from_file(&key_path).unwrap();
+        let mut pair = Pair::new(
+            &format!("failover-{}", implementation.as_str()),
+            mem,
+            2 << 20,
+            implementation,
+        );
+        let (backup_options, backup_key) = (backup_options(&pair), pair.key());
+        let listener = pair.listener.take().unwrap();
         let backup = std::thread::spawn(move || {
             backup::run(
                 &listener,
@@ -69,9 +58,9 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
 
         let mut machine = SyntheticMachine::new("web", mem, 11, Tracking::Kernel, false).unwrap();
         let options = PrimaryOptions {
-            encoder,
-            transport,
-            backup: address,
+            encoder: pair.encoder.clone(),
+            transport: pair.transport.clone(),
+            backup: pair.address,
             epoch: Duration::from_millis(5),
             epochs: Some(12),
             connect_timeout: Duration::from_secs(5),
@@ -83,7 +72,7 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
             &mut machine,
             |m| m.run().map_err(Into::into),
             &options,
-            &key,
+            &pair.key(),
             |e| {
                 if let PrimaryEvent::Sent {
                     epoch,
@@ -115,66 +104,43 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
         assert!(restored.epochs() == machine.epochs());
         restored.run().unwrap();
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() {
-    use fgbi_engine::Applier;
-    use fgbi_transport::{Backup, ReceiveRegion};
-
-    let dir = std::env::temp_dir().join(format!("fgbi-resync-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key_path = key_file(&dir);
     let mem = 8usize << 20;
-    let geometry = Geometry::new(mem as u64, 64).unwrap();
-    let mut encoder = EncoderConfig::new(geometry, Mode::Fgbi);
-    encoder.cache_bytes = 1 << 20;
-    let transport = TransportConfig::new(geometry, Implementation::Std);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap();
-    let (backup_encoder, backup_transport) = (encoder.clone(), transport.clone());
-    let backup_key = PresharedKey::from_file(&key_path).unwrap();
+    let mut pair = Pair::new("resync", mem, 1 << 20, Implementation::Std);
+    let (options, key) = (backup_options(&pair), pair.key());
+    let listener = pair.listener.take().unwrap();
     let backup = std::thread::spawn(move || {
         // The first backup commits five epochs, then dies.
-        {
-            let pages = geometry.pages() as usize;
-            let mut region = ReceiveRegion::for_epochs(&backup_encoder, pages, 4096, 2).unwrap();
-            let (stream, _) = listener.accept().unwrap();
-            let mut applier = Applier::new(geometry);
-            let mut replica = Region::new(mem).unwrap();
-            let mut link =
-                Backup::accept(stream, &mut region, &backup_transport, &backup_key, 0).unwrap();
-            for _ in 0..5 {
-                link.serve_one(&mut applier, &mut replica).unwrap();
-            }
-        }
+        common::serve_by_hand(
+            &listener,
+            &options.encoder,
+            &options.transport,
+            &key,
+            |mut link, applier, replica| {
+                for _ in 0..5 {
+                    link.serve_one(applier, replica).unwrap();
+                }
+            },
+        );
         // A new, empty backup takes its place.
-        let options = BackupOptions {
-            encoder: backup_encoder,
-            transport: backup_transport,
-            slots: 2,
-            max_state: 4096,
-            digest: true,
-            fence: Default::default(),
-            metrics: None,
-        };
         backup::run(
             &listener,
             &options,
-            &backup_key,
+            &key,
             Region::new(mem).unwrap(),
             |replica, state, _| SyntheticMachine::restore(replica, state, Tracking::Kernel),
             |machine| machine.run(),
             |_| {},
         )
     });
-    let key = PresharedKey::from_file(&key_path).unwrap();
     let mut machine = SyntheticMachine::new("sys", mem, 4, Tracking::Kernel, false).unwrap();
     let options = PrimaryOptions {
-        encoder,
-        transport,
-        backup: address,
+        encoder: pair.encoder.clone(),
+        transport: pair.transport.clone(),
+        backup: pair.address,
         epoch: Duration::from_millis(5),
         epochs: Some(15),
         connect_timeout: Duration::from_secs(5),
@@ -186,7 +152,7 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
         &mut machine,
         |m| m.run().map_err(Into::into),
         &options,
-        &key,
+        &pair.key(),
         |e| match e {
             PrimaryEvent::Sent {
                 epoch,
@@ -215,5 +181,4 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
         memory_digest(restored.memory()),
         memory_digest(machine.memory())
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -2,19 +2,17 @@
 //! primary's periodic comparison of chunk digests, reported, and repaired; with
 //! scrubbing off it stays wrong.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::Write;
-use std::net::TcpListener;
-use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
-use fgbi_engine::{Applier, EncoderConfig, Geometry, Mode, PAGE_SIZE, memory_digest};
-use fgbi_hyp::memory::Region;
+use fgbi_engine::{PAGE_SIZE, memory_digest};
 use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
-use fgbi_transport::{
-    Backup, Implementation, PresharedKey, ReceiveRegion, SCRUB_CHUNK_BYTES, Served, TransportConfig,
-};
+use fgbi_transport::{Implementation, SCRUB_CHUNK_BYTES, Served};
+
+use common::Pair;
 
 /// The page the test corrupts on the backup, after it committed [`CORRUPT_AFTER`].
 const CORRUPT_PAGE: usize = 1234;
@@ -34,42 +32,16 @@ struct Run {
 }
 
 fn run(implementation: Implementation, scrub_every: u64) -> Run {
-    let dir = std::env::temp_dir().join(format!(
-        "fgbi-scrub-{}-{}-{scrub_every}",
-        std::process::id(),
-        implementation.as_str()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key_path = dir.join("link.key");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&key_path)
-        .unwrap()
-        .write_all(b"0123456789abcdef0123456789abcdef")
-        .unwrap();
-    let mem = 16usize << 20;
-    let geometry = Geometry::new(mem as u64, 64).unwrap();
-    let mut encoder = EncoderConfig::new(geometry, Mode::Fgbi);
-    encoder.cache_bytes = 1 << 20;
-    let transport = TransportConfig::new(geometry, implementation);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap();
-    let (backup_encoder, backup_transport) = (encoder.clone(), transport.clone());
-    let backup_key = PresharedKey::from_file(&key_path).unwrap();
-    let backup = std::thread::spawn(move || {
-        let pages = geometry.pages() as usize;
-        let mut region = ReceiveRegion::for_epochs(&backup_encoder, pages, 4096, 2).unwrap();
-        let (stream, _) = listener.accept().unwrap();
-        let mut applier = Applier::new(geometry);
-        let mut replica = Region::new(mem).unwrap();
-        let mut link =
-            Backup::accept(stream, &mut region, &backup_transport, &backup_key, 0).unwrap();
+    let mut pair = Pair::new(
+        &format!("scrub-{}-{scrub_every}", implementation.as_str()),
+        16 << 20,
+        1 << 20,
+        implementation,
+    );
+    let backup = pair.serve_by_hand(|mut link, applier, replica| {
         let mut mismatched = Vec::new();
         // Served until the primary, done, closes the connection.
-        while let Ok(served) = link.serve_one(&mut applier, &mut replica) {
+        while let Ok(served) = link.serve_one(applier, replica) {
             match served {
                 Served::Committed(applied) if applied.epoch == CORRUPT_AFTER => {
                     replica[CORRUPT_PAGE * PAGE_SIZE + 100] ^= 0xa5;
@@ -78,15 +50,14 @@ fn run(implementation: Implementation, scrub_every: u64) -> Run {
                 _ => {}
             }
         }
-        (mismatched, applier.committed(), memory_digest(&replica))
+        (mismatched, applier.committed(), memory_digest(replica))
     });
 
-    let key = PresharedKey::from_file(&key_path).unwrap();
-    let mut machine = SyntheticMachine::new("idle", mem, 5, Tracking::Kernel, false).unwrap();
+    let mut machine = SyntheticMachine::new("idle", 16 << 20, 5, Tracking::Kernel, false).unwrap();
     let options = PrimaryOptions {
-        encoder,
-        transport,
-        backup: address,
+        encoder: pair.encoder.clone(),
+        transport: pair.transport.clone(),
+        backup: pair.address,
         epoch: Duration::from_millis(5),
         epochs: Some(EPOCHS),
         connect_timeout: Duration::from_secs(5),
@@ -98,7 +69,7 @@ fn run(implementation: Implementation, scrub_every: u64) -> Run {
         &mut machine,
         |m| m.run().map_err(Into::into),
         &options,
-        &key,
+        &pair.key(),
         |e| match e {
             PrimaryEvent::Sent {
                 epoch,
@@ -113,7 +84,6 @@ fn run(implementation: Implementation, scrub_every: u64) -> Run {
     )
     .unwrap();
     let (mismatched, epoch, digest) = backup.join().unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     Run {
         digests,
         diverged,

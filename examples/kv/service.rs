@@ -347,7 +347,7 @@ fn log(event: PrimaryEvent, epochs: bool) {
         } if epochs => {
             format!("sent {epoch} pause_us={} bytes={bytes}", pause.as_micros())
         }
-        PrimaryEvent::Committed(n) if epochs => format!("committed {n}"),
+        PrimaryEvent::Committed { epoch, .. } if epochs => format!("committed {epoch}"),
         PrimaryEvent::Connected(n) => format!("connected backup_committed={n}"),
         PrimaryEvent::Unprotected { reason } => {
             format!("unprotected: no backup holds the store ({reason}); serving on")

@@ -319,6 +319,22 @@ impl ProcessMemory {
     pub fn commit_outputs(&self, epoch: u64) {
         self.shared.outputs.commit(epoch);
     }
+
+    /// A handle that releases outputs as [`ProcessMemory::commit_outputs`] does, for
+    /// code that hears of commits while the memory is borrowed for a checkpoint.
+    pub fn output_release(&self) -> OutputRelease {
+        OutputRelease(Arc::clone(&self.shared))
+    }
+}
+
+/// Releases a protected process's held outputs ([`ProcessMemory::output_release`]).
+pub struct OutputRelease(Arc<Shared>);
+
+impl OutputRelease {
+    /// Releases every output of epochs up to `epoch`.
+    pub fn commit(&self, epoch: u64) {
+        self.0.outputs.commit(epoch);
+    }
 }
 
 impl Drop for ProcessMemory {

@@ -254,7 +254,7 @@ impl Link {
                     pause,
                     bytes,
                 }),
-                PrimaryEvent::Committed(n) => event(LinkEvent::Committed(n)),
+                PrimaryEvent::Committed { epoch, .. } => event(LinkEvent::Committed(epoch)),
                 PrimaryEvent::Unprotected { .. } => lost.set(true),
                 PrimaryEvent::Connected(_) | PrimaryEvent::Scrubbed { .. } => {}
             },

@@ -166,7 +166,7 @@ pub(crate) fn print_event(out: &mut impl Write, e: &PrimaryEvent) {
                 .map(|d| format!(" digest={d:032x}"))
                 .unwrap_or_default()
         ),
-        PrimaryEvent::Committed(n) => format!("committed {n}"),
+        PrimaryEvent::Committed { epoch, .. } => format!("committed {epoch}"),
         PrimaryEvent::Unprotected { reason } => {
             format!("unprotected: no backup holds the workload ({reason}); it keeps running")
         }

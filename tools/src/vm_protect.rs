@@ -131,8 +131,8 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, String> {
         &key,
         |e| {
             match &e {
-                // The checkpoint just taken, and every one before, is on the backup.
-                PrimaryEvent::Committed(_) => release(stops.get()),
+                // The checkpoints the backup now holds: the VM's stops, so its closed epochs.
+                PrimaryEvent::Committed { checkpoints, .. } => release(*checkpoints),
                 PrimaryEvent::Unprotected { .. } => unprotected.set(true),
                 PrimaryEvent::Connected(_) => unprotected.set(false),
                 PrimaryEvent::Sent { .. } | PrimaryEvent::Scrubbed { .. } => {}

@@ -1,0 +1,97 @@
+//! What the replication tests share: a key file, a listener, matching encoder and
+//! transport settings, and a backup served by hand on a thread.
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+
+use fgbi_engine::{Applier, EncoderConfig, Geometry, Mode};
+use fgbi_hyp::memory::Region;
+use fgbi_transport::{Backup, Implementation, PresharedKey, ReceiveRegion, TransportConfig};
+
+/// A primary's and a backup's matching settings, with a key file in a directory of
+/// their own (removed on drop).
+pub struct Pair {
+    pub dir: PathBuf,
+    pub key_path: PathBuf,
+    pub encoder: EncoderConfig,
+    pub transport: TransportConfig,
+    pub listener: Option<TcpListener>,
+    pub address: SocketAddr,
+}
+
+impl Pair {
+    /// `mem` bytes of 64-byte blocks in fgbi mode with a `cache` byte page cache,
+    /// over `implementation`; `name` keeps concurrent tests' directories apart.
+    pub fn new(name: &str, mem: usize, cache: usize, implementation: Implementation) -> Self {
+        let dir = std::env::temp_dir().join(format!("fgbi-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_path = dir.join("link.key");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key_path)
+            .unwrap()
+            .write_all(b"0123456789abcdef0123456789abcdef")
+            .unwrap();
+        let geometry = Geometry::new(mem as u64, 64).unwrap();
+        let mut encoder = EncoderConfig::new(geometry, Mode::Fgbi);
+        encoder.cache_bytes = cache;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self {
+            dir,
+            key_path,
+            encoder,
+            transport: TransportConfig::new(geometry, implementation),
+            address: listener.local_addr().unwrap(),
+            listener: Some(listener),
+        }
+    }
+
+    /// The key both sides share.
+    pub fn key(&self) -> PresharedKey {
+        PresharedKey::from_file(&self.key_path).unwrap()
+    }
+
+    /// Accepts one primary on a thread and serves it by hand ([`serve_by_hand`]).
+    pub fn serve_by_hand<T: Send + 'static>(
+        &mut self,
+        serve: impl FnOnce(Backup<'_>, &mut Applier, &mut Region) -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        let listener = self.listener.take().expect("one backup per pair");
+        let (encoder, transport, key) = (self.encoder.clone(), self.transport.clone(), self.key());
+        std::thread::spawn(move || serve_by_hand(&listener, &encoder, &transport, &key, serve))
+    }
+}
+
+/// Accepts one primary on `listener`, with two receive slots and an empty replica,
+/// and hands the connection, applier and replica to `serve`.
+pub fn serve_by_hand<T>(
+    listener: &TcpListener,
+    encoder: &EncoderConfig,
+    transport: &TransportConfig,
+    key: &PresharedKey,
+    serve: impl FnOnce(Backup<'_>, &mut Applier, &mut Region) -> T,
+) -> T {
+    let geometry = encoder.geometry;
+    let pages = geometry.pages() as usize;
+    let mut region = ReceiveRegion::for_epochs(encoder, pages, 4096, 2).unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    let mut applier = Applier::new(geometry);
+    let mut replica = Region::new(geometry.mem_bytes() as usize).unwrap();
+    let link = Backup::accept(stream, &mut region, transport, key, 0).unwrap();
+    serve(link, &mut applier, &mut replica)
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
