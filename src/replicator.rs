@@ -165,7 +165,20 @@ impl Replicator {
         sizes: &[usize],
         options: ReplicatorOptions,
     ) -> Result<(ProcessHandle, Replicator), ReplicationError> {
+        Self::start_from(sizes, options, |_| {})
+    }
+
+    /// As [`Replicator::start`], with `fill` writing the regions' first contents (and
+    /// restart record) before the first checkpoint can be taken: how a program
+    /// restarted from a replica is protected again, so that no checkpoint of it lacks
+    /// what it took over.
+    pub fn start_from(
+        sizes: &[usize],
+        options: ReplicatorOptions,
+        fill: impl FnOnce(&ProcessHandle),
+    ) -> Result<(ProcessHandle, Replicator), ReplicationError> {
         let (handle, memory) = protect(sizes, options.stop_timeout)?;
+        fill(&handle);
         let geometry = Geometry::new(memory.mem_bytes(), options.block_size)?;
         let mut config = EncoderConfig::new(geometry, options.mode);
         config.cache_bytes = options.cache_bytes;

@@ -89,7 +89,8 @@ pub struct Args {
     #[arg(long)]
     log_epochs: bool,
     /// Take over from the replica `fgbi backup --restart` hands over (automatic when
-    /// its environment is present), then serve unprotected.
+    /// its environment is present), then serve: unprotected, or with --backup
+    /// protected again by that (another) backup.
     #[arg(long)]
     restart: bool,
     /// With --restart: do not replay the inputs the backup logged (to show what the
@@ -103,6 +104,10 @@ pub struct Args {
 enum KvError {
     #[error("--mem {0} does not fit this machine's address space; choose a smaller size")]
     Mem(u64),
+    #[error(
+        "the replica taken over holds {replica} bytes but --mem is {mem}: give the restarted service the primary's --mem"
+    )]
+    MemMismatch { replica: usize, mem: u64 },
     #[error("cannot protect the store: {0}")]
     Protect(#[source] ReplicationError),
     #[error("cannot lay out the store: {0}; choose a larger --mem")]
@@ -164,7 +169,7 @@ pub fn run(args: &Args) -> ExitCode {
 enum Protection {
     None,
     Protected(Replicator),
-    Restarted(Ready),
+    Restarted,
 }
 
 /// Serves until SHUTDOWN or `--seconds`; true when the replica checked out.
@@ -177,15 +182,24 @@ fn serve(args: &Args) -> Result<bool, KvError> {
     }
     let addr = SocketAddr::new(args.bind, args.port);
     let listen = || TcpListener::bind(addr).map_err(|source| KvError::Listen { addr, source });
+    let mut ready = None;
     let (store, protection, replies, banner) = match restart {
         Some(restart) => {
-            let (store, ready, banner) = take_over(restart, mapped, !args.no_replay)?;
-            (
-                store,
-                Protection::Restarted(ready),
-                Replies::Unprotected,
-                banner,
-            )
+            let (store, restarted, banner) = take_over(restart, mapped, !args.no_replay)?;
+            ready = Some(restarted);
+            if args.backup.is_some() {
+                let started = Instant::now();
+                let (store, protection, replies, protected) =
+                    protect(args, Some(store.into_memory()))?;
+                let banner = format!(
+                    "{banner}; {protected}, protected again in {} us",
+                    started.elapsed().as_micros()
+                );
+                (store, protection, replies, banner)
+            } else {
+                let banner = format!("{banner}; unprotected");
+                (store, Protection::Restarted, Replies::Unprotected, banner)
+            }
         }
         None if args.unprotected => {
             let mem = usize::try_from(args.mem).map_err(|_| KvError::Mem(args.mem))?;
@@ -197,7 +211,7 @@ fn serve(args: &Args) -> Result<bool, KvError> {
                 "unprotected".into(),
             )
         }
-        None => protect(args)?,
+        None => protect(args, None)?,
     };
     let listener = listen()?;
     let local = listener
@@ -218,7 +232,7 @@ fn serve(args: &Args) -> Result<bool, KvError> {
     );
     // The tests wait for this line.
     let _ = std::io::stdout().flush();
-    if let Protection::Restarted(ready) = &protection {
+    if let Some(ready) = &ready {
         ready.send(&format!("listening {local} {banner}"))?;
     }
 
@@ -242,7 +256,7 @@ fn serve(args: &Args) -> Result<bool, KvError> {
             println!("kv: unprotected: no replica to check");
             Ok(true)
         }
-        Protection::Restarted(_) => {
+        Protection::Restarted => {
             println!("kv: restarted from a replica: no replica of its own to check");
             Ok(true)
         }
@@ -253,8 +267,12 @@ fn serve(args: &Args) -> Result<bool, KvError> {
     }
 }
 
-/// Protects a new store: replicated in-process, or to `--backup`.
-fn protect(args: &Args) -> Result<(LiveStore, Protection, Replies, String), KvError> {
+/// Protects a new store, or (`from`) the store of a replica taken over: replicated
+/// in-process, or to `--backup`.
+fn protect(
+    args: &Args,
+    from: Option<StoreMemory>,
+) -> Result<(LiveStore, Protection, Replies, String), KvError> {
     let mem = usize::try_from(args.mem).map_err(|_| KvError::Mem(args.mem))?;
     let llm = args.mode == Mode::Llm && args.backup.is_some();
     if llm != args.input_log.is_some() {
@@ -295,10 +313,31 @@ fn protect(args: &Args) -> Result<(LiveStore, Protection, Replies, String), KvEr
         observer: Some(Observer(Arc::new(move |event| log(event, log_epochs)))),
         ..ReplicatorOptions::default()
     };
-    let (handle, replicator) = Replicator::start(&[mem], options).map_err(KvError::Protect)?;
+    if let Some(replica) = from.as_ref().map(|from| from.as_ref().len()) {
+        if replica != mem {
+            return Err(KvError::MemMismatch {
+                replica,
+                mem: args.mem,
+            });
+        }
+    }
+    let (handle, replicator) = Replicator::start_from(&[mem], options, |handle| {
+        // The store taken over, and its record, are in place before the first
+        // checkpoint: no checkpoint of this process lacks them.
+        if let (Some(from), Some(mut memory)) = (&from, StoreMemory::protected(handle.clone())) {
+            memory.as_mut().copy_from_slice(from.as_ref());
+            if let Ok(mutations) = Store::open(from).and_then(|s| s.mutations()) {
+                handle.set_state(&super::server::record(mutations, llm.then_some(0)));
+            }
+        }
+    })
+    .map_err(KvError::Protect)?;
     let memory = StoreMemory::protected(handle.clone())
         .expect("Replicator::start made the one region asked for");
-    let store = Store::create(memory).map_err(KvError::Store)?;
+    let store = match from {
+        Some(_) => Store::open(memory).map_err(KvError::Replica)?,
+        None => Store::create(memory).map_err(KvError::Store)?,
+    };
     let (replies, banner) = match (&args.backup, args.no_output_commit) {
         (Some(backup), _) if forwarder.is_some() => (
             Replies::Logged(
@@ -405,7 +444,7 @@ fn take_over(
     };
     let keys = store.keys().map_err(KvError::Replica)?;
     let banner = format!(
-        "restarted from the replica at epoch {epoch}: {mutations} mutations as its restart record says, mapped in {} us, store checked in {} us{replayed}, {keys} keys; unprotected",
+        "restarted from the replica at epoch {epoch}: {mutations} mutations as its restart record says, mapped in {} us, store checked in {} us{replayed}, {keys} keys",
         mapped.as_micros(),
         checked.as_micros()
     );

@@ -140,6 +140,11 @@ impl<B: AsRef<[u8]>> Store<B> {
         self.mem.as_ref()
     }
 
+    /// The memory the store lives in.
+    pub fn into_memory(self) -> B {
+        self.mem
+    }
+
     fn field(&self, f: Field) -> Result<u64, StoreError> {
         read_u64(self.bytes(), 8 * f as u64)
     }
