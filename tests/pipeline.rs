@@ -77,6 +77,10 @@ fn epochs_overlap_up_to_the_receive_slots_and_the_replica_stays_exact() {
                     committed = epoch;
                     checkpoints.push(c);
                 }
+                // The backup serves one connection: without it the loop would never end.
+                PrimaryEvent::Unprotected { reason } => {
+                    panic!("{name}: the backup was lost: {reason}")
+                }
                 _ => {}
             },
         )

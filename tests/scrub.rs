@@ -79,6 +79,8 @@ fn run(implementation: Implementation, scrub_every: u64) -> Run {
                 digests.insert(epoch, d);
             }
             PrimaryEvent::Scrubbed { diverged: d, .. } => diverged.extend(d),
+            // The backup serves one connection: without it the loop would never end.
+            PrimaryEvent::Unprotected { reason } => panic!("the backup was lost: {reason}"),
             _ => {}
         },
     )
