@@ -119,11 +119,23 @@ impl Metrics {
                 self.paused(*pause);
             }
             PrimaryEvent::Committed(n) => self.committed(*n, 0),
+            // Part of memory reached the backup: no checkpoint yet.
+            PrimaryEvent::Synced {
+                epoch,
+                bytes,
+                pause,
+                ..
+            } => {
+                self.sent_epoch.store(*epoch, Ordering::Relaxed);
+                self.committed_epoch.store(*epoch, Ordering::Relaxed);
+                self.bytes.fetch_add(*bytes, Ordering::Relaxed);
+                self.paused(*pause);
+            }
             PrimaryEvent::Unprotected { .. } => self.set_protected(false),
+            // Protected again once a checkpoint commits.
             PrimaryEvent::Connected(n) => {
                 self.committed_epoch.store(*n, Ordering::Relaxed);
                 self.sent_epoch.store(*n, Ordering::Relaxed);
-                self.set_protected(true);
             }
             PrimaryEvent::Scrubbed { diverged, .. } => self.scrubbed(diverged.len() as u64),
         }

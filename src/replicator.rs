@@ -274,7 +274,7 @@ impl Sink<'_> {
                     wire_bytes: shipped.bytes,
                     pause: shipped.pause,
                     verified: None,
-                    release: shipped.committed || !link.connected(),
+                    release: shipped.committed || !link.protected(),
                     committed: shipped.committed,
                 })
             }
