@@ -107,7 +107,10 @@ pub fn hit(point: Point) -> bool {
 
 /// Kills this process at `point` (which [`hit`] named), saying so on stderr.
 pub fn kill(point: Point) {
-    eprintln!("fgbi: {FAULT_ENV}: killing this process at {}", point.name());
+    eprintln!(
+        "fgbi: {FAULT_ENV}: killing this process at {}",
+        point.name()
+    );
     // SAFETY: getpid and kill take no pointers; SIGKILL ends the process here.
     unsafe {
         libc::kill(libc::getpid(), libc::SIGKILL);

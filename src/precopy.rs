@@ -16,9 +16,10 @@
 //! so the next harvest reports it: the next round sends it whole
 //! ([`Encoder::resend`]: no digest comparison, no delta), and so does the final
 //! checkpoint for the pages of the last harvests. The rounds stop when the pages
-//! written during one fit in [`FINAL_PAGES`], or after [`MAX_ROUNDS`] rounds; the
-//! next checkpoint (a normal pause) then copies what is left, and protection starts
-//! once the backup committed it.
+//! written during one fit in [`FINAL_PAGES`], when they are not an eighth fewer than
+//! the round sent (the program writes about as fast as the rounds send: more rounds
+//! would not shrink the pause), or after [`MAX_ROUNDS`] rounds; the next checkpoint (a normal pause)
+//! then copies what is left, and protection starts once the backup committed it.
 
 use std::time::{Duration, Instant};
 
@@ -93,6 +94,8 @@ pub struct PreCopy {
     written: PageSet,
     /// This round's number, from 0.
     number: u32,
+    /// Pages this round had to send when it began.
+    size: u64,
     /// No harvest yet: the first one belongs to round 0 (nothing was read before it).
     fresh: bool,
     harvested: Vec<u64>,
@@ -120,6 +123,7 @@ impl PreCopy {
             round,
             written: PageSet::new(pages),
             number: 0,
+            size: 0,
             fresh: true,
             harvested: Vec::new(),
             chunk: Vec::with_capacity(CHUNK_PAGES),
@@ -138,7 +142,9 @@ impl PreCopy {
         event: &mut dyn FnMut(PrimaryEvent),
     ) -> Result<Step, ReplicationError> {
         if !self.fresh && self.round.len == 0 {
-            if self.written.len <= FINAL_PAGES || self.number + 1 >= MAX_ROUNDS {
+            // Converged, or the round did not shrink the set by an eighth.
+            let converged = self.written.len <= FINAL_PAGES || self.written.len * 8 > self.size * 7;
+            if converged || self.number + 1 >= MAX_ROUNDS {
                 // The final checkpoint sends these whole, with its own dirty pages.
                 self.written.take_lowest(usize::MAX, &mut self.chunk);
                 encoder.resend(&self.chunk)?;
@@ -146,6 +152,7 @@ impl PreCopy {
             }
             std::mem::swap(&mut self.round, &mut self.written);
             self.number += 1;
+            self.size = self.round.len;
         }
         let pause = self.harvest(program)?;
         let into = match std::mem::take(&mut self.fresh) {
@@ -153,6 +160,9 @@ impl PreCopy {
             false => &mut self.written,
         };
         self.harvested.iter().for_each(|&p| into.insert(p));
+        if self.number == 0 {
+            self.size = self.size.max(self.round.len);
+        }
         self.round.take_lowest(CHUNK_PAGES, &mut self.chunk);
         let encoded = if self.number == 0 {
             encoder.encode_precopy(&self.chunk, program.memory())?
