@@ -75,7 +75,8 @@ pub struct FailoverReport {
 /// and fences again after each `options.fence.retry` without one. `restore` turns the replica
 /// (all-zero `replica` memory of the geometry's size, updated epoch by epoch) and the
 /// last committed state blob into the protected program, `first_run` runs its first
-/// step. Returns the report and the program.
+/// step; `committed` is told of every checkpoint epoch committed (not of initial
+/// sync's pre-copy epochs). Returns the report and the program.
 pub fn run<M, T, E, F>(
     listener: &TcpListener,
     options: &BackupOptions,
@@ -227,7 +228,9 @@ fn serve(
                     // Initial sync: no checkpoint to fail over to yet.
                     m.set_protected(applier.holds_checkpoint());
                 }
-                committed(applied.epoch);
+                if applier.holds_checkpoint() {
+                    committed(applied.epoch);
+                }
             }
             Ok(Served::Refused { .. }) => last_heard = Instant::now(),
             Ok(Served::Scrubbed {
