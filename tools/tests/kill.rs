@@ -118,8 +118,8 @@ fn killed_mid_transfer_the_backup_keeps_the_last_committed_checkpoint_and_fails_
         let sent = run
             .primary
             .iter()
-            .filter(|l| l.starts_with("sent "))
-            .last()
+            .rev()
+            .find(|l| l.starts_with("sent "))
             .unwrap();
         let committed = run
             .primary
