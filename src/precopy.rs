@@ -23,7 +23,7 @@
 
 use std::time::{Duration, Instant};
 
-use fgbi_engine::Encoder;
+use fgbi_engine::{EncodeError, Encoder};
 use fgbi_hyp::protected::{HypError, Protected};
 use fgbi_transport::{Primary, Reply, TransportError};
 
@@ -45,6 +45,7 @@ pub const MAX_ROUNDS: u32 = 6;
 
 /// A set of page numbers, one bit each.
 struct PageSet {
+    pages: u64,
     words: Vec<u64>,
     len: u64,
     /// No page below `first * 64` is in the set.
@@ -54,15 +55,21 @@ struct PageSet {
 impl PageSet {
     fn new(pages: u64) -> Self {
         Self {
+            pages,
             words: vec![0; pages.div_ceil(64) as usize],
             len: 0,
             first: 0,
         }
     }
 
+    /// Adds `page` (the caller keeps it inside memory; one outside is left out).
     fn insert(&mut self, page: u64) {
         let (word, bit) = ((page / 64) as usize, 1u64 << (page % 64));
-        if let Some(w) = self.words.get_mut(word).filter(|w| **w & bit == 0) {
+        let fresh = self
+            .words
+            .get_mut(word)
+            .filter(|w| page < self.pages && **w & bit == 0);
+        if let Some(w) = fresh {
             *w |= bit;
             self.len += 1;
             self.first = self.first.min(word);
@@ -155,6 +162,10 @@ impl PreCopy {
             self.size = self.round.len;
         }
         let pause = self.harvest(program)?;
+        let pages = self.round.pages;
+        if let Some(&page) = self.harvested.iter().find(|&&p| p >= pages) {
+            return Err(EncodeError::PageOutOfRange { page, pages }.into());
+        }
         let into = match std::mem::take(&mut self.fresh) {
             true => &mut self.round,
             false => &mut self.written,
