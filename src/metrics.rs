@@ -119,7 +119,8 @@ impl Metrics {
                 self.paused(*pause);
             }
             PrimaryEvent::Committed(n) => self.committed(*n, 0),
-            // Part of memory reached the backup: no checkpoint yet.
+            // Part of memory reached the backup (an acknowledged epoch, counted as
+            // such): no checkpoint yet, so neither protected nor a commit's age.
             PrimaryEvent::Synced {
                 epoch,
                 bytes,
@@ -128,6 +129,7 @@ impl Metrics {
             } => {
                 self.sent_epoch.store(*epoch, Ordering::Relaxed);
                 self.committed_epoch.store(*epoch, Ordering::Relaxed);
+                self.epochs_committed.fetch_add(1, Ordering::Relaxed);
                 self.bytes.fetch_add(*bytes, Ordering::Relaxed);
                 self.paused(*pause);
             }

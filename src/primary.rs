@@ -232,7 +232,7 @@ impl<'k> Link<'k> {
     /// checkpoint committed since protection was last lost (never during initial
     /// sync).
     pub fn protected(&self) -> bool {
-        self.connection.is_some() && !self.reported
+        self.connection.is_some() && self.synced && !self.reported
     }
 
     /// Takes one checkpoint of `program` (with its digest if `digest`), encodes it,
