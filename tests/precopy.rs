@@ -2,8 +2,9 @@
 //! after a restart, receives the memory of an application whose threads keep writing
 //! while it is read, and ends with exactly the checkpoint's bytes; the pause that
 //! ends the sync copies a small part of memory, where syncing in a pause copies it
-//! all.
+//! all; a backup that reconnects with its partial replica is synced on.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::OpenOptionsExt;
@@ -98,7 +99,7 @@ impl Drop for Application {
 #[derive(Default)]
 struct Seen {
     /// Digest of each checkpoint sent.
-    digests: std::collections::HashMap<u64, u128>,
+    digests: HashMap<u64, u128>,
     /// Pre-copy epochs committed, per sync (a new sync starts at each `Connected(0)`).
     synced: Vec<u64>,
     /// Pre-copy epochs of a round after the first (pages written while read).
@@ -370,4 +371,93 @@ fn pages_written_during_a_round_are_sent_again_in_the_next_until_rounds_stop_shr
     assert_eq!(report.digest, seen.digests.get(&seen.last).copied());
     let copied = seen.final_pages[0];
     assert!(copied * 4 < 4096, "{copied} of 4096 pages in the pause");
+}
+
+#[test]
+fn a_backup_that_reconnects_with_its_partial_replica_is_synced_on_not_from_scratch() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("fgbi-precopy-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_path = key(&dir);
+    let key = PresharedKey::from_file(&key_path).unwrap();
+    let mut machine = SyntheticMachine::new("dense", 16 << 20, 9, Tracking::Kernel, false).unwrap();
+    let geometry = Geometry::new(16 << 20, 64).unwrap();
+    let mut encoder = EncoderConfig::new(geometry, Mode::Fgbi);
+    encoder.cache_bytes = 1 << 20;
+    let transport = TransportConfig::new(geometry, Implementation::Std);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let backup_key = PresharedKey::from_file(&key_path).unwrap();
+    let (backup_encoder, backup_transport) = (encoder.clone(), transport.clone());
+    // One backup process whose connection breaks after two pre-copy epochs; it keeps
+    // its replica and accepts the primary again, announcing the epoch it holds.
+    let backup = std::thread::spawn(move || {
+        let pages = geometry.pages() as usize;
+        let mut region = ReceiveRegion::for_epochs(&backup_encoder, pages, 4096, 2).unwrap();
+        let mut applier = Applier::new(geometry);
+        let mut replica = Region::new(16 << 20).unwrap();
+        for connection in 0..2 {
+            let (stream, _) = listener.accept().unwrap();
+            let mut served = Backup::accept(
+                stream,
+                &mut region,
+                &backup_transport,
+                &backup_key,
+                applier.committed(),
+            )
+            .unwrap();
+            let mut epochs = 0;
+            while connection == 1 || epochs < 2 {
+                if served.serve_one(&mut applier, &mut replica).is_err() {
+                    break;
+                }
+                epochs += 1;
+            }
+        }
+        (
+            applier.committed(),
+            applier.holds_checkpoint(),
+            fgbi_engine::memory_digest(&replica),
+        )
+    });
+    let mut link = Link::new(encoder, transport, address, &key).unwrap();
+    let (mut connected, mut digests, mut committed) = (Vec::new(), HashMap::new(), 0);
+    let mut record = |e: PrimaryEvent| match e {
+        PrimaryEvent::Connected(n) => connected.push(n),
+        PrimaryEvent::Sent {
+            epoch,
+            digest: Some(d),
+            ..
+        } => {
+            digests.insert(epoch, d);
+        }
+        _ => {}
+    };
+    link.connect(
+        std::time::Instant::now() + Duration::from_secs(5),
+        &mut record,
+    )
+    .unwrap();
+    while committed < 3 {
+        machine.run().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        committed += u64::from(
+            link.checkpoint(&mut machine, true, &mut record)
+                .unwrap()
+                .committed,
+        );
+    }
+    drop(link);
+    let (epoch, holds, digest) = backup.join().unwrap();
+    assert_eq!(connected.len(), 2, "{connected:?}");
+    assert_eq!(connected[0], 0);
+    assert!(
+        connected[1] >= 1,
+        "the backup kept its pre-copy epochs: {connected:?}"
+    );
+    assert!(holds);
+    assert_eq!(Some(digest), digests.get(&epoch).copied());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
