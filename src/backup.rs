@@ -68,12 +68,15 @@ pub struct FailoverReport {
 }
 
 /// Serves one primary until it dies, then fences it with `options.fence` and fails
-/// over. If the fence fails the backup does not fail over: it says so on stderr,
+/// over, if its replica holds a checkpoint: a primary that dies before (during
+/// initial sync, whose pre-copy epochs leave no checkpoint) is reported as
+/// [`ReplicationError::NeverProtected`] and nothing is started. If the fence fails the backup does not fail over: it says so on stderr,
 /// waits for the primary to reconnect (and serves it on with the replica it holds),
 /// and fences again after each `options.fence.retry` without one. `restore` turns the replica
 /// (all-zero `replica` memory of the geometry's size, updated epoch by epoch) and the
 /// last committed state blob into the protected program, `first_run` runs its first
-/// step. Returns the report and the program.
+/// step; `committed` is told of every checkpoint epoch committed (not of initial
+/// sync's pre-copy epochs). Returns the report and the program.
 pub fn run<M, T, E, F>(
     listener: &TcpListener,
     options: &BackupOptions,
@@ -133,6 +136,17 @@ where
             (None, Some(silence)) => silence,
             (None, None) => continue,
         };
+        if !applier.holds_checkpoint() {
+            let progress = match applier.committed() {
+                0 => "it had received no epoch".to_string(),
+                n => format!("initial sync had reached pre-copy epoch {n}"),
+            };
+            return Err(ReplicationError::NeverProtected {
+                peer: silence.peer,
+                cause: silence.failure.to_string(),
+                progress,
+            });
+        }
         let started = Instant::now();
         let peer = silence.peer;
         match options.fence.run(Some(peer), applier.committed()) {
@@ -203,7 +217,7 @@ fn serve(
 ) -> Silence {
     let mut last_heard = Instant::now();
     if let Some(m) = metrics {
-        m.set_protected(true);
+        m.set_protected(applier.holds_checkpoint());
     }
     let failure = loop {
         match backup.serve_one(applier, replica) {
@@ -211,8 +225,12 @@ fn serve(
                 last_heard = Instant::now();
                 if let Some(m) = metrics {
                     m.committed(applied.epoch, applied.bytes);
+                    // Initial sync: no checkpoint to fail over to yet.
+                    m.set_protected(applier.holds_checkpoint());
                 }
-                committed(applied.epoch);
+                if applier.holds_checkpoint() {
+                    committed(applied.epoch);
+                }
             }
             Ok(Served::Refused { .. }) => last_heard = Instant::now(),
             Ok(Served::Scrubbed {

@@ -23,6 +23,7 @@ pub mod input_log;
 pub mod local;
 pub mod metrics;
 pub mod percentiles;
+pub mod precopy;
 pub mod primary;
 pub mod replicator;
 pub mod restart;

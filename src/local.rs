@@ -46,6 +46,19 @@ pub enum ReplicationError {
     /// The replica could not be kept for, or handed to, a restarted program.
     #[error(transparent)]
     Restart(#[from] crate::restart::RestartError),
+    /// The primary died before the backup held a checkpoint: the backup does not
+    /// fail over.
+    #[error(
+        "the primary {peer} fell silent ({cause}) before this backup held a checkpoint of it ({progress}): the replica is not a state the program was ever in, so this backup was never protected and does NOT fail over; start the program and its backup again"
+    )]
+    NeverProtected {
+        /// The primary's address.
+        peer: std::net::SocketAddr,
+        /// Why the backup decided the primary was dead.
+        cause: String,
+        /// How far initial sync had come.
+        progress: String,
+    },
     /// The protected memory is not the size the encoder was configured for.
     #[error("protected memory is {got} bytes but the encoder expects {expected}")]
     Size {

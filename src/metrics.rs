@@ -119,11 +119,25 @@ impl Metrics {
                 self.paused(*pause);
             }
             PrimaryEvent::Committed { epoch, .. } => self.committed(*epoch, 0),
+            // Part of memory reached the backup (an acknowledged epoch, counted as
+            // such): no checkpoint yet, so neither protected nor a commit's age.
+            PrimaryEvent::Synced {
+                epoch,
+                bytes,
+                pause,
+                ..
+            } => {
+                self.sent_epoch.store(*epoch, Ordering::Relaxed);
+                self.committed_epoch.store(*epoch, Ordering::Relaxed);
+                self.epochs_committed.fetch_add(1, Ordering::Relaxed);
+                self.bytes.fetch_add(*bytes, Ordering::Relaxed);
+                self.paused(*pause);
+            }
             PrimaryEvent::Unprotected { .. } => self.set_protected(false),
+            // Protected again once a checkpoint commits.
             PrimaryEvent::Connected(n) => {
                 self.committed_epoch.store(*n, Ordering::Relaxed);
                 self.sent_epoch.store(*n, Ordering::Relaxed);
-                self.set_protected(true);
             }
             PrimaryEvent::Scrubbed { diverged, .. } => self.scrubbed(diverged.len() as u64),
         }

@@ -10,8 +10,10 @@
 //! (and every later one in flight) is lost and its pages are carried into the next;
 //! the program never stops for the backup. While no backup
 //! is reachable each checkpoint's pages are carried and the link tries to reconnect
-//! once per epoch; a backup that reconnects empty is re-synced from scratch while the
-//! program keeps running. [`run`] is the loop of `fgbi primary` over a program that
+//! once per epoch; a backup that connects empty (the first, one that restarted, or a
+//! new one) is synced by iterative pre-copy ([`crate::precopy`]) while the program
+//! keeps running, and the program is reported unprotected until the checkpoint that
+//! ends it commits. [`run`] is the loop of `fgbi primary` over a program that
 //! runs in steps (a synthetic workload); [`crate::replicator`] drives the same
 //! [`Link`] from its epoch thread for an application's own memory.
 
@@ -28,6 +30,7 @@ use fgbi_transport::{
 use crate::checkpoint::Checkpointer;
 use crate::fault::{self, Point};
 use crate::local::ReplicationError;
+use crate::precopy::{PreCopy, Step};
 
 /// What the primary loop does, and where to.
 #[derive(Clone, Debug)]
@@ -48,6 +51,8 @@ pub struct PrimaryOptions {
     pub digests: bool,
     /// Scrub every this many epochs (0: never); see [`Link::scrub_every`].
     pub scrub_every: u64,
+    /// How an empty backup is synced; see [`Link::pre_copy`].
+    pub pre_copy: bool,
 }
 
 /// Epochs between scrubs unless told otherwise.
@@ -80,13 +85,32 @@ pub enum PrimaryEvent {
         /// backup now holds (pages of checkpoints never sent travel in later ones).
         checkpoints: u64,
     },
+    /// A pre-copy epoch of initial sync committed: part of memory, read while the
+    /// program ran, is on the backup, which holds no checkpoint yet.
+    Synced {
+        /// Epoch number.
+        epoch: u64,
+        /// The pre-copy round, from 0 (all memory; then what the last round saw
+        /// written).
+        round: u32,
+        /// Pages sent.
+        pages: u64,
+        /// Encoded bytes.
+        bytes: u64,
+        /// The stop to harvest the dirty pages (no page is copied in it).
+        pause: Duration,
+        /// Pages of this round still to send.
+        left: u64,
+    },
     /// No backup holds the program's state: it runs unprotected until one is
     /// reached again. Reported once when protection is lost (or never gained).
     Unprotected {
         /// Why: the error of the link or of the last attempt to connect.
         reason: String,
     },
-    /// Connected (or reconnected) to a backup at this committed epoch.
+    /// Connected (or reconnected) to a backup at this committed epoch. Protection
+    /// resumes with the next [`PrimaryEvent::Committed`] (after initial sync, for
+    /// an empty backup).
     Connected(u64),
     /// The backup compared a slice of its replica with the checkpoint of `epoch`.
     Scrubbed {
@@ -138,6 +162,12 @@ pub struct Link<'k> {
     synced: bool,
     /// Unprotected was reported since the backup last committed a checkpoint.
     reported: bool,
+    /// Sync an empty backup by pre-copy (else in the next checkpoint's pause).
+    pre_copy: bool,
+    /// Initial sync of an empty backup, while it lasts.
+    precopy: Option<PreCopy>,
+    /// The next checkpoint ends initial sync: its pages go whole.
+    ending_sync: bool,
     /// Epochs between scrubs (0: none).
     scrub_every: u64,
     /// The next chunk to scrub.
@@ -167,6 +197,9 @@ impl<'k> Link<'k> {
             connection: None,
             synced: false,
             reported: false,
+            pre_copy: true,
+            precopy: None,
+            ending_sync: false,
             scrub_every: DEFAULT_SCRUB_EVERY,
             scrub_next: 0,
             sent: VecDeque::new(),
@@ -180,6 +213,14 @@ impl<'k> Link<'k> {
     /// chunks that differ are reported and their pages sent whole again.
     pub fn scrub_every(&mut self, epochs: u64) {
         self.scrub_every = epochs;
+    }
+
+    /// How a backup that connects empty is synced: by iterative pre-copy while the
+    /// program runs (`true`, the default: [`crate::precopy`]), or in the pause of the
+    /// next checkpoint, which then copies every page that may differ from an empty
+    /// replica (`false`: what a bench measuring from a known sync epoch wants).
+    pub fn pre_copy(&mut self, on: bool) {
+        self.pre_copy = on;
     }
 
     /// Tries to connect until `deadline` (at least once); on failure reports the
@@ -221,11 +262,20 @@ impl<'k> Link<'k> {
         self.encoder.committed()
     }
 
+    /// Whether a backup holds a checkpoint of the program: connected, and a
+    /// checkpoint committed since protection was last lost (never during initial
+    /// sync).
+    pub fn protected(&self) -> bool {
+        self.connection.is_some() && self.synced && !self.reported
+    }
+
     /// Takes one checkpoint of `program` (with its digest if `digest`), encodes it and
     /// sends it, without waiting for its answer unless every receive slot of the
     /// backup already holds an epoch in flight: then the oldest answer is awaited
     /// first, and the epoch stretches. Without a backup the checkpoint's pages are
-    /// carried, and one attempt is made to reconnect for the next.
+    /// carried, and one attempt is made to reconnect for the next. During initial
+    /// sync, sends the next pre-copy epoch instead (the program is stopped only to
+    /// harvest, and nothing is committed) until the checkpoint that ends it.
     pub fn checkpoint<P: Protected + ?Sized>(
         &mut self,
         program: &mut P,
@@ -240,6 +290,28 @@ impl<'k> Link<'k> {
             self.answer(None, event)?;
         }
         self.reconcile(event)?;
+        if let (Some(precopy), Some(primary)) = (&mut self.precopy, &mut self.connection) {
+            let timeout = self.transport.liveness.timeout * 4;
+            match precopy.step(program, &mut self.encoder, primary, timeout, event)? {
+                // Each pre-copy step stopped the program once, to harvest: it counts
+                // among the stops whose outputs a later checkpoint's commit releases.
+                Step::Sent(mut shipped) => {
+                    self.taken += 1;
+                    shipped.checkpoint = self.taken;
+                    return Ok(shipped);
+                }
+                Step::Broken(mut shipped, e) => {
+                    self.taken += 1;
+                    shipped.checkpoint = self.taken;
+                    self.fail(&e, event)?;
+                    return Ok(shipped);
+                }
+                Step::Final => {
+                    self.precopy = None;
+                    self.ending_sync = true;
+                }
+            }
+        }
         // Without a backup the carried pages stay carried: no need to copy them.
         let carried = match self.connection {
             Some(_) => self.encoder.carried_pages(),
@@ -259,6 +331,12 @@ impl<'k> Link<'k> {
         }
         let checkpoint = self.checkpointer.take(program, carried, digest)?;
         self.taken += 1;
+        if self.ending_sync && self.connection.is_some() {
+            // Written while initial sync read memory: what the backup holds of them
+            // is unknown. (Should this epoch be lost, its replacement does the same.)
+            self.encoder.resend(checkpoint.dirty)?;
+            self.ending_sync = false;
+        }
         let mut shipped = Shipped {
             epoch: 0,
             dirty_pages: checkpoint.dirty.len() as u64,
@@ -277,7 +355,14 @@ impl<'k> Link<'k> {
             .encoder
             .encode(checkpoint.dirty, checkpoint.pages, checkpoint.state)?;
         (shipped.epoch, shipped.bytes) = (encoded.stats.epoch, encoded.stats.bytes);
-        let sent = primary.send_epoch(&encoded);
+        let sent = if fault::hit(Point::Transfer) {
+            // Half the epoch reaches the backup, then the primary dies.
+            let _ = primary.send_epoch_prefix(&encoded, encoded.len() / 2);
+            fault::kill(Point::Transfer);
+            Err(TransportError::Broken)
+        } else {
+            primary.send_epoch(&encoded)
+        };
         event(PrimaryEvent::Sent {
             epoch: shipped.epoch,
             pause: shipped.pause,
@@ -441,28 +526,55 @@ impl<'k> Link<'k> {
             return Ok(());
         };
         let held = primary.backup_committed();
-        if held == 0 && self.encoder.committed() > 0 {
-            // An empty backup: start over with a full copy. (A fresh encoder needs
-            // none: a program's first harvest reports every page that may differ from
-            // an empty replica, the `Protected::harvest` contract, and the pages of
-            // checkpoints never sent are carried.)
-            self.encoder = Encoder::new(self.config.clone())?;
-            let all: Vec<u64> = (0..self.config.geometry.pages()).collect();
-            self.encoder.carry(&all)?;
-        } else if held > self.encoder.committed() {
+        if held > self.encoder.committed() {
             self.encoder.acknowledge(held)?;
         }
         self.encoder.lose_all();
         self.synced = true;
         event(PrimaryEvent::Connected(held));
+        if held == 0 {
+            self.sync_empty_backup(event)?;
+        }
         Ok(())
     }
 
-    fn unprotected(&mut self, error: &TransportError, event: &mut dyn FnMut(PrimaryEvent)) {
+    /// The connected backup is empty: syncs it from a fresh encoder, by pre-copy or
+    /// in the next pause. Every page may differ from its replica, unless nothing was
+    /// ever sent: then the pages of the checkpoints taken meanwhile (carried) and the
+    /// first harvest cover them all (the `Protected::harvest` contract).
+    fn sync_empty_backup(
+        &mut self,
+        event: &mut dyn FnMut(PrimaryEvent),
+    ) -> Result<(), ReplicationError> {
+        let pages = self.config.geometry.pages();
+        let sent = self.encoder.committed() > 0 || self.precopy.is_some() || self.ending_sync;
+        let first: Vec<u64> = match sent {
+            true => (0..pages).collect(),
+            false => self.encoder.carried_pages().to_vec(),
+        };
+        self.ending_sync = false;
+        if !self.pre_copy {
+            // Unless something was sent, the encoder is as new, the pages carried.
+            if sent {
+                self.encoder = Encoder::new(self.config.clone())?;
+                self.encoder.carry(&first)?;
+            }
+            return Ok(());
+        }
+        self.encoder = Encoder::new(self.config.clone())?;
+        self.precopy = Some(PreCopy::new(pages, first));
+        self.unprotected(
+            &"initial sync: the backup is receiving the whole memory while the program runs",
+            event,
+        );
+        Ok(())
+    }
+
+    fn unprotected(&mut self, reason: &dyn std::fmt::Display, event: &mut dyn FnMut(PrimaryEvent)) {
         if !self.reported {
             self.reported = true;
             event(PrimaryEvent::Unprotected {
-                reason: error.to_string(),
+                reason: reason.to_string(),
             });
         }
     }
@@ -500,6 +612,7 @@ pub fn run<P: Protected + ?Sized>(
         key,
     )?;
     link.scrub_every(options.scrub_every);
+    link.pre_copy(options.pre_copy);
     link.connect(Instant::now() + options.connect_timeout, &mut event)?;
     let mut next = Instant::now();
     loop {

@@ -9,7 +9,8 @@
 //! Output commit: each checkpoint closes an output epoch
 //! ([`ProcessHandle::output_epoch`]); once the target has committed the checkpoint,
 //! the epoch thread releases its outputs ([`ProcessHandle::wait_committed`]). While
-//! no backup is reachable the application runs unprotected and nothing is held back.
+//! no backup holds a checkpoint (none reachable, or initial sync) the application
+//! runs unprotected and nothing is held back.
 //! [`Replicator::finish`] takes a last checkpoint and, for a local target, hands back
 //! the replica: its regions and restart record, as a backup would hand them to the
 //! application's restart code.
@@ -314,7 +315,7 @@ impl Sink<'_> {
     fn protects(&self) -> bool {
         match self {
             Sink::Local(_) => true,
-            Sink::Remote(link) => link.connected(),
+            Sink::Remote(link) => link.protected(),
         }
     }
 }

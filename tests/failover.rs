@@ -66,6 +66,7 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
             connect_timeout: Duration::from_secs(5),
             digests: true,
             scrub_every: primary::DEFAULT_SCRUB_EVERY,
+            pre_copy: true,
         };
         let mut digests = std::collections::HashMap::new();
         let last = primary::run(
@@ -146,6 +147,7 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
         connect_timeout: Duration::from_secs(5),
         digests: true,
         scrub_every: primary::DEFAULT_SCRUB_EVERY,
+        pre_copy: true,
     };
     let (mut digests, mut unprotected, mut connections) = (std::collections::HashMap::new(), 0, 0);
     primary::run(

@@ -53,6 +53,8 @@ fn epochs_overlap_up_to_the_receive_slots_and_the_replica_stays_exact() {
             connect_timeout: Duration::from_secs(5),
             digests: true,
             scrub_every: 0,
+            // Every epoch a checkpoint, so every replica can be compared with one.
+            pre_copy: false,
         };
         let (mut sent, mut committed, mut most_in_flight) = (HashMap::new(), 0, 0);
         let mut checkpoints = Vec::new();

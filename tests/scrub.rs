@@ -63,6 +63,7 @@ fn run(implementation: Implementation, scrub_every: u64) -> Run {
         connect_timeout: Duration::from_secs(5),
         digests: true,
         scrub_every,
+        pre_copy: true,
     };
     let (mut digests, mut diverged) = (HashMap::new(), Vec::new());
     primary::run(

@@ -67,6 +67,8 @@ impl PageSet {
 pub struct Applier {
     geometry: Geometry,
     committed: u64,
+    /// The committed epoch is a checkpoint (not a round of initial sync).
+    checkpoint: bool,
     state: Vec<u8>,
     written: PageSet,
     scratch: Vec<u8>,
@@ -78,11 +80,13 @@ impl Applier {
         Self::resume(geometry, 0, Vec::new())
     }
 
-    /// An applier for a replica already at `committed` with state blob `state`.
+    /// An applier for a replica already at `committed` with state blob `state` (a
+    /// checkpoint, unless `committed` is 0).
     pub fn resume(geometry: Geometry, committed: u64, state: Vec<u8>) -> Self {
         Self {
             geometry,
             committed,
+            checkpoint: committed > 0,
             state,
             written: PageSet::new(geometry.pages()),
             scratch: vec![0; PAGE_SIZE],
@@ -97,6 +101,13 @@ impl Applier {
     /// The last committed epoch.
     pub fn committed(&self) -> u64 {
         self.committed
+    }
+
+    /// Whether the replica holds a checkpoint of the primary, one it may fail over
+    /// to: false at epoch 0 and after a round of initial sync (pre-copy) until the
+    /// first checkpoint epoch commits.
+    pub fn holds_checkpoint(&self) -> bool {
+        self.checkpoint
     }
 
     /// The committed epoch's machine-state blob.
@@ -115,7 +126,7 @@ impl Applier {
         }
         let result = self.validate(bytes);
         self.written.clear();
-        let (epoch, pages, state, records) = result?;
+        let (header, pages, state, records) = result?;
         let block = self.geometry.block_size();
         for frame in &pages {
             let mut reader = RecordReader::new(frame, block);
@@ -125,9 +136,10 @@ impl Applier {
         }
         self.state.clear();
         self.state.extend_from_slice(state);
-        self.committed = epoch;
+        self.committed = header.epoch;
+        self.checkpoint = !header.precopy;
         Ok(AppliedEpoch {
-            epoch,
+            epoch: header.epoch,
             records,
             bytes: bytes.len() as u64,
         })
@@ -138,7 +150,7 @@ impl Applier {
     fn validate<'a>(
         &mut self,
         bytes: &'a [u8],
-    ) -> Result<(u64, Vec<Frame<'a>>, &'a [u8], u64), ApplyError> {
+    ) -> Result<(wire::EpochHeader, Vec<Frame<'a>>, &'a [u8], u64), ApplyError> {
         let mut reader = FrameReader::new(bytes);
         let first = reader.next_frame()?.ok_or(ApplyError::Truncated(0))?;
         if first.kind != FrameKind::Header {
@@ -207,7 +219,7 @@ impl Applier {
                     if trailing != 0 {
                         return Err(ApplyError::TrailingBytes(trailing));
                     }
-                    return Ok((header.epoch, pages, state, records));
+                    return Ok((header, pages, state, records));
                 }
                 kind => {
                     return Err(ApplyError::FrameOrder {

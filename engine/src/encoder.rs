@@ -186,6 +186,31 @@ impl Encoder {
         memory: &S,
         state: &[u8],
     ) -> Result<EncodedEpoch<'a>, EncodeError> {
+        self.encode_as(false, dirty, memory, state)
+    }
+
+    /// Encodes `pages` of `memory` as the next epoch, flagged as a round of initial
+    /// sync (pre-copy, [`crate::wire::FLAG_PRECOPY`]), with an empty state blob: the
+    /// backup applies it but must not fail over to the replica it leaves. `memory`
+    /// may be the program's live memory, read while it runs; a page written while it
+    /// was read must then be passed to [`Encoder::resend`] before it is encoded again,
+    /// since its digests may describe bytes the backup never received. Pages carried
+    /// from lost epochs are added, as for [`Encoder::encode`].
+    pub fn encode_precopy<'a, S: PageSource + ?Sized>(
+        &'a mut self,
+        pages: &[u64],
+        memory: &S,
+    ) -> Result<EncodedEpoch<'a>, EncodeError> {
+        self.encode_as(true, pages, memory, &[])
+    }
+
+    fn encode_as<'a, S: PageSource + ?Sized>(
+        &'a mut self,
+        precopy: bool,
+        dirty: &[u64],
+        memory: &S,
+        state: &[u8],
+    ) -> Result<EncodedEpoch<'a>, EncodeError> {
         let geometry = self.config.geometry;
         if memory.len_bytes() != geometry.mem_bytes() {
             return Err(EncodeError::MemoryLength {
@@ -238,6 +263,7 @@ impl Encoder {
                 mode: config.mode.wire_id(),
                 block_size: geometry.block_size() as u32,
                 mem_bytes: geometry.mem_bytes(),
+                precopy,
             }),
         );
         let mut frames = 1u32;

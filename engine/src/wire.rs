@@ -13,8 +13,12 @@ use crate::geometry::PAGE_SIZE;
 
 /// First four bytes of every frame, "FGBI" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FGBI");
-/// Wire format version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// Wire format version this build writes and reads (2: header flags, a pre-copy
+/// epoch flag; version 1 had no flags and is refused).
+pub const VERSION: u16 = 2;
+/// Header flag: the epoch is a round of initial sync (pre-copy), read while the
+/// program ran. A replica it leaves is not a checkpoint: no failover to it.
+pub const FLAG_PRECOPY: u8 = 1;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Bytes of a header frame's body.
@@ -121,6 +125,8 @@ pub struct EpochHeader {
     pub block_size: u32,
     /// Protected memory size.
     pub mem_bytes: u64,
+    /// A round of initial sync ([`FLAG_PRECOPY`]), not a checkpoint.
+    pub precopy: bool,
 }
 
 /// The fields of a commit frame.
@@ -188,7 +194,8 @@ impl FrameWriter {
     pub fn header(&mut self, h: &EpochHeader) -> u64 {
         self.begin(FrameKind::Header, h.epoch);
         self.buf.push(h.mode);
-        self.buf.extend_from_slice(&[0; 3]);
+        self.buf.push(if h.precopy { FLAG_PRECOPY } else { 0 });
+        self.buf.extend_from_slice(&[0; 2]);
         self.buf.extend_from_slice(&h.block_size.to_le_bytes());
         self.buf
             .extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
@@ -310,9 +317,16 @@ pub fn parse_header(frame: &Frame<'_>) -> Result<EpochHeader, ApplyError> {
             what: "header frame has the wrong length or page size",
         });
     }
+    if b[1] & !FLAG_PRECOPY != 0 || b[2..4] != [0; 2] || u32_at(b, 12) != 0 {
+        return Err(ApplyError::Record {
+            offset: frame.offset,
+            what: "header frame has unknown flags or non-zero reserved bytes",
+        });
+    }
     Ok(EpochHeader {
         epoch: frame.epoch,
         mode: b[0],
+        precopy: b[1] & FLAG_PRECOPY != 0,
         block_size: u32_at(b, 4),
         mem_bytes: u64_at(b, 16),
         base: u64_at(b, 24),

@@ -139,3 +139,19 @@ fn frames_of_another_epoch_and_geometry_are_refused() {
         Err(fgbi_engine::ApplyError::Geometry { .. } | fgbi_engine::ApplyError::Sequence { .. })
     ));
 }
+
+#[test]
+fn unknown_header_flags_and_reserved_bytes_are_refused() {
+    let (_, mut applier, mut replica, epoch) = fixture(64);
+    // Header body: mode, flags, two reserved bytes, block size, page size, four
+    // reserved bytes.
+    for at in [1usize, 2, 3, 12, 15] {
+        let mut fs = frames(&epoch);
+        fs[0].2[at] |= if at == 1 { 2 } else { 1 };
+        let bytes = reseal(&fs, 64);
+        assert!(applier.apply(&mut replica, &bytes).is_err(), "byte {at}");
+        refused_cleanly(&mut applier, &mut replica, &bytes);
+    }
+    applier.apply(&mut replica, &epoch).unwrap();
+    assert!(applier.holds_checkpoint());
+}

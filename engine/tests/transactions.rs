@@ -247,3 +247,27 @@ fn carrying_alone_does_not_repair_a_diverged_page_in_fgbi_mode() {
     p.encoder.acknowledge(e2).unwrap();
     assert!(!p.in_sync());
 }
+
+#[test]
+fn a_precopy_epoch_is_applied_but_leaves_no_checkpoint_until_a_checkpoint_epoch() {
+    for mode in Mode::ALL {
+        let mut p = Pair::new(mode, 2);
+        assert!(!p.applier.holds_checkpoint(), "epoch 0 is no checkpoint");
+        mutate(&mut p.primary, &p.geometry, &mut p.rng, 300);
+        let all: Vec<u64> = (0..p.geometry.pages()).collect();
+        let e = p.encoder.encode_precopy(&all, &p.primary).unwrap();
+        let (e1, b1) = (e.stats.epoch, e.to_vec());
+        let applied = p.applier.apply(&mut p.replica, &b1).unwrap();
+        p.encoder.acknowledge(e1).unwrap();
+        assert_eq!(applied.epoch, 1);
+        assert!(p.in_sync(), "{mode}");
+        assert!(!p.applier.holds_checkpoint(), "{mode}: a pre-copy round");
+        assert!(p.applier.state().is_empty());
+        let (e2, b2) = p.epoch(100);
+        p.applier.apply(&mut p.replica, &b2).unwrap();
+        p.encoder.acknowledge(e2).unwrap();
+        assert!(p.in_sync(), "{mode}");
+        assert!(p.applier.holds_checkpoint(), "{mode}: a checkpoint");
+        assert_eq!(p.applier.state(), b"s");
+    }
+}

@@ -387,6 +387,12 @@ fn log(event: PrimaryEvent, epochs: bool) {
             format!("sent {epoch} pause_us={} bytes={bytes}", pause.as_micros())
         }
         PrimaryEvent::Committed { epoch, .. } if epochs => format!("committed {epoch}"),
+        PrimaryEvent::Synced {
+            epoch,
+            round,
+            pages,
+            ..
+        } if epochs => format!("synced {epoch} round={round} pages={pages}"),
         PrimaryEvent::Connected(n) => format!("connected backup_committed={n}"),
         PrimaryEvent::Unprotected { reason } => {
             format!("unprotected: no backup holds the store ({reason}); serving on")

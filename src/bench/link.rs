@@ -227,6 +227,8 @@ impl Link {
             digests: false,
             // Every failover compares the whole replica; pauses stay comparable.
             scrub_every: 0,
+            // The session's sync is its first checkpoint (epoch 1), not measured.
+            pre_copy: false,
         };
         let mut step = step;
         let key = self.key()?;
@@ -256,7 +258,9 @@ impl Link {
                 }),
                 PrimaryEvent::Committed { epoch, .. } => event(LinkEvent::Committed(epoch)),
                 PrimaryEvent::Unprotected { .. } => lost.set(true),
-                PrimaryEvent::Connected(_) | PrimaryEvent::Scrubbed { .. } => {}
+                PrimaryEvent::Connected(_)
+                | PrimaryEvent::Synced { .. }
+                | PrimaryEvent::Scrubbed { .. } => {}
             },
         )?)
     }

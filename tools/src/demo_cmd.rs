@@ -65,7 +65,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 25)]
     heartbeat_ms: u64,
     /// Instead of killing the service after --kill-after-ms, let it kill itself at
-    /// POINT@N (pause, sent, acked or released; the Nth time): docs/operations.md.
+    /// POINT@N (sync, pause, transfer, sent, acked or released; the Nth time):
+    /// docs/operations.md.
     #[arg(long, value_name = "POINT@N", hide = true)]
     fault: Option<String>,
     /// Reply before the backup committed (to show what output commit prevents).

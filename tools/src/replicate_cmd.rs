@@ -98,6 +98,11 @@ pub struct PrimaryArgs {
     /// the checkpoint's digests, going round memory; 0 turns scrubbing off.
     #[arg(long, default_value_t = primary::DEFAULT_SCRUB_EVERY)]
     scrub_every: u64,
+    /// Sync a backup that connects empty in the pause of the next checkpoint, which
+    /// then copies the whole memory, instead of by pre-copy while the program runs
+    /// (`synced` lines) and a small final pause.
+    #[arg(long)]
+    no_pre_copy: bool,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -146,12 +151,13 @@ impl PrimaryArgs {
             connect_timeout: Duration::from_secs(10),
             digests: self.digests,
             scrub_every: self.scrub_every,
+            pre_copy: !self.no_pre_copy,
         })
     }
 }
 
-/// Prints one line for a primary event (`sent`, `committed`, `unprotected`,
-/// `connected`, `scrubbed`).
+/// Prints one line for a primary event (`sent`, `committed`, `synced`,
+/// `unprotected`, `connected`, `scrubbed`).
 pub(crate) fn print_event(out: &mut impl Write, e: &PrimaryEvent) {
     let line = match e {
         PrimaryEvent::Sent {
@@ -167,6 +173,17 @@ pub(crate) fn print_event(out: &mut impl Write, e: &PrimaryEvent) {
                 .unwrap_or_default()
         ),
         PrimaryEvent::Committed { epoch, .. } => format!("committed {epoch}"),
+        PrimaryEvent::Synced {
+            epoch,
+            round,
+            pages,
+            bytes,
+            pause,
+            left,
+        } => format!(
+            "synced {epoch} round={round} pages={pages} bytes={bytes} pause_us={} left={left}",
+            pause.as_micros()
+        ),
         PrimaryEvent::Unprotected { reason } => {
             format!("unprotected: no backup holds the workload ({reason}); it keeps running")
         }

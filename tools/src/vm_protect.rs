@@ -6,11 +6,12 @@
 //! the VM runs on its own between checkpoints. For the `kv` guest it serves the
 //! Redis protocol on `--port` with output commit: a reply leaves once the
 //! checkpoint that follows it is on the backup. The VM's epochs are its stops, and
-//! the loop stops it exactly once per checkpoint, so the *k*-th checkpoint this
-//! process takes closes the VM's epoch *k*; the encoder's epoch numbers are not used
-//! for this (they start again at 1 when an empty backup is re-synced). While no
-//! backup holds the VM, its replies are released one checkpoint late instead of
-//! being held for a backup that may never come.
+//! the loop stops it exactly once per round (a checkpoint, or during initial sync
+//! the stop that harvests its dirty pages), so the *k*-th round of this process
+//! closes the VM's epoch *k*; the encoder's epoch numbers are not used for this
+//! (they start again at 1 when an empty backup is re-synced). While no backup holds
+//! a checkpoint of the VM (none reachable, or initial sync), its replies are released
+//! one round late instead of being held for a backup that may never come.
 //!
 //! The backup restores the VM on failover and keeps it running, unprotected: the
 //! `kv` guest's front end listens on the same `--port`, where the clients reconnect,
@@ -132,10 +133,15 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, String> {
         |e| {
             match &e {
                 // The checkpoints the backup now holds: the VM's stops, so its closed epochs.
-                PrimaryEvent::Committed { checkpoints, .. } => release(*checkpoints),
+                PrimaryEvent::Committed { checkpoints, .. } => {
+                    unprotected.set(false);
+                    release(*checkpoints);
+                }
                 PrimaryEvent::Unprotected { .. } => unprotected.set(true),
-                PrimaryEvent::Connected(_) => unprotected.set(false),
-                PrimaryEvent::Sent { .. } | PrimaryEvent::Scrubbed { .. } => {}
+                PrimaryEvent::Connected(_)
+                | PrimaryEvent::Synced { .. }
+                | PrimaryEvent::Sent { .. }
+                | PrimaryEvent::Scrubbed { .. } => {}
             }
             print_event(&mut out, &e);
         },
@@ -161,19 +167,13 @@ pub fn backup(args: &BackupArgs) -> Result<ExitCode, String> {
         &options,
         &key,
         replica,
-        |replica, state, epoch| {
-            // Before the first commit the replica holds no VM.
-            if epoch == 0 {
-                return Ok(None);
-            }
+        // Only ever called with a checkpoint: never before the first commits.
+        |replica, state, _| {
             let (vm, _) = KvmVm::restore(config, &replica, state)?;
             let server = args.vm.serve(&vm)?;
-            Ok::<_, HypError>(Some((vm, server)))
+            Ok::<_, HypError>((vm, server))
         },
-        |restored: &mut Option<(KvmVm, Option<KvServer>)>| match restored
-            .as_ref()
-            .and_then(|(vm, _)| vm.guest_stop())
-        {
+        |(vm, _): &mut (KvmVm, Option<KvServer>)| match vm.guest_stop() {
             Some(stop) => Err(HypError::from(KvmError::Guest(stop))),
             None => Ok(()),
         },
@@ -181,12 +181,7 @@ pub fn backup(args: &BackupArgs) -> Result<ExitCode, String> {
     )
     .map_err(|e| e.to_string())?;
     print_failover(&report);
-    let Some((vm, _server)) = restored else {
-        return Err(
-            "the primary died before the backup committed its first checkpoint: there is no VM to restore; start the backup and the primary again"
-                .into(),
-        );
-    };
+    let (vm, _server) = restored;
     println!(
         "restarted pid={} the {} guest in a VM restored from epoch {}, running on the backup",
         std::process::id(),

@@ -99,7 +99,7 @@ fn some_checkpoint(salt: u64) -> u64 {
 
 #[test]
 fn with_output_commit_no_reply_announces_a_write_a_crash_at_any_point_loses() {
-    for (salt, point) in ["pause", "sent", "acked", "released"]
+    for (salt, point) in ["pause", "transfer", "sent", "acked", "released"]
         .into_iter()
         .enumerate()
     {

@@ -30,8 +30,9 @@ use sha2::Sha256;
 
 use crate::error::{HandshakeError, KeyError};
 
-/// The transport protocol's version; both sides must speak the same.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The transport protocol's version; both sides must speak the same. Version 2
+/// carries epochs in wire format 2 (pre-copy rounds flagged in their header).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Magic bytes opening every handshake message.
 pub const MAGIC: [u8; 4] = *b"FGBT";

@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::io::{IoSlice, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use fgbi_engine::EncodedEpoch;
@@ -154,6 +155,53 @@ impl Primary {
         Ok(())
     }
 
+    /// Sends `epoch`'s announcement and only its first `keep` bytes (never its
+    /// COMMIT), and returns once those bytes reached the backup (TCP: the kernel
+    /// holds none of them unacknowledged; RDMA: the write completed): what a primary
+    /// that dies in the middle of a transfer leaves its backup. For failure tests
+    /// (`FGBI_FAULT=transfer@N`); the connection is unusable afterwards.
+    pub fn send_epoch_prefix(
+        &mut self,
+        epoch: &EncodedEpoch<'_>,
+        keep: usize,
+    ) -> Result<(), TransportError> {
+        if self.broken {
+            return Err(TransportError::Broken);
+        }
+        self.broken = true;
+        let mut left = keep.min(epoch.len());
+        let prefix: Vec<&[u8]> = epoch
+            .parts()
+            .map(|part| {
+                let take = part.len().min(left);
+                left -= take;
+                &part[..take]
+            })
+            .filter(|part| !part.is_empty())
+            .collect();
+        if let Sender::Rdma(writer) = &mut self.sender {
+            return writer.write(&prefix);
+        }
+        let len = epoch.len() as u64;
+        let head = Control::Epoch {
+            epoch: epoch.stats.epoch,
+            len,
+        }
+        .encode();
+        let mut slices: Vec<IoSlice<'_>> = std::iter::once(&head[..])
+            .chain(prefix)
+            .map(IoSlice::new)
+            .collect();
+        let timeout = self.liveness.timeout;
+        let writer = self.outbound.lock();
+        write_all_vectored(&writer, &mut slices, timeout)?;
+        let deadline = Instant::now() + timeout;
+        while unacknowledged_bytes(&writer)? > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     /// Waits up to `timeout` for the backup's answer to the oldest epoch in flight.
     pub fn wait_reply(&mut self, timeout: Duration) -> Result<Reply, TransportError> {
         if self.broken {
@@ -255,6 +303,21 @@ impl std::fmt::Debug for Primary {
             .field("broken", &self.broken)
             .finish()
     }
+}
+
+/// Bytes written to `stream` that the peer has not yet acknowledged.
+fn unacknowledged_bytes(stream: &TcpStream) -> Result<usize, TransportError> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one c_int through the pointer, which points to a live
+    // c_int; the descriptor is the open socket `stream` owns.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc < 0 {
+        return Err(TransportError::Io {
+            what: "reading the socket's send queue",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(usize::try_from(queued).unwrap_or(0))
 }
 
 /// Writes every byte of `slices` with `writev`, resuming after short writes.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fgbi_engine::Geometry;
-use fgbi_transport::handshake::{self, RefusalCode, Role};
+use fgbi_transport::handshake::{self, PROTOCOL_VERSION, RefusalCode, Role};
 use fgbi_transport::{
     Backup, HandshakeError, Implementation, KeyError, PresharedKey, Primary, ReceiveRegion,
     TransportError,
@@ -107,7 +107,7 @@ fn a_primary_without_the_key_cannot_forge_its_proof() {
     let backup = backup_once(listener, key(1), 0);
     let mut hello = [0u8; HANDSHAKE];
     hello[..4].copy_from_slice(b"FGBT");
-    hello[4..6].copy_from_slice(&1u16.to_le_bytes());
+    hello[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     hello[6] = 1; // HELLO
     hello[7] = 1; // primary
     hello[8..16].copy_from_slice(&geometry().mem_bytes().to_le_bytes());
@@ -137,8 +137,8 @@ fn a_primary_without_the_key_cannot_forge_its_proof() {
 #[test]
 fn a_wrong_protocol_version_or_role_is_refused_with_its_code() {
     for (version, role, code) in [
-        (2, Role::Primary, RefusalCode::Version),
-        (1, Role::Backup, RefusalCode::Role),
+        (PROTOCOL_VERSION + 1, Role::Primary, RefusalCode::Version),
+        (PROTOCOL_VERSION, Role::Backup, RefusalCode::Role),
     ] {
         let listener = listener();
         let mut stream = connect(&listener);
@@ -156,7 +156,8 @@ fn a_wrong_protocol_version_or_role_is_refused_with_its_code() {
             RefusalCode::Version => assert!(
                 matches!(
                     e,
-                    TransportError::Handshake(HandshakeError::Version { ours: 1, theirs: 2 })
+                    TransportError::Handshake(HandshakeError::Version { ours, theirs })
+                        if ours == PROTOCOL_VERSION && theirs == PROTOCOL_VERSION + 1
                 ),
                 "{e}"
             ),

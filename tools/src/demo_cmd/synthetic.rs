@@ -1,6 +1,7 @@
 //! `fgbi demo --workload NAME`: the synthetic workload's failover, replica digest
 //! against checkpoint digest.
 
+use std::collections::HashMap;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,7 +55,7 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
             .map_err(|e| format!("cannot start the primary: {e}"))?,
     );
     let primary_lines = lines(&mut primary.0)?;
-    let mut digests = std::collections::HashMap::new();
+    let mut digests = HashMap::new();
     let mut pauses = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -63,17 +64,7 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
             .map_err(|_| {
                 "the primary stopped or stalled before the failure was injected".to_string()
             })?;
-        if let Some(rest) = line.strip_prefix("sent ") {
-            let epoch: u64 = field(rest, "", ' ')
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if let Some(d) = field(rest, "digest=", ' ') {
-                digests.insert(epoch, d.to_string());
-            }
-            if let Some(p) = field(rest, "pause_us=", ' ').and_then(|v| v.parse::<f64>().ok()) {
-                pauses.push(p);
-            }
-        }
+        sent(&line, &mut digests, &mut pauses);
         if let Some(n) = line
             .strip_prefix("committed ")
             .and_then(|n| n.parse::<u64>().ok())
@@ -88,6 +79,11 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
         .0
         .kill()
         .map_err(|e| format!("cannot kill the primary: {e}"))?;
+    // The primary may have sent (and the backup committed) more before the kill.
+    let _ = primary.0.wait();
+    for line in primary_lines.iter() {
+        sent(&line, &mut digests, &mut pauses);
+    }
     let killed_ns = killed_at
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -149,5 +145,21 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Takes the digest and pause of a `sent` line of the primary.
+fn sent(line: &str, digests: &mut HashMap<u64, String>, pauses: &mut Vec<f64>) {
+    let Some(rest) = line.strip_prefix("sent ") else {
+        return;
+    };
+    let epoch: u64 = field(rest, "", ' ')
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if let Some(d) = field(rest, "digest=", ' ') {
+        digests.insert(epoch, d.to_string());
+    }
+    if let Some(p) = field(rest, "pause_us=", ' ').and_then(|v| v.parse::<f64>().ok()) {
+        pauses.push(p);
     }
 }

@@ -1,0 +1,175 @@
+//! `fgbi primary` killed (SIGKILL, by `FGBI_FAULT`) in the middle of an epoch's
+//! transfer and during initial sync: the backup fails over to the last checkpoint it
+//! committed in the first case; in the second it holds no checkpoint, says it was
+//! never protected, and does not fail over.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{key_file, lines, scratch, wait_for};
+use fgbi_transport::Implementation;
+
+/// What the two sides printed.
+struct Run {
+    /// The primary's stdout.
+    primary: Vec<String>,
+    /// The backup's stdout and stderr, and its exit code.
+    backup: Vec<String>,
+    backup_err: Vec<String>,
+    backup_code: Option<i32>,
+}
+
+/// Runs `fgbi backup` and `fgbi primary --workload web` (16 MiB: initial sync is a
+/// few pre-copy epochs) over `transport`, the primary with `FGBI_FAULT=fault`, until
+/// both have ended.
+fn run(name: &str, transport: &str, fault: &str) -> Run {
+    let dir = scratch(&format!("kill-{name}-{transport}"));
+    let key = key_file(&dir);
+    let key = key.to_str().unwrap();
+    let shared = [
+        "--mem",
+        "16M",
+        "--key",
+        key,
+        "--heartbeat-ms",
+        "25",
+        "--transport",
+        transport,
+    ];
+    let mut backup = Command::new(env!("CARGO_BIN_EXE_fgbi"))
+        .args(["backup", "--listen", "127.0.0.1:0", "--run-epochs", "2"])
+        .args(shared)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let backup_out = lines(backup.stdout.take().unwrap());
+    let backup_err = lines(backup.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    let listening = wait_for(&backup_out, "listening", &mut seen);
+    let address = listening.split_whitespace().nth(1).unwrap().to_string();
+    let mut primary = Command::new(env!("CARGO_BIN_EXE_fgbi"))
+        .args(["primary", "--backup", &address, "--workload", "web"])
+        .args(["--digests", "--epoch-ms", "10"])
+        .args(shared)
+        .env("FGBI_FAULT", fault)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let primary_out = lines(primary.stdout.take().unwrap());
+    let status = primary.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "{fault}: the primary killed itself"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Some(status) = backup.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "{fault}: the backup never ended");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+    seen.extend(backup_out.iter());
+    Run {
+        primary: primary_out.iter().collect(),
+        backup: seen,
+        backup_err: backup_err.iter().collect(),
+        backup_code: code,
+    }
+}
+
+/// The transports this machine runs, as `--transport` names them.
+fn transports() -> Vec<&'static str> {
+    [
+        (Implementation::Std, "std"),
+        (Implementation::Uring, "uring"),
+    ]
+    .into_iter()
+    .filter(|(i, _)| fgbi_hyp::feature::available(i.as_str(), i.available()))
+    .map(|(_, name)| name)
+    .collect()
+}
+
+/// The value of `name=` in `line`.
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+}
+
+#[test]
+fn killed_mid_transfer_the_backup_keeps_the_last_committed_checkpoint_and_fails_over() {
+    for transport in transports() {
+        // The fourth checkpoint's transfer: initial sync is over by then.
+        let run = run("transfer", transport, "transfer@4");
+        let failover = run
+            .backup
+            .iter()
+            .find(|l| l.starts_with("failover "))
+            .unwrap_or_else(|| panic!("{transport}: no failover: {:#?}", run.backup_err));
+        let epoch = field(failover, "epoch").unwrap();
+        let digest = field(failover, "digest").unwrap();
+        let sent = run
+            .primary
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("sent "))
+            .unwrap();
+        let committed = run
+            .primary
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("committed "));
+        // The torn epoch was never reported sent: the last one sent is the last
+        // committed, and the replica holds exactly it.
+        assert_eq!(sent.split_whitespace().nth(1), Some(epoch), "{transport}");
+        assert_eq!(
+            committed.map(String::as_str),
+            Some(format!("committed {epoch}").as_str())
+        );
+        assert_eq!(field(sent, "digest"), Some(digest), "{transport}");
+        assert!(
+            failover.contains("in the middle of an epoch"),
+            "{transport}: {failover}"
+        );
+        assert!(run.backup.iter().any(|l| l.starts_with("running epochs=")));
+        assert_eq!(run.backup_code, Some(0), "{transport}");
+    }
+}
+
+#[test]
+fn killed_during_initial_sync_the_backup_says_it_was_never_protected_and_does_not_fail_over() {
+    for transport in transports() {
+        // After the first pre-copy epoch, and in the middle of the checkpoint that
+        // would have ended the sync.
+        for fault in ["sync@1", "transfer@1"] {
+            let run = run("sync", transport, fault);
+            assert!(
+                run.primary.iter().any(|l| l.starts_with("synced 1 ")),
+                "{transport} {fault}: {:#?}",
+                run.primary
+            );
+            assert!(
+                !run.primary.iter().any(|l| l.starts_with("committed ")),
+                "{transport} {fault}: no checkpoint committed"
+            );
+            assert!(
+                !run.backup.iter().any(|l| l.starts_with("failover ")),
+                "{transport} {fault}: {:#?}",
+                run.backup
+            );
+            let said = run.backup_err.join("\n");
+            assert!(
+                said.contains("was never protected and does NOT fail over"),
+                "{transport} {fault}: {said}"
+            );
+            assert_eq!(run.backup_code, Some(2), "{transport} {fault}");
+        }
+    }
+}
