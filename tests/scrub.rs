@@ -65,7 +65,7 @@ fn run(implementation: Implementation, scrub_every: u64) -> Run {
         scrub_every,
         pre_copy: true,
     };
-    let (mut digests, mut diverged) = (HashMap::new(), Vec::new());
+    let (mut digests, mut diverged, mut protected) = (HashMap::new(), Vec::new(), false);
     primary::run(
         &mut machine,
         |m| m.run().map_err(Into::into),
@@ -81,7 +81,10 @@ fn run(implementation: Implementation, scrub_every: u64) -> Run {
             }
             PrimaryEvent::Scrubbed { diverged: d, .. } => diverged.extend(d),
             // The backup serves one connection: without it the loop would never end.
-            PrimaryEvent::Unprotected { reason } => panic!("the backup was lost: {reason}"),
+            PrimaryEvent::Committed { .. } => protected = true,
+            PrimaryEvent::Unprotected { reason } if protected => {
+                panic!("the backup was lost: {reason}")
+            }
             _ => {}
         },
     )
