@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use fgbi::local::LocalReplication;
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
+use fgbi_hyp::cow::Granule;
 use fgbi_hyp::kvm::ep::{CLASS_S_BATCHES, EpResult};
 use fgbi_hyp::kvm::{DirtyTracking, GuestArgs, KvmVm, MachineState, Program, VmConfig, probe};
 
@@ -44,9 +45,9 @@ fn replicate_vm(config: VmConfig) {
     eprintln!(
         "{tracking}{} {} on {vcpus} vCPUs: {EPOCHS} epochs verified, {dirty} dirty pages, pause median {:?} max {:?}",
         if config.copy_on_write {
-            " copy-on-write"
+            format!(" copy-on-write at {}", config.cow_granule)
         } else {
-            ""
+            String::new()
         },
         program.name(),
         pauses[pauses.len() / 2],
@@ -95,9 +96,10 @@ fn a_counter_guest_on_three_vcpus_is_replicated_and_fails_over_by_every_method()
 
 /// Copy-on-write checkpoints: the dense counter guest rewrites every data page right
 /// after each resume, so the fault handler copies pages while the copier runs, on
-/// three vCPUs; every epoch must still reach the replica as it was at the pause.
+/// three vCPUs; every epoch must still reach the replica as it was at the pause, at
+/// the finest and the coarsest granule.
 #[test]
-fn a_counter_guest_is_replicated_copy_on_write_and_fails_over_by_every_method() {
+fn a_counter_guest_is_replicated_copy_on_write_and_fails_over_by_every_method_and_granule() {
     let backing = fgbi_hyp::memory::Backing::TransparentHuge;
     if !fgbi_hyp::feature::available(
         "copy-on-write snapshots",
@@ -105,12 +107,15 @@ fn a_counter_guest_is_replicated_copy_on_write_and_fails_over_by_every_method() 
     ) {
         return;
     }
-    for tracking in DirtyTracking::ALL {
-        let mut config = VmConfig::new(Program::Counter, MEM, tracking);
-        config.args = COUNTER;
-        config.vcpus = 3;
-        config.copy_on_write = true;
-        replicate_vm(config);
+    for granule in [Granule::MIN, Granule::MAX] {
+        for tracking in DirtyTracking::ALL {
+            let mut config = VmConfig::new(Program::Counter, MEM, tracking);
+            config.args = COUNTER;
+            config.vcpus = 3;
+            config.copy_on_write = true;
+            config.cow_granule = granule;
+            replicate_vm(config);
+        }
     }
 }
 
