@@ -166,6 +166,14 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
             vec!["record", "--pid", "0", "-o", "/tmp/fgbi-never.fgbt"],
             "invalid process id",
         ),
+        (
+            vec!["demo", "--tracking", "cow"],
+            "--tracking goes with --vm or --workload",
+        ),
+        (
+            vec!["demo", "--vm", "--tracking", "copy"],
+            "unknown tracking",
+        ),
     ] {
         let (code, _, stderr) = fgbi(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
