@@ -133,19 +133,32 @@ fn a_web_guest_is_replicated_by_every_method() {
 
 #[test]
 fn the_npb_ep_kernel_verifies_after_failing_over_mid_computation() {
+    ep_fails_over(1);
+}
+
+#[test]
+fn the_npb_ep_kernel_on_two_vcpus_verifies_after_failing_over_mid_computation() {
+    ep_fails_over(2);
+}
+
+/// The EP kernel on `vcpus` vCPUs is checkpointed, every epoch verified, until the
+/// replica holds an eighth of its batches; a VM restored from the replica finishes
+/// it, and the sums verify.
+fn ep_fails_over(vcpus: usize) {
     if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
         return;
     }
     let mem = 8 << 20;
-    let config = VmConfig::new(Program::Ep, mem, DirtyTracking::Classic);
+    let mut config = VmConfig::new(Program::Ep, mem, DirtyTracking::Classic);
+    config.vcpus = vcpus;
     let mut vm = KvmVm::new(config).unwrap();
     let geometry = Geometry::new(mem as u64, 64).unwrap();
     let mut replication = LocalReplication::new(EncoderConfig::new(geometry, Mode::Fgbi)).unwrap();
-    // Checkpoint the computing kernel, every epoch verified, until the replica holds
-    // an eighth of its batches.
+    // Each vCPU runs its share of the batches; progress is the least share done.
+    let share = CLASS_S_BATCHES / vcpus as u64;
     let mut batches = 0;
     let mut epochs = 0;
-    while batches < CLASS_S_BATCHES / 8 {
+    while batches < share / 8 {
         let report = replication.checkpoint(&mut vm, true).unwrap();
         assert_eq!(report.verified, Some(true), "epoch {}", report.epoch);
         batches = MachineState::decode(replication.state())
@@ -156,7 +169,7 @@ fn the_npb_ep_kernel_verifies_after_failing_over_mid_computation() {
         std::thread::sleep(Duration::from_millis(2));
     }
     assert!(
-        batches < CLASS_S_BATCHES,
+        batches < share,
         "the kernel finished before the failover ({batches} batches)"
     );
     // The primary dies mid-computation; the replica's VM finishes the kernel.
@@ -167,9 +180,9 @@ fn the_npb_ep_kernel_verifies_after_failing_over_mid_computation() {
     let code = restored.wait_finish(Duration::from_secs(120)).unwrap();
     let console = restored.console();
     let result = EpResult::parse(&console).expect(&console);
-    eprintln!("failed over after {epochs} epochs at batch {batches}: {result:?}");
+    eprintln!("{vcpus} vCPU(s): failed over after {epochs} epochs at batch {batches}: {result:?}");
     assert_eq!(code, 0, "{console}");
     assert!(result.guest_verified, "{console}");
     assert!(result.verifies_class_s(), "{result:?}");
-    assert_eq!(restored.progress(), CLASS_S_BATCHES);
+    assert_eq!(restored.vcpu_progress(), vec![share; vcpus]);
 }
