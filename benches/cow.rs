@@ -17,7 +17,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fgbi::checkpoint::Checkpointer;
 use fgbi_hyp::cow::{CowMode, CowStats, CowTracker, Granule};
 use fgbi_hyp::kvm::{DirtyTracking, GuestArgs, KvmVm, Program, VmConfig};
-use fgbi_hyp::memory::{Backing, Region};
+use fgbi_hyp::memory::{Backing, Region, huge_page_bytes};
 use fgbi_hyp::protected::Protected;
 use fgbi_hyp::workload::Rng;
 
@@ -63,6 +63,8 @@ struct Summary {
     cow: CowStats,
     progress: u64,
     running: Duration,
+    /// MiB of the writer's memory mapped by transparent huge pages at the end.
+    huge_mib: u64,
 }
 
 impl Summary {
@@ -82,13 +84,14 @@ impl Summary {
         eprintln!(
             "cow {writer} {safety}: {n} checkpoints, dirty {dirty} pages, pause p50 {:.0} us, \
              checkpoint p50 {:.0} us, {:.0} faults and {:.0} handler copies per checkpoint, \
-             {:.1} us serving per fault, writer {:.0} {unit}/s",
+             {:.1} us serving per fault, writer {:.0} {unit}/s, {} MiB in huge pages",
             pause.as_secs_f64() * 1e6,
             total.as_secs_f64() * 1e6,
             self.cow.faults as f64 / n as f64,
             self.cow.handler_copies as f64 / n as f64,
             per_fault / 1e3,
             self.progress as f64 / self.running.as_secs_f64().max(1e-9),
+            self.huge_mib,
         );
     }
 }
@@ -147,6 +150,7 @@ fn vm(c: &mut Criterion, name: &str, program: Program, args: GuestArgs, safety: 
     summary.running = started.elapsed();
     summary.progress = vm.progress() - progress;
     summary.cow = vm.copy_on_write().map(|c| c.stats()).unwrap_or_default();
+    summary.huge_mib = huge_page_bytes(vm.memory()).unwrap_or(0) >> 20;
     assert_eq!(vm.guest_stop(), None, "{}", vm.console());
     summary.print(&format!("vm-{name}"), safety, "iterations");
 }
@@ -300,6 +304,7 @@ fn region(c: &mut Criterion, name: &str, pages: Vec<usize>, safety: Safety) {
     drop(writer);
     summary.running = started.elapsed();
     summary.cow = cow.as_ref().map(|c| c.stats()).unwrap_or_default();
+    summary.huge_mib = huge_page_bytes(&region).unwrap_or(0) >> 20;
     summary.print(&format!("region-{name}"), safety, "passes");
 }
 
