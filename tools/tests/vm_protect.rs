@@ -108,6 +108,10 @@ impl Pair {
                 .args(vm)
                 .args(["--mem", "16M", "--key"])
                 .arg(&key)
+                // A peer is dead after four silent heartbeats: 400 ms, so that the
+                // long pauses of VMs sharing two loaded cores are not taken for a
+                // death (a killed primary closes its connection at once).
+                .args(["--heartbeat-ms", "100"])
                 .stdout(Stdio::piped());
             c
         };
