@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use fgbi::local::LocalReplication;
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
+use fgbi_hyp::cow::Granule;
 use fgbi_hyp::kvm::ep::{CLASS_S_BATCHES, EpResult};
 use fgbi_hyp::kvm::{DirtyTracking, GuestArgs, KvmVm, MachineState, Program, VmConfig, probe};
 
@@ -44,9 +45,9 @@ fn replicate_vm(config: VmConfig) {
     eprintln!(
         "{tracking}{} {} on {vcpus} vCPUs: {EPOCHS} epochs verified, {dirty} dirty pages, pause median {:?} max {:?}",
         if config.copy_on_write {
-            " copy-on-write"
+            format!(" copy-on-write at {}", config.cow_granule)
         } else {
-            ""
+            String::new()
         },
         program.name(),
         pauses[pauses.len() / 2],
@@ -95,9 +96,10 @@ fn a_counter_guest_on_three_vcpus_is_replicated_and_fails_over_by_every_method()
 
 /// Copy-on-write checkpoints: the dense counter guest rewrites every data page right
 /// after each resume, so the fault handler copies pages while the copier runs, on
-/// three vCPUs; every epoch must still reach the replica as it was at the pause.
+/// three vCPUs; every epoch must still reach the replica as it was at the pause, at
+/// the finest and the coarsest granule.
 #[test]
-fn a_counter_guest_is_replicated_copy_on_write_and_fails_over_by_every_method() {
+fn a_counter_guest_is_replicated_copy_on_write_and_fails_over_by_every_method_and_granule() {
     let backing = fgbi_hyp::memory::Backing::TransparentHuge;
     if !fgbi_hyp::feature::available(
         "copy-on-write snapshots",
@@ -105,12 +107,15 @@ fn a_counter_guest_is_replicated_copy_on_write_and_fails_over_by_every_method() 
     ) {
         return;
     }
-    for tracking in DirtyTracking::ALL {
-        let mut config = VmConfig::new(Program::Counter, MEM, tracking);
-        config.args = COUNTER;
-        config.vcpus = 3;
-        config.copy_on_write = true;
-        replicate_vm(config);
+    for granule in [Granule::MIN, Granule::MAX] {
+        for tracking in DirtyTracking::ALL {
+            let mut config = VmConfig::new(Program::Counter, MEM, tracking);
+            config.args = COUNTER;
+            config.vcpus = 3;
+            config.copy_on_write = true;
+            config.cow_granule = granule;
+            replicate_vm(config);
+        }
     }
 }
 
@@ -128,19 +133,32 @@ fn a_web_guest_is_replicated_by_every_method() {
 
 #[test]
 fn the_npb_ep_kernel_verifies_after_failing_over_mid_computation() {
+    ep_fails_over(1);
+}
+
+#[test]
+fn the_npb_ep_kernel_on_two_vcpus_verifies_after_failing_over_mid_computation() {
+    ep_fails_over(2);
+}
+
+/// The EP kernel on `vcpus` vCPUs is checkpointed, every epoch verified, until the
+/// replica holds an eighth of its batches; a VM restored from the replica finishes
+/// it, and the sums verify.
+fn ep_fails_over(vcpus: usize) {
     if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
         return;
     }
     let mem = 8 << 20;
-    let config = VmConfig::new(Program::Ep, mem, DirtyTracking::Classic);
+    let mut config = VmConfig::new(Program::Ep, mem, DirtyTracking::Classic);
+    config.vcpus = vcpus;
     let mut vm = KvmVm::new(config).unwrap();
     let geometry = Geometry::new(mem as u64, 64).unwrap();
     let mut replication = LocalReplication::new(EncoderConfig::new(geometry, Mode::Fgbi)).unwrap();
-    // Checkpoint the computing kernel, every epoch verified, until the replica holds
-    // an eighth of its batches.
+    // Each vCPU runs its share of the batches; progress is the least share done.
+    let share = CLASS_S_BATCHES / vcpus as u64;
     let mut batches = 0;
     let mut epochs = 0;
-    while batches < CLASS_S_BATCHES / 8 {
+    while batches < share / 8 {
         let report = replication.checkpoint(&mut vm, true).unwrap();
         assert_eq!(report.verified, Some(true), "epoch {}", report.epoch);
         batches = MachineState::decode(replication.state())
@@ -151,7 +169,7 @@ fn the_npb_ep_kernel_verifies_after_failing_over_mid_computation() {
         std::thread::sleep(Duration::from_millis(2));
     }
     assert!(
-        batches < CLASS_S_BATCHES,
+        batches < share,
         "the kernel finished before the failover ({batches} batches)"
     );
     // The primary dies mid-computation; the replica's VM finishes the kernel.
@@ -162,9 +180,9 @@ fn the_npb_ep_kernel_verifies_after_failing_over_mid_computation() {
     let code = restored.wait_finish(Duration::from_secs(120)).unwrap();
     let console = restored.console();
     let result = EpResult::parse(&console).expect(&console);
-    eprintln!("failed over after {epochs} epochs at batch {batches}: {result:?}");
+    eprintln!("{vcpus} vCPU(s): failed over after {epochs} epochs at batch {batches}: {result:?}");
     assert_eq!(code, 0, "{console}");
     assert!(result.guest_verified, "{console}");
     assert!(result.verifies_class_s(), "{result:?}");
-    assert_eq!(restored.progress(), CLASS_S_BATCHES);
+    assert_eq!(restored.vcpu_progress(), vec![share; vcpus]);
 }

@@ -10,6 +10,14 @@
 //! write faults: a write to a page not yet copied blocks until the handler has copied
 //! it, then proceeds. This is QEMU's background snapshot, per epoch.
 //!
+//! Memory is copied and unprotected in [`Granule`]s (4 KiB to 2 MiB, aligned): a
+//! write fault copies every armed page of its granule and lifts the granule's
+//! protection with one call, and the copier lifts each granule's protection as soon
+//! as it has copied its pages, so a writer faults only on granules the copier has
+//! not reached. Coarser granules mean fewer faults and protection calls and keep
+//! transparent huge pages whole; finer ones make a fault wait for less copying.
+//! [`Granule::default`] was chosen by measurement (docs/performance.md).
+//!
 //! The tracker uses a userfaultfd in synchronous write-protect mode that handles
 //! faults from kernel mode too, so writes by the kernel on the program's behalf
 //! (`read(2)` into the memory, KVM writing guest memory) are caught like the
@@ -24,8 +32,12 @@
 //!   write wait for a copy), at a higher price per first write: a round trip through
 //!   the handler thread instead of a fault the kernel resolves itself.
 //! - [`CowMode::Snapshot`]: something else tracks dirty pages (KVM's dirty log); only
-//!   the pages of an armed snapshot are protected, and each is unprotected again once
-//!   copied.
+//!   the granules holding an armed snapshot's pages are protected, and each is
+//!   unprotected again once its pages are copied.
+//!
+//! In [`CowMode::Record`] a fault lifts the protection of its whole granule, so the
+//! whole granule counts as written: a granule above 4 KiB enlarges the dirty set of a
+//! scattered writer. [`crate::tracking::RegionTracker`] therefore records at 4 KiB.
 //!
 //! # Limits
 //! Writes that do not go through the page tables (device DMA, RDMA into registered
@@ -38,6 +50,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -96,6 +109,15 @@ pub enum CowError {
     /// A snapshot is already armed.
     #[error("a copy-on-write snapshot is already armed: finish it before arming the next")]
     Busy,
+    /// A granule that is not a power of two from 4 KiB to 2 MiB.
+    #[error(
+        "a copy-on-write granule of {bytes} bytes is not possible: use a power of two from \
+         4 KiB to 2 MiB"
+    )]
+    Granule {
+        /// Bytes asked for.
+        bytes: usize,
+    },
     /// The fault handler failed; protection was lifted so the program keeps running,
     /// and dirty pages may have been missed.
     #[error(
@@ -115,11 +137,67 @@ pub enum CowError {
     },
 }
 
+/// The unit in which a [`CowTracker`] copies a snapshot and lifts its protection: a
+/// power of two from 4 KiB to 2 MiB, aligned to itself from the start of the
+/// memory (see the [module documentation](self)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Granule {
+    /// log2 of the granule's pages.
+    shift: u8,
+}
+
+impl Granule {
+    /// One page, 4 KiB.
+    pub const MIN: Granule = Granule { shift: 0 };
+    /// A huge page, 2 MiB (the granule hugetlb memory always gets).
+    pub const MAX: Granule = Granule { shift: 9 };
+
+    /// The granule of `bytes`, a power of two from 4 KiB to 2 MiB.
+    pub fn new(bytes: usize) -> Result<Self, CowError> {
+        if bytes.is_power_of_two() && (Self::MIN.bytes()..=Self::MAX.bytes()).contains(&bytes) {
+            Ok(Self {
+                shift: (bytes / PAGE).trailing_zeros() as u8,
+            })
+        } else {
+            Err(CowError::Granule { bytes })
+        }
+    }
+
+    /// Its size in bytes.
+    pub fn bytes(self) -> usize {
+        PAGE << self.shift
+    }
+
+    /// Its size in 4 KiB pages.
+    pub fn pages(self) -> usize {
+        1 << self.shift
+    }
+}
+
+impl Default for Granule {
+    /// 2 MiB: chosen by measurement (docs/performance.md, `cargo bench --bench cow`).
+    fn default() -> Self {
+        Self::MAX
+    }
+}
+
+impl std::fmt::Display for Granule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.bytes() {
+            b if b >= 1 << 20 => write!(f, "{}M", b >> 20),
+            b => write!(f, "{}K", b >> 10),
+        }
+    }
+}
+
 /// What the handler thread did so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CowStats {
     /// Write faults served.
     pub faults: u64,
+    /// Time the handler spent serving them (copying the faulting granule's pages and
+    /// lifting its protection): what faulting writers waited for, besides the wake-up.
+    pub serving: Duration,
     /// Pages the handler copied because the program wrote them before the copier.
     pub handler_copies: u64,
     /// Pages the copier ([`Armed::finish`]) copied.
@@ -132,6 +210,8 @@ struct Shared {
     base: *mut u8,
     pages: usize,
     mode: CowMode,
+    /// Pages per granule.
+    granule: usize,
     /// One bit per page written since the last [`CowTracker::harvest`]
     /// ([`CowMode::Record`] only).
     dirty: Vec<AtomicU64>,
@@ -142,6 +222,7 @@ struct Shared {
     buffer: AtomicPtr<u8>,
     failure: Mutex<Option<String>>,
     faults: AtomicU64,
+    serving_nanos: AtomicU64,
     handler_copies: AtomicU64,
     copier_copies: AtomicU64,
 }
@@ -205,34 +286,59 @@ impl Shared {
         }
     }
 
-    /// Serves one write fault at `address`.
+    /// The granule holding `page`: its pages `first..end`.
+    fn granule_of(&self, page: usize) -> (usize, usize) {
+        let first = page / self.granule * self.granule;
+        (first, (first + self.granule).min(self.pages))
+    }
+
+    /// Lifts protection from pages `first..end` and wakes their writers.
+    fn unprotect(&self, first: usize, end: usize) -> io::Result<()> {
+        self.uffd
+            .unprotect(self.address(first), ((end - first) * PAGE) as u64, true)
+    }
+
+    /// Serves one write fault at `address`: copies the pending pages of its granule
+    /// and lifts the granule's protection (in [`CowMode::Record`] the whole granule
+    /// then counts as written, since its next writes go unseen).
     fn serve(&self, address: u64) -> io::Result<()> {
+        let started = Instant::now();
         let page_addr = address & !(PAGE as u64 - 1);
         let page = page_addr
             .checked_sub(self.address(0))
             .and_then(|offset| usize::try_from(offset / PAGE as u64).ok())
             .filter(|&p| p < self.pages);
-        if let Some(page) = page {
-            if self.mode == CowMode::Record {
-                self.dirty[page / 64].fetch_or(1 << (page % 64), Ordering::Release);
+        let result = match page {
+            Some(page) => {
+                let (first, end) = self.granule_of(page);
+                if self.mode == CowMode::Record {
+                    for p in first..end {
+                        self.dirty[p / 64].fetch_or(1 << (p % 64), Ordering::Release);
+                    }
+                }
+                let copied = (first..end).filter(|&p| self.copy_if_pending(p)).count();
+                self.handler_copies
+                    .fetch_add(copied as u64, Ordering::Relaxed);
+                self.unprotect(first, end)
             }
-            if self.copy_if_pending(page) {
-                self.handler_copies.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+            None => self.uffd.unprotect(page_addr, PAGE as u64, true),
+        };
         self.faults.fetch_add(1, Ordering::Relaxed);
-        self.uffd.unprotect(page_addr, PAGE as u64, true)
+        self.serving_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        result
     }
 
-    /// Protects or unprotects `pages` (sorted, distinct) run by run.
-    fn change_runs(&self, pages: &[u64], protect: bool) -> io::Result<()> {
-        for run in runs(pages) {
-            let start = self.address(run.0 as usize);
-            let len = (run.1 - run.0) * PAGE as u64;
+    /// Protects or unprotects the granules holding `pages` (sorted, distinct), run
+    /// by run.
+    fn change_granules(&self, pages: &[u64], protect: bool) -> io::Result<()> {
+        for (first, end) in granule_runs(pages, self.granule as u64, self.pages as u64) {
+            let (first, end) = (first as usize, end as usize);
             if protect {
-                self.uffd.write_protect(start, len)?;
+                self.uffd
+                    .write_protect(self.address(first), ((end - first) * PAGE) as u64)?;
             } else {
-                self.uffd.unprotect(start, len, true)?;
+                self.unprotect(first, end)?;
             }
         }
         Ok(())
@@ -241,16 +347,26 @@ impl Shared {
 
 /// Consecutive runs `(first, end)` of sorted, distinct pages.
 fn runs(pages: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    granule_runs(pages, 1, u64::MAX)
+}
+
+/// Runs `(first, end)` of consecutive granules of `granule` pages holding sorted,
+/// distinct `pages`, ends clipped to `limit`.
+fn granule_runs(pages: &[u64], granule: u64, limit: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
     let mut i = 0;
     std::iter::from_fn(move || {
-        let first = *pages.get(i)?;
-        let mut end = first + 1;
+        let first = *pages.get(i)? / granule * granule;
+        let mut end = first + granule;
         i += 1;
-        while pages.get(i) == Some(&end) {
-            end += 1;
+        while let Some(&page) = pages.get(i) {
+            let start = page / granule * granule;
+            if start > end {
+                break;
+            }
+            end = start + granule;
             i += 1;
         }
-        Some((first, end))
+        Some((first, end.min(limit)))
     })
 }
 
@@ -286,7 +402,8 @@ impl CowTracker {
         Ok(())
     }
 
-    /// Sets up copy-on-write on `len` bytes at `base` and starts the fault handler. In
+    /// Sets up copy-on-write on `len` bytes at `base`, copied and unprotected in
+    /// `granule`s (at least 2 MiB on hugetlb), and starts the fault handler. In
     /// [`CowMode::Record`] the whole range is write-protected at once: the first
     /// [`harvest`](Self::harvest) reports the pages written after this call.
     ///
@@ -300,6 +417,7 @@ impl CowTracker {
         len: usize,
         backing: Backing,
         mode: CowMode,
+        granule: Granule,
     ) -> Result<Self, CowError> {
         if len == 0 || len % PAGE != 0 || base.addr() % PAGE != 0 {
             return Err(CowError::Range { len });
@@ -326,11 +444,16 @@ impl CowTracker {
             base,
             pages,
             mode,
+            granule: match backing {
+                Backing::Hugetlb => Granule::MAX.pages(),
+                Backing::TransparentHuge | Backing::Base => granule.pages(),
+            },
             dirty: (0..dirty_words).map(|_| AtomicU64::new(0)).collect(),
             slots: (0..pages).map(|_| AtomicU32::new(IDLE)).collect(),
             buffer: AtomicPtr::new(std::ptr::null_mut()),
             failure: Mutex::new(None),
             faults: AtomicU64::new(0),
+            serving_nanos: AtomicU64::new(0),
             handler_copies: AtomicU64::new(0),
             copier_copies: AtomicU64::new(0),
         });
@@ -382,8 +505,8 @@ impl CowTracker {
     }
 
     /// Takes `pages` (sorted, distinct) as the snapshot to copy into `buffer` (resized
-    /// to hold them, page `pages[i]` at `i * 4096`), write-protecting them in
-    /// [`CowMode::Snapshot`] (in [`CowMode::Record`] every page not written since the
+    /// to hold them, page `pages[i]` at `i * 4096`), write-protecting the granules
+    /// holding them in [`CowMode::Snapshot`] (in [`CowMode::Record`] every page not written since the
     /// last harvest is protected already). Call while the program is stopped; let it
     /// run, then [`Armed::finish`].
     pub fn arm(&self, pages: Vec<u64>, mut buffer: Vec<u8>) -> Result<Armed, CowError> {
@@ -427,7 +550,7 @@ impl CowTracker {
         };
         if shared.mode == CowMode::Snapshot {
             shared
-                .change_runs(&armed.pages, true)
+                .change_granules(&armed.pages, true)
                 .map_err(|source| CowError::Kernel {
                     what: "write-protect the snapshot's pages",
                     source,
@@ -440,6 +563,7 @@ impl CowTracker {
     pub fn stats(&self) -> CowStats {
         CowStats {
             faults: self.shared.faults.load(Ordering::Relaxed),
+            serving: Duration::from_nanos(self.shared.serving_nanos.load(Ordering::Relaxed)),
             handler_copies: self.shared.handler_copies.load(Ordering::Relaxed),
             copier_copies: self.shared.copier_copies.load(Ordering::Relaxed),
         }
@@ -528,34 +652,62 @@ impl Armed {
         &self.pages
     }
 
-    /// Copies every page not yet copied, waits for the handler's copies, and returns
-    /// the pages and the buffer holding their contents at the moment of
+    /// Copies every page not yet copied granule by granule, lifting each granule's
+    /// protection behind it in [`CowMode::Snapshot`], waits for the handler's copies,
+    /// and returns the pages and the buffer holding their contents at the moment of
     /// [`CowTracker::arm`].
     pub fn finish(mut self) -> Result<(Vec<u64>, Vec<u8>), CowError> {
-        let shared = &self.shared;
-        let mut copied = 0u64;
-        for &page in &self.pages {
-            // The page's slot can only be claimed once; the handler may have won.
-            if shared.copy_if_pending(page as usize) {
-                copied += 1;
-            }
-        }
-        shared.copier_copies.fetch_add(copied, Ordering::Relaxed);
-        self.release()?;
+        let swept = self.sweep();
+        // After a failed sweep every armed granule's protection is lifted.
+        self.release(swept.is_err())?;
+        swept.map_err(|source| CowError::Kernel {
+            what: "lift a copied granule's write protection",
+            source,
+        })?;
         let mut buffer = self.buffer.take().unwrap_or_default();
         // SAFETY: `arm` reserved `pages.len() * PAGE` bytes. Every page's slot was
         // pending when armed and only a copy turns a pending slot IDLE while the
-        // snapshot is being finished: the loop above claimed every slot the handler
-        // had not, and `release` waited for the handler's copies. So every byte below
-        // the new length was written by exactly one page copy.
+        // snapshot is being finished: the sweep claimed every slot the handler had
+        // not, and waited for the handler's copies. So every byte below the new length
+        // was written by exactly one page copy.
         unsafe { buffer.set_len(self.pages.len() * PAGE) };
         self.shared.failed()?;
         Ok((std::mem::take(&mut self.pages), buffer))
     }
 
+    /// The copier's pass: granule by granule, copies the pages nobody copied yet,
+    /// waits for copies in progress, then (in [`CowMode::Snapshot`]) lifts the
+    /// granule's protection.
+    fn sweep(&self) -> io::Result<()> {
+        let shared = &self.shared;
+        let mut copied = 0u64;
+        let mut rest = &self.pages[..];
+        let result = (|| {
+            while let Some(&page) = rest.first() {
+                let (first, end) = shared.granule_of(page as usize);
+                let count = rest.partition_point(|&p| p < end as u64);
+                for &page in &rest[..count] {
+                    // The page's slot can only be claimed once; the handler may have
+                    // won, and then this waits for its copy.
+                    if shared.copy_if_pending(page as usize) {
+                        copied += 1;
+                    }
+                }
+                rest = &rest[count..];
+                if shared.mode == CowMode::Snapshot {
+                    shared.unprotect(first, end)?;
+                }
+            }
+            Ok(())
+        })();
+        shared.copier_copies.fetch_add(copied, Ordering::Relaxed);
+        result
+    }
+
     /// Abandons copies not started, waits for those in progress, releases the
-    /// buffer and, in [`CowMode::Snapshot`], lifts the pages' protection.
-    fn release(&self) -> Result<(), CowError> {
+    /// buffer and, in [`CowMode::Snapshot`] when `unprotect`, lifts the protection of
+    /// the snapshot's granules.
+    fn release(&self, unprotect: bool) -> Result<(), CowError> {
         let shared = &self.shared;
         for (i, &page) in self.pages.iter().enumerate() {
             let slot = &shared.slots[page as usize];
@@ -565,9 +717,9 @@ impl Armed {
             }
         }
         shared.buffer.store(std::ptr::null_mut(), Ordering::Release);
-        if shared.mode == CowMode::Snapshot {
+        if unprotect && shared.mode == CowMode::Snapshot {
             shared
-                .change_runs(&self.pages, false)
+                .change_granules(&self.pages, false)
                 .map_err(|source| CowError::Kernel {
                     what: "lift the snapshot's write protection",
                     source,
@@ -580,7 +732,7 @@ impl Armed {
 impl Drop for Armed {
     fn drop(&mut self) {
         if self.buffer.is_some() {
-            let _ = self.release();
+            let _ = self.release(true);
         }
     }
 }
@@ -592,7 +744,11 @@ mod tests {
     use super::*;
     use crate::memory::Region;
 
-    fn tracker(region: &mut Region, mode: CowMode) -> Option<CowTracker> {
+    /// The granules every snapshot test runs at: the finest, a middle one, the
+    /// coarsest.
+    const GRANULES: [Granule; 3] = [Granule::MIN, Granule { shift: 4 }, Granule::MAX];
+
+    fn tracker(region: &mut Region, mode: CowMode, granule: Granule) -> Option<CowTracker> {
         if !crate::feature::available(
             "copy-on-write snapshots",
             CowTracker::probe(region.backing()),
@@ -602,8 +758,16 @@ mod tests {
         // SAFETY: the region is mapped private anonymous memory that every test keeps
         // alive (declared before the tracker, so dropped after it and its snapshots).
         Some(
-            unsafe { CowTracker::new(region.as_mut_ptr(), region.len(), region.backing(), mode) }
-                .unwrap(),
+            unsafe {
+                CowTracker::new(
+                    region.as_mut_ptr(),
+                    region.len(),
+                    region.backing(),
+                    mode,
+                    granule,
+                )
+            }
+            .unwrap(),
         )
     }
 
@@ -615,13 +779,35 @@ mod tests {
         let m: Vec<_> = merge(r.iter().copied(), 32).collect();
         assert_eq!(m, [(1, 42), (100, 101)]);
         assert_eq!(runs(&[]).count(), 0);
+        // Granules of 4 pages: 1-3, 7 and 8 lie in the adjacent granules 0-12; 40-41
+        // in 40-44; 100 in 100-104, clipped to 102.
+        let g: Vec<_> = granule_runs(&pages, 4, 102).collect();
+        assert_eq!(g, [(0, 12), (40, 44), (100, 102)]);
+        assert_eq!(granule_runs(&[0, 511, 512], 512, 1 << 20).count(), 1);
+    }
+
+    #[test]
+    fn granules_are_powers_of_two_from_4_kib_to_2_mib() {
+        for (bytes, shown) in [(4096, "4K"), (65536, "64K"), (2 << 20, "2M")] {
+            let granule = Granule::new(bytes).unwrap();
+            assert_eq!(
+                (granule.bytes(), granule.to_string()),
+                (bytes, shown.into())
+            );
+        }
+        assert_eq!(Granule::new(16384).unwrap().pages(), 4);
+        for bytes in [0, 2048, 12288, 4 << 20] {
+            assert!(
+                matches!(Granule::new(bytes), Err(CowError::Granule { bytes: b }) if b == bytes)
+            );
+        }
     }
 
     #[test]
     fn record_mode_reports_exactly_the_pages_written() {
         let pages = 1024;
         let mut region = Region::new(pages * PAGE).unwrap();
-        let Some(cow) = tracker(&mut region, CowMode::Record) else {
+        let Some(cow) = tracker(&mut region, CowMode::Record, Granule::MIN) else {
             return;
         };
         // Every 11th page (runs merged into one protection call), every 40th (too
@@ -642,12 +828,27 @@ mod tests {
         assert!(dirty.is_empty(), "nothing written since the last harvest");
     }
 
+    #[test]
+    fn a_coarse_granule_records_whole_granules() {
+        let mut region = Region::new(64 * PAGE).unwrap();
+        let granule = Granule::new(4 * PAGE).unwrap();
+        let Some(cow) = tracker(&mut region, CowMode::Record, granule) else {
+            return;
+        };
+        region[5 * PAGE] = 1;
+        region[6 * PAGE] = 1;
+        region[40 * PAGE] = 1;
+        let mut dirty = Vec::new();
+        cow.harvest(&mut dirty).unwrap();
+        assert_eq!(dirty, [4, 5, 6, 7, 40, 41, 42, 43]);
+    }
+
     /// The snapshot holds every page as it was when armed although a writer rewrites
     /// all of them while the copier runs.
-    fn snapshot_survives_concurrent_writes(mode: CowMode) {
+    fn snapshot_survives_concurrent_writes(mode: CowMode, granule: Granule) {
         let pages = 4096;
         let mut region = Region::new(pages * PAGE).unwrap();
-        let Some(cow) = tracker(&mut region, mode) else {
+        let Some(cow) = tracker(&mut region, mode, granule) else {
             return;
         };
         let base = region.as_mut_ptr().addr();
@@ -688,7 +889,7 @@ mod tests {
         }
         let stats = cow.stats();
         eprintln!(
-            "{mode:?}: {} faults, {} pages copied by the handler, {} by the copier",
+            "{mode:?} at {granule}: {} faults, {} pages copied by the handler, {} by the copier",
             stats.faults, stats.handler_copies, stats.copier_copies
         );
         assert_eq!(
@@ -699,20 +900,24 @@ mod tests {
     }
 
     #[test]
-    fn a_record_snapshot_survives_concurrent_writes() {
-        snapshot_survives_concurrent_writes(CowMode::Record);
+    fn a_record_snapshot_survives_concurrent_writes_at_every_granule() {
+        for granule in GRANULES {
+            snapshot_survives_concurrent_writes(CowMode::Record, granule);
+        }
     }
 
     #[test]
-    fn a_snapshot_mode_snapshot_survives_concurrent_writes() {
-        snapshot_survives_concurrent_writes(CowMode::Snapshot);
+    fn a_snapshot_mode_snapshot_survives_concurrent_writes_at_every_granule() {
+        for granule in GRANULES {
+            snapshot_survives_concurrent_writes(CowMode::Snapshot, granule);
+        }
     }
 
     #[test]
     fn a_kernel_write_into_an_armed_page_is_copied_first() {
         let mut region = Region::new(16 * PAGE).unwrap();
         region[5 * PAGE..6 * PAGE].fill(0x11);
-        let Some(cow) = tracker(&mut region, CowMode::Snapshot) else {
+        let Some(cow) = tracker(&mut region, CowMode::Snapshot, Granule::MIN) else {
             return;
         };
         let armed = cow.arm(vec![5], Vec::new()).unwrap();
@@ -745,7 +950,7 @@ mod tests {
     #[test]
     fn an_abandoned_snapshot_never_blocks_writers_and_bad_arms_are_refused() {
         let mut region = Region::new(64 * PAGE).unwrap();
-        let Some(cow) = tracker(&mut region, CowMode::Snapshot) else {
+        let Some(cow) = tracker(&mut region, CowMode::Snapshot, Granule::MAX) else {
             return;
         };
         let armed = cow.arm(vec![1, 2, 3], Vec::new()).unwrap();

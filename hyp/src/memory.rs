@@ -107,6 +107,38 @@ impl Region {
     }
 }
 
+/// Bytes of `memory` the kernel maps with transparent huge pages now (the
+/// `AnonHugePages` of the mappings inside it in /proc/self/smaps; mappings that
+/// straddle its ends are not counted).
+pub fn huge_page_bytes(memory: &[u8]) -> io::Result<u64> {
+    let (lo, hi) = (
+        memory.as_ptr().addr(),
+        memory.as_ptr().addr() + memory.len(),
+    );
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut inside = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            )
+        {
+            inside = start >= lo && end <= hi;
+        } else if inside && let Some(rest) = line.strip_prefix("AnonHugePages:") {
+            kib += rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+    }
+    Ok(kib << 10)
+}
+
 impl Deref for Region {
     type Target = [u8];
 

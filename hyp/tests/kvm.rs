@@ -289,22 +289,44 @@ fn npb_ep_sys_and_dup_guests_write_like_their_workloads() {
 
 #[test]
 fn the_ep_guest_computes_npb_ep_class_s_and_verifies() {
+    ep_class_s(1);
+}
+
+#[test]
+fn the_ep_guest_on_three_vcpus_computes_npb_ep_class_s_and_verifies() {
+    ep_class_s(3);
+}
+
+/// The ep guest on `vcpus` vCPUs: the same counts, sums within the tolerance.
+fn ep_class_s(vcpus: usize) {
     if !available(DirtyTracking::Classic) {
         return;
     }
-    let vm = KvmVm::new(VmConfig::new(Program::Ep, 8 << 20, DirtyTracking::Classic)).unwrap();
+    let mut config = VmConfig::new(Program::Ep, 8 << 20, DirtyTracking::Classic);
+    config.vcpus = vcpus;
+    let vm = KvmVm::new(config).unwrap();
     let started = Instant::now();
     let code = vm.wait_finish(Duration::from_secs(120)).unwrap();
-    eprintln!("ep class S in a VM: {:?}", started.elapsed());
+    eprintln!(
+        "ep class S in a VM on {vcpus} vCPU(s): {:?}",
+        started.elapsed()
+    );
     let console = vm.console();
     let result = EpResult::parse(&console).expect(&console);
     assert_eq!(code, 0, "{console}");
     assert!(result.guest_verified, "{console}");
     assert!(result.verifies_class_s(), "{result:?}");
-    assert_eq!(vm.progress(), CLASS_S_BATCHES);
+    // Every vCPU ran its share of the batches; the counts are integers, the same
+    // on any number of vCPUs.
+    let share = CLASS_S_BATCHES / vcpus as u64;
+    let shares: Vec<u64> = (0..vcpus as u64)
+        .map(|c| share + u64::from(c < CLASS_S_BATCHES % vcpus as u64))
+        .collect();
+    assert_eq!(vm.vcpu_progress(), shares);
+    assert_eq!(result.pairs, 13_176_389, "{result:?}");
     // A finished guest stays stopped.
     assert!(matches!(
-        vm.wait_progress(CLASS_S_BATCHES + 1, WAIT),
+        vm.wait_progress(vm.progress() + 1, WAIT),
         Err(KvmError::Guest(GuestStop::Finished(0)))
     ));
 }

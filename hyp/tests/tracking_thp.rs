@@ -7,7 +7,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use fgbi_hyp::memory::{Backing, Region};
+use fgbi_hyp::memory::{Backing, Region, huge_page_bytes};
 use fgbi_hyp::tracking::DirtyTracker;
 use fgbi_hyp::workload::{PAGE, Rng};
 
@@ -15,32 +15,7 @@ const HUGE: usize = 2 << 20;
 
 /// KiB of `AnonHugePages` in the mappings of /proc/self/smaps inside `region`.
 fn anon_huge_kib(region: &[u8]) -> u64 {
-    let (lo, hi) = (
-        region.as_ptr().addr(),
-        region.as_ptr().addr() + region.len(),
-    );
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    let mut kib = 0;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((start, end)) = first.split_once('-')
-            && let (Ok(start), Ok(end)) = (
-                usize::from_str_radix(start, 16),
-                usize::from_str_radix(end, 16),
-            )
-        {
-            inside = start >= lo && end <= hi;
-        } else if inside && let Some(rest) = line.strip_prefix("AnonHugePages:") {
-            kib += rest
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap();
-        }
-    }
-    kib
+    huge_page_bytes(region).unwrap() >> 10
 }
 
 /// Seconds per operation of `f`, which performs `ops` operations.

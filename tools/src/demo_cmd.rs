@@ -28,6 +28,7 @@ use clap::Args;
 use fgbi::bench::Percentiles;
 use fgbi::fault::FAULT_ENV;
 use fgbi_engine::Mode;
+use fgbi_hyp::synthetic::Tracking;
 use serde_json::json;
 
 use crate::size::parse_size;
@@ -84,15 +85,34 @@ pub struct DemoArgs {
     /// service, kill it after --epochs committed epochs, and compare digests.
     #[arg(long)]
     workload: Option<String>,
+    /// With --vm or --workload: where the primary's dirty pages come from and how a
+    /// checkpoint keeps them, as `fgbi primary --tracking`: kernel (copied in the
+    /// pause) or cow (copy-on-write), or generator with --workload.
+    #[arg(long)]
+    tracking: Option<Tracking>,
     /// With --workload: committed epochs before the primary is killed.
     #[arg(long, default_value_t = 40, requires = "workload")]
     epochs: u64,
+}
+
+impl DemoArgs {
+    /// `--tracking` for the primary, when given.
+    fn tracking_args(&self) -> Vec<String> {
+        self.tracking
+            .map(|t| vec!["--tracking".into(), t.as_str().into()])
+            .unwrap_or_default()
+    }
 }
 
 /// Runs `fgbi demo`.
 pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
     if args.clients == 0 {
         return Err("--clients must be at least 1".into());
+    }
+    if args.tracking.is_some() && !args.vm && args.workload.is_none() {
+        return Err(
+            "--tracking goes with --vm or --workload: the kv application keeps its pages by copying them in the pause".into(),
+        );
     }
     match &args.workload {
         Some(workload) => synthetic::run(&args, workload),
@@ -194,7 +214,8 @@ fn virtual_machine(args: &DemoArgs, exe: &Path, common: &[String], service: Sock
         .arg("primary")
         .args(common)
         .args(&vm)
-        .args(["--transport", &args.transport]);
+        .args(["--transport", &args.transport])
+        .args(args.tracking_args());
     Service {
         backup,
         primary,
@@ -388,7 +409,11 @@ impl Results<'_> {
         let (a, f, pause) = (self.args, &self.failover, self.pauses());
         println!(
             "fgbi demo: key-value service{}, {} MiB store, {} mode, {} ms epochs, output commit {}{}, {} clients",
-            if a.vm { " in a KVM micro-VM" } else { "" },
+            match (a.vm, a.tracking) {
+                (true, Some(Tracking::CopyOnWrite)) => " in a KVM micro-VM, copy-on-write",
+                (true, _) => " in a KVM micro-VM",
+                (false, _) => "",
+            },
             a.mem >> 20,
             a.mode,
             epoch_ms(a),
@@ -468,6 +493,7 @@ impl Results<'_> {
         json!({
             "mode": a.mode.to_string(),
             "vm": a.vm,
+            "tracking": a.tracking.unwrap_or(Tracking::Kernel).as_str(),
             "mem_bytes": a.mem,
             "epoch_ms": epoch_ms(a),
             "clients": a.clients,

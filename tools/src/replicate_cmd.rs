@@ -91,6 +91,12 @@ pub struct PrimaryArgs {
     /// Workload (or guest) seed.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
+    /// Where dirty pages come from and how a checkpoint keeps them: kernel (pages
+    /// copied in the pause), cow (copy-on-write: the pause only write-protects them,
+    /// they are copied after the program resumes) or generator (the workload's own
+    /// record; not with --vm). With --vm the dirty pages come from KVM's dirty log.
+    #[arg(long, default_value = "kernel")]
+    pub(crate) tracking: Tracking,
     /// Print each checkpoint's digest (costs a pass over memory, outside the pause).
     #[arg(long)]
     digests: bool,
@@ -115,9 +121,8 @@ pub fn primary(args: PrimaryArgs) -> Result<ExitCode, String> {
     }
     let key = args.shared.key()?;
     let mem = usize::try_from(args.shared.mem).map_err(|_| "--mem is too large".to_string())?;
-    let mut machine =
-        SyntheticMachine::new(&args.workload, mem, args.seed, Tracking::Kernel, false)
-            .map_err(|e| e.to_string())?;
+    let mut machine = SyntheticMachine::new(&args.workload, mem, args.seed, args.tracking, false)
+        .map_err(|e| e.to_string())?;
     let options = args.options()?;
     let metrics = start_metrics(args.metrics, "primary")?;
     let mut out = std::io::stdout().lock();

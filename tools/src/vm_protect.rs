@@ -29,6 +29,7 @@ use fgbi_hyp::kvm::kv_server::KvServer;
 use fgbi_hyp::kvm::{DirtyTracking, KvmError, KvmVm, Program, VmConfig};
 use fgbi_hyp::memory::Region;
 use fgbi_hyp::protected::HypError;
+use fgbi_hyp::synthetic::Tracking;
 
 use crate::replicate_cmd::{BackupArgs, PrimaryArgs, print_event, print_failover};
 
@@ -100,9 +101,20 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, String> {
     let options = args.options()?;
     let mut config = args.vm.config(args.shared.mem, true)?;
     config.args.seed = args.seed;
+    config.copy_on_write = match args.tracking {
+        Tracking::Kernel => false,
+        Tracking::CopyOnWrite => true,
+        Tracking::Generator => {
+            return Err("a VM's dirty pages come from KVM's dirty log: use --tracking kernel (pages copied in the pause) or cow (copy-on-write)".into());
+        }
+    };
     let mut vm = KvmVm::new(config).map_err(|e| e.to_string())?;
+    let safety = match config.copy_on_write {
+        true => format!("copy-on-write at {}", config.cow_granule),
+        false => "pages copied in the pause".into(),
+    };
     println!(
-        "vm {}: {} MiB, {} vCPU(s), {:?}",
+        "vm {}: {} MiB, {} vCPU(s), {:?}, {safety}",
         config.program,
         config.mem_bytes >> 20,
         config.vcpus,

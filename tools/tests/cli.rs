@@ -166,6 +166,14 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
             vec!["record", "--pid", "0", "-o", "/tmp/fgbi-never.fgbt"],
             "invalid process id",
         ),
+        (
+            vec!["demo", "--tracking", "cow"],
+            "--tracking goes with --vm or --workload",
+        ),
+        (
+            vec!["demo", "--vm", "--tracking", "copy"],
+            "unknown tracking",
+        ),
     ] {
         let (code, _, stderr) = fgbi(&args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
@@ -274,9 +282,12 @@ fn vm_run_refuses_unknown_guests_and_bad_sizes() {
     let (code, _, stderr) = fgbi(&["vm", "run", "web", "--mem", "3M"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("multiple of 2 MiB"), "{stderr}");
-    let (code, _, stderr) = fgbi(&["vm", "run", "ep", "--vcpus", "2"]);
+    let (code, _, stderr) = fgbi(&["vm", "run", "pit", "--vcpus", "2"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("use 1 to 1"), "{stderr}");
+    let (code, _, stderr) = fgbi(&["vm", "run", "ep", "--vcpus", "2", "--mem", "4M"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("257 data pages per vCPU"), "{stderr}");
     let (code, _, stderr) = fgbi(&["vm", "run", "kv"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("needs --port"), "{stderr}");

@@ -192,15 +192,26 @@ fn in_llm_mode_without_the_replay_acknowledged_writes_are_lost() {
 
 #[test]
 fn the_demo_fails_over_a_kvm_micro_vm_and_loses_no_acknowledged_write() {
+    vm_demo("vm", "kernel", "in a KVM micro-VM,");
+}
+
+#[test]
+fn the_demo_fails_over_a_kvm_micro_vm_checkpointed_copy_on_write() {
+    vm_demo("vm-cow", "cow", "in a KVM micro-VM, copy-on-write,");
+}
+
+/// `fgbi demo --vm --tracking tracking`, whose first line says `shown`.
+fn vm_demo(name: &str, tracking: &str, shown: &str) {
     if !fgbi_hyp::feature::available("KVM", probe(DirtyTracking::Classic)) {
         return;
     }
-    let Some((code, printed, json)) = demo("vm", &["--vm"]) else {
+    let Some((code, printed, json)) = demo(name, &["--vm", "--tracking", tracking]) else {
         return;
     };
     assert_eq!(code, 0, "{printed}");
     assert_eq!(json["vm"], true, "{json}");
-    assert!(printed.contains("in a KVM micro-VM"), "{printed}");
+    assert_eq!(json["tracking"], tracking, "{json}");
+    assert!(printed.contains(shown), "{printed}");
     assert!(number(&json, &["epochs"]) > 0.0, "{json}");
     assert!(number(&json, &["failover_epoch"]) > 0.0, "{json}");
     assert!(number(&json, &["failover_ms", "restore"]) > 0.0, "{json}");

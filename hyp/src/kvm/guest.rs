@@ -113,9 +113,11 @@ pub enum Program {
     /// The `dup` workload's behaviour: fresh source pages copied whole and in
     /// 64-256 byte pieces into many others. `arg1`: doorbell interval.
     Dup,
-    /// The NPB EP kernel, class S, verified against the specification's sums; the
-    /// doorbell counts its 256 batches; it prints its result ([`super::ep::EpResult`])
-    /// and finishes. One vCPU.
+    /// The NPB EP kernel, class S, verified against the specification's sums; its
+    /// 256 batches are dealt round-robin to the vCPUs, each vCPU's doorbell counting
+    /// its own; vCPU 0 adds up every vCPU's sums, prints the result
+    /// ([`super::ep::EpResult`]) and finishes. Needs [`Program::min_data_pages`]
+    /// (1 MiB and a page) per vCPU.
     Ep,
     /// Programs the in-kernel PICs and PIT through their ports, counts PIT periods
     /// by polling its counter, and faults if the devices lose their programming
@@ -129,11 +131,22 @@ pub enum Program {
 
 impl Program {
     /// The most vCPUs the program uses: each vCPU of the others works in its own
-    /// share of the data area.
+    /// share of the data area. `touch` writes the rounds the VMM posts to one
+    /// table, `pit` programs the one PIC/PIT pair, and `kv`'s store has one
+    /// request ring and no locks: one vCPU each.
     pub fn max_vcpus(self) -> usize {
         match self {
-            Program::Touch | Program::Ep | Program::Pit | Program::Kv => 1,
+            Program::Touch | Program::Pit | Program::Kv => 1,
             _ => MAX_VCPUS,
+        }
+    }
+
+    /// The data pages each vCPU's share must hold: `ep` keeps a batch of 2^17
+    /// deviates (1 MiB) and its published sums there.
+    pub fn min_data_pages(self) -> u64 {
+        match self {
+            Program::Ep => 257,
+            _ => 1,
         }
     }
 }
@@ -301,6 +314,16 @@ pub fn write_boot(
             "{vcpus} vCPUs for the {} guest: use 1 to {}",
             program.name(),
             program.max_vcpus()
+        ));
+    }
+    let share = data_pages(memory.len()) / vcpus as u64;
+    if share < program.min_data_pages() {
+        return Err(format!(
+            "the {} guest needs {} data pages per vCPU; {vcpus} vCPU(s) in {} MiB get {share}: \
+             give it more memory or fewer vCPUs",
+            program.name(),
+            program.min_data_pages(),
+            memory.len() >> 20
         ));
     }
     let image = program.image();
@@ -530,7 +553,19 @@ mod tests {
         assert!(check_size(64 << 20).is_ok());
         let mut fresh = vec![0u8; 4 << 20];
         let args = GuestArgs::default();
-        assert!(write_boot(&mut fresh, Program::Ep, args, 2, &mut Vec::new()).is_err());
+        // 512 data pages: one ep vCPU fits, two do not; three fit in 8 MiB.
+        let ep = |memory: &mut [u8], vcpus| {
+            write_boot(memory, Program::Ep, args, vcpus, &mut Vec::new())
+        };
+        assert!(ep(&mut fresh, 1).is_ok());
+        fresh.fill(0);
+        assert!(
+            ep(&mut fresh, 2)
+                .unwrap_err()
+                .contains("257 data pages per vCPU")
+        );
+        assert!(ep(&mut vec![0u8; 8 << 20], 3).is_ok());
+        assert!(write_boot(&mut fresh, Program::Kv, args, 2, &mut Vec::new()).is_err());
         assert!(
             write_boot(
                 &mut fresh,

@@ -18,7 +18,7 @@ use super::state::{self, DeviceState, Machine, MachineState, RestoreReport};
 use super::sys::GuestMemory;
 use super::vcpu::{DeviceIo, GuestStop, VcpuThreads};
 use super::{KvmError, sys};
-use crate::cow::{CowMode, CowTracker};
+use crate::cow::{CowMode, CowTracker, Granule};
 use crate::memory::{Backing, Region};
 use crate::protected::{HypError, Protected};
 use crate::workload::PAGE;
@@ -54,6 +54,9 @@ pub struct VmConfig {
     /// the VMM's) first write to it ([`crate::cow`], [`CowMode::Snapshot`]: KVM's
     /// dirty log still finds the dirty pages).
     pub copy_on_write: bool,
+    /// With `copy_on_write`: the unit in which pages are protected, copied and
+    /// unprotected (by default 2 MiB, chosen by measurement: docs/performance.md).
+    pub cow_granule: Granule,
 }
 
 impl VmConfig {
@@ -71,6 +74,7 @@ impl VmConfig {
             vcpus: 1,
             output_commit: false,
             copy_on_write: false,
+            cow_granule: Granule::default(),
         }
     }
 }
@@ -239,6 +243,7 @@ impl Parts {
                     memory.len(),
                     memory.backing(),
                     CowMode::Snapshot,
+                    config.cow_granule,
                 )
             }?)
         } else {

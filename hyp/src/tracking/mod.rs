@@ -69,7 +69,7 @@ use std::io;
 
 use thiserror::Error;
 
-use crate::cow::{CowMode, CowTracker};
+use crate::cow::{CowMode, CowTracker, Granule};
 use crate::memory::{Backing, HUGE_PAGE, Region};
 use crate::protected::HypError;
 use crate::workload::PAGE;
@@ -340,6 +340,8 @@ impl RegionTracker {
                     region.len(),
                     region.backing(),
                     CowMode::Record,
+                    // A coarser granule would count whole granules as written.
+                    Granule::MIN,
                 )
             }?),
         })

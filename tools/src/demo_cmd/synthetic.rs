@@ -48,6 +48,7 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
         workload,
         "--digests",
     ]);
+    primary_cmd.args(args.tracking_args());
     common(&mut primary_cmd);
     let mut primary = Kill(
         primary_cmd
