@@ -91,6 +91,25 @@ pub struct RunResult {
     pub encode_vs_memcpy: f64,
     /// Apply throughput as a fraction of memcpy's.
     pub apply_vs_memcpy: f64,
+    /// Type II downtime and overhead of every tracking variant that ran, by its
+    /// name (`kernel`: the dirty pages copied in the pause; `cow`: copy-on-write);
+    /// the entry of `tracking` holds the figures above.
+    pub pause_by_tracking: BTreeMap<&'static str, TrackingFigures>,
+}
+
+/// Type II downtime and overhead of one tracking variant.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrackingFigures {
+    /// Pause per checkpoint, microseconds: the networked pass's when it ran, else
+    /// the in-process pass's.
+    pub pause_us: Percentiles,
+    /// Pause per checkpoint of the in-process pass, microseconds.
+    pub local_pause_us: Percentiles,
+    /// The workload's throughput lost to protection, percent (networked pass).
+    pub overhead_pct: Option<f64>,
+    /// Every pause behind `pause_us`, microseconds (for plots; not serialized).
+    #[serde(skip)]
+    pub pause_samples_us: Vec<f64>,
 }
 
 /// Type I downtime in parts, milliseconds: the median of each part over the

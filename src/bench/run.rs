@@ -1,6 +1,9 @@
 //! The driver: every workload under every mode, one result per pair.
 
+use std::collections::BTreeMap;
+
 use fgbi_engine::{Geometry, Mode, PAGE_SIZE};
+use fgbi_hyp::synthetic::Tracking;
 
 use super::config::BenchConfig;
 use super::error::BenchError;
@@ -8,7 +11,7 @@ use super::link::Link;
 use super::local_pass::{self, CodecPass};
 use super::memcpy;
 use super::network::{self, FailoverSample, NetworkPass};
-use super::result::{FailoverMs, RunResult, Throughput};
+use super::result::{FailoverMs, RunResult, Throughput, TrackingFigures};
 use super::source::{Source, mem_usize};
 use crate::percentiles::{Percentiles, median};
 
@@ -25,7 +28,22 @@ pub fn run(
             "the bench needs at least 1 measured epoch per pass (--epochs, --net-epochs)".into(),
         ));
     }
-    let implementation = config.transport.map(|t| t.implementation()).transpose()?;
+    if config.tracking.is_empty() {
+        return Err(BenchError::Setting(
+            "the bench needs at least one tracking variant (--tracking)".into(),
+        ));
+    }
+    for (i, tracking) in config.tracking.iter().enumerate() {
+        if config.tracking[..i].contains(tracking) {
+            return Err(BenchError::Setting(format!(
+                "--tracking names {} twice",
+                tracking.as_str()
+            )));
+        }
+    }
+    if let Some(network) = &config.network {
+        network.check()?;
+    }
     let mut sources = Vec::new();
     for name in &config.workloads {
         sources.push((name, Source::new(name, config)?));
@@ -36,26 +54,38 @@ pub fn run(
         for &mode in &config.modes {
             let mem = mem_usize(*geometry)?;
             let encoder = local_pass::encoder_config(config, *geometry, mode);
-            let mut machine = source.machine(config, mem)?;
-            let backing = machine.backing().as_str();
-            let codec = local_pass::run(config, encoder.clone(), &mut machine)?;
-            drop(machine);
-            let net = match implementation {
-                Some(implementation) => {
-                    let link = Link::new(encoder, implementation, config.tracking)?;
-                    let machine = source.machine(config, mem)?;
-                    Some(network::run(config, source, &link, machine)?)
-                }
-                None => None,
-            };
+            let mut variants = Vec::with_capacity(config.tracking.len());
+            for &tracking in &config.tracking {
+                let mut machine = source.machine(config, mem, tracking)?;
+                let backing = machine.backing().as_str();
+                let codec = local_pass::run(config, encoder.clone(), &mut machine)?;
+                drop(machine);
+                let net = match &config.network {
+                    Some(network) => {
+                        let link = Link::new(name, &encoder, network, tracking)?;
+                        let machine = source.machine(config, mem, tracking)?;
+                        Some(network::run(config, source, &link, machine, tracking)?)
+                    }
+                    None => None,
+                };
+                variants.push(Variant {
+                    tracking,
+                    backing,
+                    codec,
+                    net,
+                });
+            }
+            let mut variants = variants.into_iter();
+            let first = variants.next().ok_or_else(|| {
+                BenchError::Setting("the bench needs at least one tracking variant".into())
+            })?;
             let result = assemble(
                 config,
                 *geometry,
                 name,
                 mode,
-                backing,
-                codec,
-                net,
+                first,
+                variants.collect(),
                 memcpy_gbps,
             );
             report(&result);
@@ -65,19 +95,79 @@ pub fn run(
     Ok(results)
 }
 
-/// One run's result from its passes.
-#[allow(clippy::too_many_arguments)]
+/// What one tracking variant's passes measured.
+struct Variant {
+    tracking: Tracking,
+    backing: &'static str,
+    codec: CodecPass,
+    net: Option<NetworkPass>,
+}
+
+impl Variant {
+    /// Its type II downtime and overhead.
+    fn figures(&mut self) -> TrackingFigures {
+        let local_pause_us = Percentiles::of(&mut self.codec.pause_us);
+        match &mut self.net {
+            Some(net) => TrackingFigures {
+                pause_us: Percentiles::of(&mut net.pause_us),
+                local_pause_us,
+                overhead_pct: throughput(net).1,
+                pause_samples_us: net.pause_us.clone(),
+            },
+            None => TrackingFigures {
+                pause_us: local_pause_us,
+                local_pause_us,
+                overhead_pct: None,
+                pause_samples_us: self.codec.pause_us.clone(),
+            },
+        }
+    }
+}
+
+/// The workload's throughput with and without protection (medians over the
+/// rounds), and the share protection costs it, percent.
+fn throughput(net: &mut NetworkPass) -> (Throughput, Option<f64>) {
+    let unprotected = median(&mut net.unprotected_rates).unwrap_or(0.0);
+    let protected = median(&mut net.protected_rates).unwrap_or(0.0);
+    let overhead = (unprotected > 0.0).then(|| (1.0 - protected / unprotected) * 100.0);
+    (
+        Throughput {
+            unprotected,
+            protected,
+        },
+        overhead,
+    )
+}
+
+/// One run's result from the passes of its variants: everything from the `first`,
+/// the type II downtime and overhead of each, the verifications of all.
 fn assemble(
     config: &BenchConfig,
     geometry: Geometry,
     name: &str,
     mode: Mode,
-    backing: &'static str,
-    mut codec: CodecPass,
-    net: Option<NetworkPass>,
+    mut first: Variant,
+    mut others: Vec<Variant>,
     memcpy_gbps: f64,
 ) -> RunResult {
-    let local_pause_us = Percentiles::of(&mut codec.pause_us);
+    let main = first.figures();
+    let mut by_tracking = BTreeMap::new();
+    let (mut verified, mut verified_checkpoints) = (true, 0);
+    for other in &mut others {
+        by_tracking.insert(other.tracking.as_str(), other.figures());
+        verified &= other.codec.verified;
+        verified_checkpoints += other.codec.verified_checkpoints;
+        if let Some(net) = &other.net {
+            verified &= net.verified;
+            verified_checkpoints += net.failovers.len() as u64;
+        }
+    }
+    let Variant {
+        tracking,
+        backing,
+        codec,
+        net,
+    } = first;
     let mut result = RunResult {
         workload: name.to_string(),
         mode: mode.to_string(),
@@ -86,7 +176,7 @@ fn assemble(
         mem_bytes: geometry.mem_bytes(),
         workers: config.workers,
         backing,
-        tracking: config.tracking_name(),
+        tracking: tracking.as_str(),
         dirty_pages: codec.dirty_pages,
         wire_bytes: codec.wire_bytes,
         sync_bytes: codec.sync_bytes,
@@ -94,18 +184,18 @@ fn assemble(
         apply_seconds: codec.apply_seconds,
         encode_us_p50: codec.encode_us_p50,
         apply_us_p50: codec.apply_us_p50,
-        pause_us: local_pause_us,
-        verified: codec.verified,
+        pause_us: main.pause_us,
+        verified: codec.verified && verified,
         digest_bytes: codec.overhead_bytes.0,
         cache_bytes: codec.overhead_bytes.1,
         encodings: codec.encodings,
         transport: "local",
-        verified_checkpoints: codec.verified_checkpoints,
-        local_pause_us,
-        pause_samples_us: codec.pause_us,
+        verified_checkpoints: codec.verified_checkpoints + verified_checkpoints,
+        local_pause_us: main.local_pause_us,
+        pause_samples_us: main.pause_samples_us.clone(),
         failovers: 0,
         failover_ms: None,
-        overhead_pct: None,
+        overhead_pct: main.overhead_pct,
         throughput: None,
         net_epochs: None,
         net_dirty_pages: None,
@@ -117,26 +207,21 @@ fn assemble(
         memcpy_gbps,
         encode_vs_memcpy: 0.0,
         apply_vs_memcpy: 0.0,
+        pause_by_tracking: BTreeMap::new(),
     };
     if memcpy_gbps > 0.0 {
         result.encode_vs_memcpy = result.encode_gbps() / memcpy_gbps;
         result.apply_vs_memcpy = result.apply_gbps() / memcpy_gbps;
     }
+    result.pause_by_tracking.insert(tracking.as_str(), main);
+    result.pause_by_tracking.append(&mut by_tracking);
     if let Some(mut net) = net {
         result.transport = net.transport;
-        result.pause_us = Percentiles::of(&mut net.pause_us);
-        result.pause_samples_us = net.pause_us;
         result.verified &= net.verified;
         result.verified_checkpoints += net.failovers.len() as u64;
         result.failovers = net.failovers.len();
         result.failover_ms = Some(failover_ms(&net.failovers));
-        let unprotected = median(&mut net.unprotected_rates).unwrap_or(0.0);
-        let protected = median(&mut net.protected_rates).unwrap_or(0.0);
-        result.throughput = Some(Throughput {
-            unprotected,
-            protected,
-        });
-        result.overhead_pct = (unprotected > 0.0).then(|| (1.0 - protected / unprotected) * 100.0);
+        result.throughput = Some(throughput(&mut net).0);
         result.net_epochs = Some(net.epochs);
         result.net_dirty_pages = Some(net.dirty_pages);
         result.net_wire_bytes = Some(net.wire_bytes);
