@@ -58,9 +58,6 @@ pub struct RunResult {
     /// Type II downtime of the in-process pass (one workload step per epoch),
     /// microseconds; `pause_us` is the networked pass's when it ran.
     pub local_pause_us: Percentiles,
-    /// Every pause behind `pause_us`, microseconds (for plots; not serialized).
-    #[serde(skip)]
-    pub pause_samples_us: Vec<f64>,
     /// Injected primary failures (0 without the networked pass).
     pub failovers: usize,
     /// Type I downtime, milliseconds: medians over the injected failures.

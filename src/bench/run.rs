@@ -112,13 +112,13 @@ impl Variant {
                 pause_us: Percentiles::of(&mut net.pause_us),
                 local_pause_us,
                 overhead_pct: throughput(net).1,
-                pause_samples_us: net.pause_us.clone(),
+                pause_samples_us: std::mem::take(&mut net.pause_us),
             },
             None => TrackingFigures {
                 pause_us: local_pause_us,
                 local_pause_us,
                 overhead_pct: None,
-                pause_samples_us: self.codec.pause_us.clone(),
+                pause_samples_us: std::mem::take(&mut self.codec.pause_us),
             },
         }
     }
@@ -192,7 +192,6 @@ fn assemble(
         transport: "local",
         verified_checkpoints: codec.verified_checkpoints + verified_checkpoints,
         local_pause_us: main.local_pause_us,
-        pause_samples_us: main.pause_samples_us.clone(),
         failovers: 0,
         failover_ms: None,
         overhead_pct: main.overhead_pct,
