@@ -30,6 +30,7 @@ fn config(workloads: &[&str], modes: Vec<Mode>) -> BenchConfig {
         failovers: 1,
         net_epochs: 4,
         epoch: Duration::from_millis(5),
+        dirty_rate: None,
     }
 }
 

@@ -55,6 +55,11 @@ pub struct BenchConfig {
     pub net_epochs: usize,
     /// How long the workload runs between two checkpoints in the networked pass.
     pub epoch: Duration,
+    /// Pace the networked pass's workload to at most this many dirty pages per
+    /// second (`None`: as fast as it runs). A step's pages are those one step
+    /// dirtied in the in-process pass; the steps of one epoch may share pages, so
+    /// the rate reached (`net_dirty_pages_per_sec`) can be lower.
+    pub dirty_rate: Option<f64>,
 }
 
 impl BenchConfig {

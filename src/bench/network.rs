@@ -67,6 +67,40 @@ pub struct NetworkPass {
     pub pipeline_cpu_seconds: f64,
     /// Bytes of the backup's receive ring.
     pub receive_ring_bytes: usize,
+    /// Wall time of the measured epochs of every protected round, seconds.
+    pub protected_seconds: f64,
+}
+
+/// Holds the workload to one step per `interval` (`None`: as fast as it runs).
+struct Pacer {
+    interval: Option<Duration>,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(interval: Option<Duration>) -> Self {
+        Self {
+            interval,
+            next: Instant::now(),
+        }
+    }
+
+    /// Waits for the next step's turn; if it comes after `deadline`, waits until
+    /// the deadline instead and returns false. A program held up (stopped for a
+    /// checkpoint) does not catch up afterwards.
+    fn ready_by(&mut self, deadline: Instant) -> bool {
+        let Some(interval) = self.interval else {
+            return true;
+        };
+        let now = Instant::now();
+        if self.next > deadline {
+            std::thread::sleep(deadline.saturating_duration_since(now));
+            return false;
+        }
+        std::thread::sleep(self.next.saturating_duration_since(now));
+        self.next = self.next.max(now) + interval;
+        true
+    }
 }
 
 /// The program as the primary loop drives it, counting what each harvest found.
@@ -105,13 +139,15 @@ impl Protected for Observed<'_> {
 }
 
 /// Runs `config.failovers` protected rounds of `machine` (whose dirty pages come
-/// from `tracking`), each between two unprotected rounds, over `link`.
+/// from `tracking`), each between two unprotected rounds, over `link`; with `pace`,
+/// the program runs at most one step per `pace` in every round.
 pub fn run(
     config: &BenchConfig,
     source: &Source,
     link: &Link,
     mut machine: SyntheticMachine,
     tracking: Tracking,
+    pace: Option<Duration>,
 ) -> Result<NetworkPass, BenchError> {
     let round = config.epoch * u32::try_from(config.net_epochs).unwrap_or(u32::MAX);
     let mut pass = NetworkPass {
@@ -121,20 +157,26 @@ pub fn run(
         ..NetworkPass::default()
     };
     pass.unprotected_rates
-        .push(unprotected(&mut machine, round)?);
+        .push(unprotected(&mut machine, round, pace)?);
     for _ in 0..config.failovers.max(1) {
-        session(config, link, &mut machine, &mut pass)?;
+        session(config, link, &mut machine, &mut pass, pace)?;
         machine = restored(&mut machine, source, tracking)?;
         pass.unprotected_rates
-            .push(unprotected(&mut machine, round)?);
+            .push(unprotected(&mut machine, round, pace)?);
     }
     Ok(pass)
 }
 
-/// Runs `machine` unprotected for `duration`; its steps per second.
-fn unprotected(machine: &mut SyntheticMachine, duration: Duration) -> Result<f64, BenchError> {
+/// Runs `machine` unprotected for `duration`, at most one step per `pace`; its
+/// steps per second.
+fn unprotected(
+    machine: &mut SyntheticMachine,
+    duration: Duration,
+    pace: Option<Duration>,
+) -> Result<f64, BenchError> {
     let (started, steps) = (Instant::now(), machine.epochs());
-    while started.elapsed() < duration {
+    let mut pacer = Pacer::new(pace);
+    while started.elapsed() < duration && pacer.ready_by(started + duration) {
         machine.run()?;
     }
     Ok((machine.epochs() - steps) as f64 / started.elapsed().as_secs_f64())
@@ -173,6 +215,7 @@ fn session(
     link: &Link,
     machine: &mut SyntheticMachine,
     pass: &mut NetworkPass,
+    pace: Option<Duration>,
 ) -> Result<(), BenchError> {
     // Killed and reaped on every early return.
     let backup = link.spawn_backup()?;
@@ -189,6 +232,7 @@ fn session(
     };
     let mut synced = false;
     let epoch_len = config.epoch;
+    let mut pacer = Pacer::new(pace);
     let (mut pauses, mut bytes) = (Vec::new(), 0u64);
     let primary = link.primary(
         &mut observed,
@@ -196,9 +240,10 @@ fn session(
             if !std::mem::replace(&mut synced, true) {
                 return Ok(());
             }
-            // The program runs for one epoch length, at least one step.
+            // The program runs for one epoch length: at least one step unpaced,
+            // the steps whose turn comes paced.
             let (started, cpu) = (Instant::now(), cpu::thread_ns().unwrap_or(0));
-            loop {
+            while pacer.ready_by(started + epoch_len) {
                 program.machine.run()?;
                 steps.set(steps.get() + 1);
                 if started.elapsed() >= epoch_len {
@@ -262,6 +307,7 @@ fn session(
     });
     let wall = (t1 - t0).as_secs_f64();
     pass.protected_rates.push(steps.get() as f64 / wall);
+    pass.protected_seconds += wall;
     pass.pipeline_cpu_seconds +=
         cpu1.saturating_sub(cpu0).saturating_sub(step_cpu_ns.get()) as f64 / 1e9;
     pass.epochs += pauses.len() as u64;

@@ -82,6 +82,11 @@ pub struct RunResult {
     pub pipeline_cpu_seconds: Option<f64>,
     /// The same per measured checkpoint, microseconds.
     pub pipeline_cpu_us_per_epoch: Option<f64>,
+    /// The dirty rate the networked pass's workload was paced to, pages per
+    /// second (`None`: unpaced).
+    pub dirty_rate_target: Option<f64>,
+    /// Dirty pages per second the networked pass's measured epochs harvested.
+    pub net_dirty_pages_per_sec: Option<f64>,
     /// This machine's memcpy bandwidth, measured in the same run, GB/s.
     pub memcpy_gbps: f64,
     /// Encode throughput as a fraction of memcpy's.

@@ -1,6 +1,7 @@
 //! The driver: every workload under every mode, one result per pair.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use fgbi_engine::{Geometry, Mode, PAGE_SIZE};
 use fgbi_hyp::synthetic::Tracking;
@@ -44,6 +45,14 @@ pub fn run(
     if let Some(network) = &config.network {
         network.check()?;
     }
+    if config
+        .dirty_rate
+        .is_some_and(|r| !(r.is_finite() && r > 0.0))
+    {
+        return Err(BenchError::Setting(
+            "the dirty rate must be a positive number of pages per second (--dirty-rate)".into(),
+        ));
+    }
     let mut sources = Vec::new();
     for name in &config.workloads {
         sources.push((name, Source::new(name, config)?));
@@ -64,7 +73,10 @@ pub fn run(
                     Some(network) => {
                         let link = Link::new(name, &encoder, network, tracking)?;
                         let machine = source.machine(config, mem, tracking)?;
-                        Some(network::run(config, source, &link, machine, tracking)?)
+                        let pace = pace(config, &codec);
+                        Some(network::run(
+                            config, source, &link, machine, tracking, pace,
+                        )?)
                     }
                     None => None,
                 };
@@ -93,6 +105,14 @@ pub fn run(
         }
     }
     Ok(results)
+}
+
+/// The time between two workload steps that holds the networked pass to
+/// `config.dirty_rate`, from the pages one step dirtied in the in-process pass.
+fn pace(config: &BenchConfig, codec: &CodecPass) -> Option<Duration> {
+    let rate = config.dirty_rate?;
+    let pages_per_step = codec.dirty_pages as f64 / config.epochs.max(1) as f64;
+    (pages_per_step > 0.0).then(|| Duration::from_secs_f64(pages_per_step / rate))
 }
 
 /// What one tracking variant's passes measured.
@@ -203,6 +223,8 @@ fn assemble(
         receive_ring_bytes: 0,
         pipeline_cpu_seconds: None,
         pipeline_cpu_us_per_epoch: None,
+        dirty_rate_target: config.dirty_rate,
+        net_dirty_pages_per_sec: None,
         memcpy_gbps,
         encode_vs_memcpy: 0.0,
         apply_vs_memcpy: 0.0,
@@ -224,6 +246,8 @@ fn assemble(
         result.net_epochs = Some(net.epochs);
         result.net_dirty_pages = Some(net.dirty_pages);
         result.net_wire_bytes = Some(net.wire_bytes);
+        result.net_dirty_pages_per_sec =
+            (net.protected_seconds > 0.0).then(|| net.dirty_pages as f64 / net.protected_seconds);
         result.staging_bytes = result
             .staging_bytes
             .max(net.max_epoch_pages as usize * PAGE_SIZE);
@@ -237,7 +261,7 @@ fn assemble(
 
 /// Medians of each part of type I downtime, and of the totals, in milliseconds.
 fn failover_ms(samples: &[FailoverSample]) -> FailoverMs {
-    let ms = |part: fn(&FailoverSample) -> std::time::Duration| {
+    let ms = |part: fn(&FailoverSample) -> Duration| {
         let mut values: Vec<f64> = samples
             .iter()
             .map(|s| part(s).as_secs_f64() * 1e3)

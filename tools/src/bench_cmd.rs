@@ -90,6 +90,11 @@ pub struct BenchArgs {
     /// Epoch length of the networked pass, milliseconds.
     #[arg(long, default_value_t = 25)]
     epoch_ms: u64,
+    /// Pace the networked pass's workload to at most this dirty rate: pages per
+    /// second (`12000`, `12000pages/s`) or bytes per second (`48MB/s`, `46MiB/s`).
+    /// Default: as fast as it runs.
+    #[arg(long, value_parser = parse_rate)]
+    dirty_rate: Option<f64>,
     /// Also write the results as JSON (schema 3, docs/bench.md) to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -103,6 +108,34 @@ pub struct BenchArgs {
     /// Also print the table in Markdown after the runs.
     #[arg(long)]
     markdown: bool,
+}
+
+/// A dirty rate in pages (4 KiB) per second: `N`, `Npages/s`, `NMB/s` (10^6 bytes)
+/// or `NMiB/s`.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a rate: give e.g. 12000pages/s or 48MB/s"))?;
+    let page = fgbi_engine::PAGE_SIZE as f64;
+    let pages = match unit {
+        "" | "pages/s" => value,
+        "MB/s" => value * 1e6 / page,
+        "MiB/s" => value * 1_048_576.0 / page,
+        other => {
+            return Err(format!(
+                "unknown rate unit {other:?}: use pages/s, MB/s or MiB/s (e.g. 12000pages/s, 48MB/s)"
+            ));
+        }
+    };
+    if pages > 0.0 && pages.is_finite() {
+        Ok(pages)
+    } else {
+        Err(format!("the dirty rate {text:?} must be above zero"))
+    }
 }
 
 /// Settings that differ between the full and the quick profile.
@@ -206,6 +239,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         failovers,
         net_epochs,
         epoch: Duration::from_millis(args.epoch_ms),
+        dirty_rate: args.dirty_rate,
     };
     let memory = match &args.trace {
         Some(_) => "memory sized by the trace".to_string(),
@@ -414,4 +448,26 @@ fn print_row(row: &[String; 14]) {
     println!(
         "{c0:<8} {c1:<7} {c2:>9} {c3:>10} {c4:>8} {c5:>8} {c6:>8} {c7:>22} {c8:>9} {c9:>8} {c10:>10} {c11:>9}  {c12:<8} {c13}"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_read_in_pages_per_second() {
+        assert_eq!(parse_rate("12000").unwrap(), 12000.0);
+        assert_eq!(parse_rate("12000pages/s").unwrap(), 12000.0);
+        assert_eq!(parse_rate("4.096MB/s").unwrap(), 1000.0);
+        assert_eq!(parse_rate("4MiB/s").unwrap(), 1024.0);
+        for (bad, why) in [
+            ("0", "above zero"),
+            ("fast", "not a rate"),
+            ("12GB/h", "unknown rate unit"),
+            ("", "not a rate"),
+        ] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 }

@@ -45,6 +45,7 @@ fn networked(workload: &str, modes: Vec<Mode>, failovers: usize) -> BenchConfig 
         failovers,
         net_epochs: 4,
         epoch: Duration::from_millis(5),
+        dirty_rate: None,
     }
 }
 
@@ -354,4 +355,24 @@ fn a_killed_bench_takes_its_backup_process_with_it() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn a_paced_workload_runs_only_the_steps_whose_turn_came() {
+    let mut config = networked("web", vec![Mode::Fgbi], 1);
+    // One step per minute or so: each round runs its first step and no other.
+    config.dirty_rate = Some(1.0);
+    let runs = bench::run(&config, |_| {}).unwrap();
+    let r = &runs[0];
+    assert!(r.verified);
+    assert_eq!(r.dirty_rate_target, Some(1.0));
+    assert!(r.net_dirty_pages_per_sec.is_some());
+    let net = r.net_dirty_pages.unwrap();
+    // The in-process pass ran one step per epoch, 4 of them; the protected round
+    // one step in all (unpaced, its epochs run several steps each).
+    assert!(
+        0 < net && net < r.dirty_pages,
+        "{net} pages in the paced round, {} in 4 steps",
+        r.dirty_pages
+    );
 }

@@ -7,7 +7,7 @@ use fgbi_hyp::synthetic::Tracking;
 use crate::bench::result::RunResult;
 
 /// The columns before the tracking variants'.
-pub const COLUMNS: &str = "workload,mode,epochs,block_size,mem_bytes,workers,backing,tracking,transport,dirty_pages,wire_bytes,sync_bytes,encode_seconds,apply_seconds,encode_us_p50,apply_us_p50,pause_us_p50,pause_us_p99,pause_us_max,local_pause_us_p50,local_pause_us_p99,local_pause_us_max,verified,verified_checkpoints,digest_bytes,cache_bytes,staging_bytes,receive_ring_bytes,failovers,failover_ms_detect,failover_ms_apply,failover_ms_restore,failover_ms_first_run,failover_ms_total,overhead_pct,throughput_unprotected,throughput_protected,net_epochs,net_dirty_pages,net_wire_bytes,pipeline_cpu_seconds,pipeline_cpu_us_per_epoch,memcpy_gbps,encode_vs_memcpy,apply_vs_memcpy";
+pub const COLUMNS: &str = "workload,mode,epochs,block_size,mem_bytes,workers,backing,tracking,transport,dirty_pages,wire_bytes,sync_bytes,encode_seconds,apply_seconds,encode_us_p50,apply_us_p50,pause_us_p50,pause_us_p99,pause_us_max,local_pause_us_p50,local_pause_us_p99,local_pause_us_max,verified,verified_checkpoints,digest_bytes,cache_bytes,staging_bytes,receive_ring_bytes,failovers,failover_ms_detect,failover_ms_apply,failover_ms_restore,failover_ms_first_run,failover_ms_total,overhead_pct,throughput_unprotected,throughput_protected,net_epochs,net_dirty_pages,net_wire_bytes,pipeline_cpu_seconds,pipeline_cpu_us_per_epoch,dirty_rate_target,net_dirty_pages_per_sec,memcpy_gbps,encode_vs_memcpy,apply_vs_memcpy";
 
 /// The columns of each tracking variant, after its name and an underscore
 /// (`cow_pause_us_p50`).
@@ -82,6 +82,8 @@ pub fn document(results: &[RunResult]) -> String {
             opt(r.net_wire_bytes.map(|v| v as f64)),
             opt(r.pipeline_cpu_seconds),
             opt(r.pipeline_cpu_us_per_epoch),
+            opt(r.dirty_rate_target),
+            opt(r.net_dirty_pages_per_sec),
             r.memcpy_gbps.to_string(),
             r.encode_vs_memcpy.to_string(),
             r.apply_vs_memcpy.to_string(),
