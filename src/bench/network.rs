@@ -3,7 +3,8 @@
 //! failures and the workload's throughput with and without protection.
 //!
 //! The pass alternates unprotected and protected rounds of the same program:
-//! unprotected, protected, unprotected, ... Each protected round is one session: a
+//! unprotected, protected, unprotected, ... An unprotected round runs it with no
+//! dirty tracking, as an unprotected program runs. Each protected round is one session: a
 //! fresh backup process, the primary loop syncing all memory to it (not measured),
 //! then `net_epochs` epochs in which the program runs for one epoch length and is
 //! checkpointed; then the primary stops abruptly (its link closes, as a crashed
@@ -138,9 +139,9 @@ impl Protected for Observed<'_> {
     }
 }
 
-/// Runs `config.failovers` protected rounds of `machine` (whose dirty pages come
-/// from `tracking`), each between two unprotected rounds, over `link`; with `pace`,
-/// the program runs at most one step per `pace` in every round.
+/// Runs `config.failovers` protected rounds of `machine` (its dirty pages from
+/// `tracking`), each between two unprotected rounds (no kernel tracking), over
+/// `link`; with `pace`, the program runs at most one step per `pace` in every round.
 pub fn run(
     config: &BenchConfig,
     source: &Source,
@@ -156,13 +157,21 @@ pub fn run(
         receive_ring_bytes: link.receive_ring_bytes()?,
         ..NetworkPass::default()
     };
+    // Unprotected rounds run the program with no kernel tracking at all (its
+    // memory as plain as an unprotected program's); protected rounds run it
+    // tracked. Each round continues the program where the last one left it.
+    let mut plain = restored(&mut machine, source, Tracking::Generator)?;
+    drop(machine);
     pass.unprotected_rates
-        .push(unprotected(&mut machine, round, pace)?);
+        .push(unprotected(&mut plain, round, pace)?);
     for _ in 0..config.failovers.max(1) {
+        let mut machine = restored(&mut plain, source, tracking)?;
+        drop(plain);
         session(config, link, &mut machine, &mut pass, pace)?;
-        machine = restored(&mut machine, source, tracking)?;
+        plain = restored(&mut machine, source, Tracking::Generator)?;
+        drop(machine);
         pass.unprotected_rates
-            .push(unprotected(&mut machine, round, pace)?);
+            .push(unprotected(&mut plain, round, pace)?);
     }
     Ok(pass)
 }
@@ -189,9 +198,10 @@ struct Window {
     ended: Option<(Instant, u64, SystemTime)>,
 }
 
-/// The program `machine` restored from its memory and state, as a backup restores
-/// it from its replica: the first harvest of a restored program reports every page,
-/// so the next session's fresh backup receives all memory.
+/// The program `machine` restored from its memory and state, its dirty pages from
+/// `tracking`, as a backup restores it from its replica: the first harvest of a
+/// restored program reports every page, so the next session's fresh backup
+/// receives all memory.
 fn restored(
     machine: &mut SyntheticMachine,
     source: &Source,
