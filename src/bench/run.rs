@@ -68,11 +68,10 @@ pub fn run(
                 let mut machine = source.machine(config, mem, tracking)?;
                 let backing = machine.backing().as_str();
                 let codec = local_pass::run(config, encoder.clone(), &mut machine)?;
-                drop(machine);
+                // The networked pass continues the same program.
                 let net = match &config.network {
                     Some(network) => {
                         let link = Link::new(name, &encoder, network, tracking)?;
-                        let machine = source.machine(config, mem, tracking)?;
                         let pace = pace(config, &codec);
                         Some(network::run(
                             config, source, &link, machine, tracking, pace,
