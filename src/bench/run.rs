@@ -1,4 +1,5 @@
-//! The driver: every workload under every mode, one result per pair.
+//! The driver: every workload under every mode, each under every tracking variant,
+//! one result per workload and mode.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -108,10 +109,16 @@ pub fn run(
 
 /// The time between two workload steps that holds the networked pass to
 /// `config.dirty_rate`, from the pages one step dirtied in the in-process pass.
+/// (A step per hour is the slowest pace: no round lasts that long.)
 fn pace(config: &BenchConfig, codec: &CodecPass) -> Option<Duration> {
+    const SLOWEST: Duration = Duration::from_secs(3600);
     let rate = config.dirty_rate?;
     let pages_per_step = codec.dirty_pages as f64 / config.epochs.max(1) as f64;
-    (pages_per_step > 0.0).then(|| Duration::from_secs_f64(pages_per_step / rate))
+    (pages_per_step > 0.0).then(|| {
+        Duration::try_from_secs_f64(pages_per_step / rate)
+            .unwrap_or(SLOWEST)
+            .min(SLOWEST)
+    })
 }
 
 /// What one tracking variant's passes measured.
