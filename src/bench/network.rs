@@ -142,6 +142,7 @@ impl Protected for Observed<'_> {
 /// Runs `config.failovers` protected rounds of `machine` (its dirty pages from
 /// `tracking`), each between two unprotected rounds (no kernel tracking), over
 /// `link`; with `pace`, the program runs at most one step per `pace` in every round.
+/// Returns what it measured and the program as the last round left it.
 pub fn run(
     config: &BenchConfig,
     source: &Source,
@@ -149,7 +150,7 @@ pub fn run(
     mut machine: SyntheticMachine,
     tracking: Tracking,
     pace: Option<Duration>,
-) -> Result<NetworkPass, BenchError> {
+) -> Result<(NetworkPass, SyntheticMachine), BenchError> {
     let round = config.epoch * u32::try_from(config.net_epochs).unwrap_or(u32::MAX);
     let mut pass = NetworkPass {
         transport: link.implementation(),
@@ -173,7 +174,7 @@ pub fn run(
         pass.unprotected_rates
             .push(unprotected(&mut plain, round, pace)?);
     }
-    Ok(pass)
+    Ok((pass, plain))
 }
 
 /// Runs `machine` unprotected for `duration`, at most one step per `pace`; its

@@ -105,8 +105,6 @@ pub struct TrackingFigures {
     /// Pause per checkpoint, microseconds: the networked pass's when it ran, else
     /// the in-process pass's.
     pub pause_us: Percentiles,
-    /// Pause per checkpoint of the in-process pass, microseconds.
-    pub local_pause_us: Percentiles,
     /// The workload's throughput lost to protection, percent (networked pass).
     pub overhead_pct: Option<f64>,
     /// Every pause behind `pause_us`, microseconds (for plots; not serialized).

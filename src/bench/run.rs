@@ -64,40 +64,55 @@ pub fn run(
         for &mode in &config.modes {
             let mem = mem_usize(*geometry)?;
             let encoder = local_pass::encoder_config(config, *geometry, mode);
-            let mut variants = Vec::with_capacity(config.tracking.len());
-            for &tracking in &config.tracking {
-                let mut machine = source.machine(config, mem, tracking)?;
-                let backing = machine.backing().as_str();
-                let codec = local_pass::run(config, encoder.clone(), &mut machine)?;
-                // The networked pass continues the same program.
-                let net = match &config.network {
-                    Some(network) => {
+            let Some((&first, rest)) = config.tracking.split_first() else {
+                return Err(BenchError::Setting(
+                    "the bench needs at least one tracking variant (--tracking)".into(),
+                ));
+            };
+            let mut machine = source.machine(config, mem, first)?;
+            let backing = machine.backing().as_str();
+            let codec = local_pass::run(config, encoder.clone(), &mut machine)?;
+            let pace = pace(config, &codec);
+            let mut others = Vec::with_capacity(rest.len());
+            let net = match &config.network {
+                // The networked pass continues the same program, and each other
+                // variant's networked pass the program the previous one left.
+                Some(network) => {
+                    let link = Link::new(name, &encoder, network, first)?;
+                    let (net, mut program) =
+                        network::run(config, source, &link, machine, first, pace)?;
+                    for &tracking in rest {
                         let link = Link::new(name, &encoder, network, tracking)?;
-                        let pace = pace(config, &codec);
-                        Some(network::run(
-                            config, source, &link, machine, tracking, pace,
-                        )?)
+                        let (pass, next) =
+                            network::run(config, source, &link, program, tracking, pace)?;
+                        program = next;
+                        others.push(OtherPass::Networked(tracking, pass));
                     }
-                    None => None,
-                };
-                variants.push(Variant {
-                    tracking,
-                    backing,
-                    codec,
-                    net,
-                });
-            }
-            let mut variants = variants.into_iter();
-            let first = variants.next().ok_or_else(|| {
-                BenchError::Setting("the bench needs at least one tracking variant".into())
-            })?;
+                    Some(net)
+                }
+                // Without it, each other variant runs its own in-process pass.
+                None => {
+                    drop(machine);
+                    for &tracking in rest {
+                        let mut machine = source.machine(config, mem, tracking)?;
+                        let pass = local_pass::run(config, encoder.clone(), &mut machine)?;
+                        others.push(OtherPass::Local(tracking, pass));
+                    }
+                    None
+                }
+            };
             let result = assemble(
                 config,
                 *geometry,
                 name,
                 mode,
-                first,
-                variants.collect(),
+                MainPasses {
+                    tracking: first,
+                    backing,
+                    codec,
+                    net,
+                },
+                others,
                 memcpy_gbps,
             );
             report(&result);
@@ -121,32 +136,37 @@ fn pace(config: &BenchConfig, codec: &CodecPass) -> Option<Duration> {
     })
 }
 
-/// What one tracking variant's passes measured.
-struct Variant {
+/// What the first tracking variant's passes measured: every field of a run.
+struct MainPasses {
     tracking: Tracking,
     backing: &'static str,
     codec: CodecPass,
     net: Option<NetworkPass>,
 }
 
-impl Variant {
-    /// Its type II downtime and overhead.
-    fn figures(&mut self) -> TrackingFigures {
-        let local_pause_us = Percentiles::of(&mut self.codec.pause_us);
-        match &mut self.net {
-            Some(net) => TrackingFigures {
-                pause_us: Percentiles::of(&mut net.pause_us),
-                local_pause_us,
-                overhead_pct: throughput(net).1,
-                pause_samples_us: std::mem::take(&mut net.pause_us),
-            },
-            None => TrackingFigures {
-                pause_us: local_pause_us,
-                local_pause_us,
-                overhead_pct: None,
-                pause_samples_us: std::mem::take(&mut self.codec.pause_us),
-            },
-        }
+/// What another tracking variant measured: its type II downtime and overhead.
+enum OtherPass {
+    /// Its networked pass.
+    Networked(Tracking, NetworkPass),
+    /// Its in-process pass (no networked pass ran).
+    Local(Tracking, CodecPass),
+}
+
+/// Type II downtime and overhead measured by a networked pass.
+fn net_figures(net: &mut NetworkPass) -> TrackingFigures {
+    TrackingFigures {
+        pause_us: Percentiles::of(&mut net.pause_us),
+        overhead_pct: throughput(net).1,
+        pause_samples_us: net.pause_us.clone(),
+    }
+}
+
+/// Type II downtime measured by an in-process pass.
+fn local_figures(codec: &mut CodecPass) -> TrackingFigures {
+    TrackingFigures {
+        pause_us: Percentiles::of(&mut codec.pause_us),
+        overhead_pct: None,
+        pause_samples_us: codec.pause_us.clone(),
     }
 }
 
@@ -165,35 +185,45 @@ fn throughput(net: &mut NetworkPass) -> (Throughput, Option<f64>) {
     )
 }
 
-/// One run's result from the passes of its variants: everything from the `first`,
-/// the type II downtime and overhead of each, the verifications of all.
+/// One run's result from the passes of its variants: everything from the `main`
+/// one, the type II downtime and overhead of each, the verifications of all.
 fn assemble(
     config: &BenchConfig,
     geometry: Geometry,
     name: &str,
     mode: Mode,
-    mut first: Variant,
-    mut others: Vec<Variant>,
+    main: MainPasses,
+    others: Vec<OtherPass>,
     memcpy_gbps: f64,
 ) -> RunResult {
-    let main = first.figures();
-    let mut by_tracking = BTreeMap::new();
-    let (mut verified, mut verified_checkpoints) = (true, 0);
-    for other in &mut others {
-        by_tracking.insert(other.tracking.as_str(), other.figures());
-        verified &= other.codec.verified;
-        verified_checkpoints += other.codec.verified_checkpoints;
-        if let Some(net) = &other.net {
-            verified &= net.verified;
-            verified_checkpoints += net.failovers.len() as u64;
-        }
-    }
-    let Variant {
+    let MainPasses {
         tracking,
         backing,
-        codec,
-        net,
-    } = first;
+        mut codec,
+        mut net,
+    } = main;
+    let local_pause_us = Percentiles::of(&mut codec.pause_us);
+    let main = match net.as_mut() {
+        Some(net) => net_figures(net),
+        None => local_figures(&mut codec),
+    };
+    let mut by_tracking = BTreeMap::new();
+    let (mut verified, mut verified_checkpoints) = (true, 0);
+    for other in others {
+        let (tracking, figures) = match other {
+            OtherPass::Networked(tracking, mut pass) => {
+                verified &= pass.verified;
+                verified_checkpoints += pass.failovers.len() as u64;
+                (tracking, net_figures(&mut pass))
+            }
+            OtherPass::Local(tracking, mut pass) => {
+                verified &= pass.verified;
+                verified_checkpoints += pass.verified_checkpoints;
+                (tracking, local_figures(&mut pass))
+            }
+        };
+        by_tracking.insert(tracking.as_str(), figures);
+    }
     let mut result = RunResult {
         workload: name.to_string(),
         mode: mode.to_string(),
@@ -217,7 +247,7 @@ fn assemble(
         encodings: codec.encodings,
         transport: "local",
         verified_checkpoints: codec.verified_checkpoints + verified_checkpoints,
-        local_pause_us: main.local_pause_us,
+        local_pause_us,
         failovers: 0,
         failover_ms: None,
         overhead_pct: main.overhead_pct,

@@ -11,11 +11,10 @@ pub const COLUMNS: &str = "workload,mode,epochs,block_size,mem_bytes,workers,bac
 
 /// The columns of each tracking variant, after its name and an underscore
 /// (`cow_pause_us_p50`).
-pub const TRACKING_COLUMNS: [&str; 5] = [
+pub const TRACKING_COLUMNS: [&str; 4] = [
     "pause_us_p50",
     "pause_us_p99",
     "pause_us_max",
-    "local_pause_us_p50",
     "overhead_pct",
 ];
 
@@ -96,7 +95,6 @@ pub fn document(results: &[RunResult]) -> String {
                     f.pause_us.p50.to_string(),
                     f.pause_us.p99.to_string(),
                     f.pause_us.max.to_string(),
-                    f.local_pause_us.p50.to_string(),
                     opt(f.overhead_pct),
                 ],
                 None => Default::default(),
