@@ -344,8 +344,19 @@ fn a_killed_bench_takes_its_backup_process_with_it() {
         }
     };
     signal("-STOP");
+    let bench_pid = bench.id();
     bench.kill().unwrap();
     bench.wait().unwrap();
+    // The killed bench could not remove its key directories.
+    for entry in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+        let name = entry.file_name();
+        if name
+            .to_string_lossy()
+            .starts_with(&format!("fgbi-bench-{bench_pid}-"))
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while !backups.iter().all(|&pid| ended(pid)) {
         if Instant::now() > deadline {
