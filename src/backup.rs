@@ -155,7 +155,7 @@ where
                 break (silence, started.elapsed());
             }
             Ok(false) => {
-                if !options.fence.in_process_primary {
+                if !options.fence.primary_known_dead {
                     eprintln!("fgbi: {}", crate::fence::UNFENCED_WARNING);
                 }
                 break (silence, started.elapsed());

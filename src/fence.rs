@@ -21,9 +21,9 @@ pub struct Fence {
     /// After a failed fence, how long to wait for the primary to reconnect before
     /// fencing again.
     pub retry: Duration,
-    /// The primary runs in this process and is stopped by it (a bench): its silence
-    /// is its death, so there is nothing to fence and nothing to warn about.
-    pub in_process_primary: bool,
+    /// Whoever started this backup crashes the primary itself (the bench): its
+    /// silence is its death, so there is nothing to fence and nothing to warn about.
+    pub primary_known_dead: bool,
 }
 
 /// Why the fence did not succeed: the backup must not fail over.
@@ -94,7 +94,7 @@ mod tests {
             command: Some(command.into()),
             timeout: Duration::from_millis(timeout_ms),
             retry: Duration::from_secs(1),
-            in_process_primary: false,
+            primary_known_dead: false,
         }
     }
 

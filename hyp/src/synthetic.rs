@@ -28,6 +28,9 @@ pub enum Tracking {
 }
 
 impl Tracking {
+    /// Every variant.
+    pub const ALL: [Tracking; 3] = [Tracking::Kernel, Tracking::CopyOnWrite, Tracking::Generator];
+
     /// The name [`FromStr`] accepts.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1,11 +1,11 @@
 //! What a bench run covers.
 
-use std::str::FromStr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fgbi_engine::Mode;
 use fgbi_hyp::synthetic::Tracking;
-use fgbi_transport::Implementation;
+use fgbi_transport::{Implementation, RdmaConfig};
 
 use super::error::BenchError;
 
@@ -37,12 +37,16 @@ pub struct BenchConfig {
     pub sharing: bool,
     /// fgbi: consider lz4 encodings.
     pub compression: bool,
-    /// Where dirty pages come from.
-    pub tracking: Tracking,
+    /// Where dirty pages come from, one variant or more: the first measures
+    /// everything; each other measures its own type II downtime and overhead too,
+    /// so that copying the dirty pages in the pause (`kernel`) and copy-on-write
+    /// (`cow`) compare in one run.
+    pub tracking: Vec<Tracking>,
     /// Compare the kernel's dirty pages with the workload's record every epoch.
     pub check_tracking: bool,
-    /// The transport of the networked pass; `None` runs the in-process pass only.
-    pub transport: Option<TransportChoice>,
+    /// The networked pass's transport and backup; `None` runs the in-process pass
+    /// only.
+    pub network: Option<NetworkSetting>,
     /// Injected primary failures per mode in the networked pass (at least 1: every
     /// protected round ends with one).
     pub failovers: usize,
@@ -51,60 +55,39 @@ pub struct BenchConfig {
     pub net_epochs: usize,
     /// How long the workload runs between two checkpoints in the networked pass.
     pub epoch: Duration,
+    /// Pace the networked pass's workload to at most this many dirty pages per
+    /// second (`None`: as fast as it runs). A step's pages are those one step
+    /// dirtied in the in-process pass; the steps of one epoch may share pages, so
+    /// the rate reached (`net_dirty_pages_per_sec`) can be lower.
+    pub dirty_rate: Option<f64>,
 }
 
 impl BenchConfig {
-    /// The name reported for the tracking setting.
-    pub fn tracking_name(&self) -> &'static str {
-        self.tracking.as_str()
+    /// The variant that measures everything (the first of [`Self::tracking`]).
+    pub fn main_tracking(&self) -> Tracking {
+        self.tracking.first().copied().unwrap_or(Tracking::Kernel)
     }
 }
 
-/// Which transport implementation the networked pass asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TransportChoice {
-    /// Plain TCP sockets (blocking `writev` and `read`): the std implementation.
-    Tcp,
-    /// io_uring over TCP.
-    Uring,
-    /// The std implementation (the same as `tcp`).
-    Std,
-    /// io_uring when this kernel allows it, std otherwise.
-    Auto,
+/// How the networked pass replicates: the transport, and the `fgbi` executable
+/// whose hidden `bench-backup` subcommand is the backup process.
+#[derive(Clone, Debug)]
+pub struct NetworkSetting {
+    /// The transport implementation.
+    pub implementation: Implementation,
+    /// The RDMA device, port and GID (with [`Implementation::Rdma`]).
+    pub rdma: RdmaConfig,
+    /// The `fgbi` executable (`std::env::current_exe()` in `fgbi bench`).
+    pub program: PathBuf,
 }
 
-impl FromStr for TransportChoice {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "tcp" => Ok(Self::Tcp),
-            "uring" => Ok(Self::Uring),
-            "std" => Ok(Self::Std),
-            "auto" => Ok(Self::Auto),
-            other => Err(format!(
-                "unknown transport {other:?}: use tcp, uring, std or auto (or --local for the in-process pass only)"
-            )),
+impl NetworkSetting {
+    /// Fails, saying what to do, if this host cannot run the transport.
+    pub fn check(&self) -> Result<(), BenchError> {
+        match self.implementation {
+            Implementation::Rdma => self.rdma.available()?,
+            other => other.available()?,
         }
-    }
-}
-
-impl TransportChoice {
-    /// The implementation this choice runs on this host; fails if the host cannot
-    /// run it.
-    pub fn implementation(self) -> Result<Implementation, BenchError> {
-        let chosen = match self {
-            Self::Tcp | Self::Std => Implementation::Std,
-            Self::Uring => Implementation::Uring,
-            Self::Auto => {
-                if Implementation::Uring.available().is_ok() {
-                    Implementation::Uring
-                } else {
-                    Implementation::Std
-                }
-            }
-        };
-        chosen.available()?;
-        Ok(chosen)
+        Ok(())
     }
 }

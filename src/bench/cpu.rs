@@ -8,7 +8,16 @@ pub fn thread_ns() -> Option<u64> {
 
 /// Nanoseconds all live threads of this process have run, if the kernel reports it.
 pub fn process_ns() -> Option<u64> {
-    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    tasks_ns("/proc/self/task")
+}
+
+/// Nanoseconds all live threads of process `pid` have run, if the kernel reports it.
+pub fn process_ns_of(pid: u32) -> Option<u64> {
+    tasks_ns(format!("/proc/{pid}/task"))
+}
+
+fn tasks_ns(dir: impl AsRef<std::path::Path>) -> Option<u64> {
+    let tasks = std::fs::read_dir(dir).ok()?;
     let mut total = 0u64;
     for task in tasks.flatten() {
         // A thread that exits between the listing and the read is skipped.
@@ -39,5 +48,6 @@ mod tests {
         }
         assert!(thread_ns().unwrap() > t0);
         assert!(process_ns().unwrap() > p0);
+        assert!(process_ns_of(std::process::id()).unwrap() > p0);
     }
 }

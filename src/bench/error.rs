@@ -51,9 +51,9 @@ pub enum BenchError {
         #[source]
         source: std::io::Error,
     },
-    /// The backup loop's thread panicked: a bug.
-    #[error("the backup thread panicked (a bug: please report it)")]
-    BackupPanicked,
+    /// The networked pass's backup process failed, or said something unexpected.
+    #[error("the backup process: {0}")]
+    Backup(String),
     /// A setting is out of range.
     #[error("{0}")]
     Setting(String),

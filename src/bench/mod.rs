@@ -5,9 +5,9 @@
 //! each epoch is encoded, applied to a separate replica, acknowledged, and the
 //! replica's digest compared with the primary's. The networked pass ([`network`],
 //! unless the config asks for the in-process pass only): the same workload under
-//! the primary loop, replicated over a real transport to the backup loop
-//! ([`link`]), failed over several times, its throughput compared with and without
-//! protection.
+//! the primary loop ([`link`]), replicated over a real transport to a backup in a
+//! process of its own ([`backup_process`]), failed over several times, its
+//! throughput compared with and without protection.
 //!
 //! A workload named `trace:PATH` replays the trace recorded at PATH (`fgbi record`)
 //! over memory of the trace's size; `mem_bytes` applies to the synthetic workloads.
@@ -17,6 +17,7 @@
 //! [`memcpy`] the machine's copy bandwidth, [`cpu`] CPU time, and [`report`] the
 //! files written from the results.
 
+pub mod backup_process;
 pub mod config;
 pub mod cpu;
 pub mod error;
@@ -29,9 +30,9 @@ pub mod result;
 pub mod run;
 pub mod source;
 
-pub use config::{BenchConfig, TRACE_PREFIX, TransportChoice};
+pub use config::{BenchConfig, NetworkSetting, TRACE_PREFIX};
 pub use error::BenchError;
-pub use result::{FailoverMs, RunResult, Throughput};
+pub use result::{FailoverMs, RunResult, Throughput, TrackingFigures};
 pub use run::run;
 
 /// Kept here for code that named it `fgbi::bench::Percentiles` before it moved.

@@ -58,9 +58,6 @@ pub struct RunResult {
     /// Type II downtime of the in-process pass (one workload step per epoch),
     /// microseconds; `pause_us` is the networked pass's when it ran.
     pub local_pause_us: Percentiles,
-    /// Every pause behind `pause_us`, microseconds (for plots; not serialized).
-    #[serde(skip)]
-    pub pause_samples_us: Vec<f64>,
     /// Injected primary failures (0 without the networked pass).
     pub failovers: usize,
     /// Type I downtime, milliseconds: medians over the injected failures.
@@ -85,12 +82,34 @@ pub struct RunResult {
     pub pipeline_cpu_seconds: Option<f64>,
     /// The same per measured checkpoint, microseconds.
     pub pipeline_cpu_us_per_epoch: Option<f64>,
+    /// The dirty rate the networked pass's workload was paced to, pages per
+    /// second (`None`: unpaced).
+    pub dirty_rate_target: Option<f64>,
+    /// Dirty pages per second the networked pass's measured epochs harvested.
+    pub net_dirty_pages_per_sec: Option<f64>,
     /// This machine's memcpy bandwidth, measured in the same run, GB/s.
     pub memcpy_gbps: f64,
     /// Encode throughput as a fraction of memcpy's.
     pub encode_vs_memcpy: f64,
     /// Apply throughput as a fraction of memcpy's.
     pub apply_vs_memcpy: f64,
+    /// Type II downtime and overhead of every tracking variant that ran, by its
+    /// name (`kernel`: the dirty pages copied in the pause; `cow`: copy-on-write);
+    /// the entry of `tracking` holds the figures above.
+    pub pause_by_tracking: BTreeMap<&'static str, TrackingFigures>,
+}
+
+/// Type II downtime and overhead of one tracking variant.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrackingFigures {
+    /// Pause per checkpoint, microseconds: the networked pass's when it ran, else
+    /// the in-process pass's.
+    pub pause_us: Percentiles,
+    /// The workload's throughput lost to protection, percent (networked pass).
+    pub overhead_pct: Option<f64>,
+    /// Every pause behind `pause_us`, microseconds (for plots; not serialized).
+    #[serde(skip)]
+    pub pause_samples_us: Vec<f64>,
 }
 
 /// Type I downtime in parts, milliseconds: the median of each part over the

@@ -1,6 +1,11 @@
-//! The driver: every workload under every mode, one result per pair.
+//! The driver: every workload under every mode, each under every tracking variant,
+//! one result per workload and mode.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use fgbi_engine::{Geometry, Mode, PAGE_SIZE};
+use fgbi_hyp::synthetic::Tracking;
 
 use super::config::BenchConfig;
 use super::error::BenchError;
@@ -8,7 +13,7 @@ use super::link::Link;
 use super::local_pass::{self, CodecPass};
 use super::memcpy;
 use super::network::{self, FailoverSample, NetworkPass};
-use super::result::{FailoverMs, RunResult, Throughput};
+use super::result::{FailoverMs, RunResult, Throughput, TrackingFigures};
 use super::source::{Source, mem_usize};
 use crate::percentiles::{Percentiles, median};
 
@@ -25,7 +30,30 @@ pub fn run(
             "the bench needs at least 1 measured epoch per pass (--epochs, --net-epochs)".into(),
         ));
     }
-    let implementation = config.transport.map(|t| t.implementation()).transpose()?;
+    if config.tracking.is_empty() {
+        return Err(BenchError::Setting(
+            "the bench needs at least one tracking variant (--tracking)".into(),
+        ));
+    }
+    for (i, tracking) in config.tracking.iter().enumerate() {
+        if config.tracking[..i].contains(tracking) {
+            return Err(BenchError::Setting(format!(
+                "--tracking names {} twice",
+                tracking.as_str()
+            )));
+        }
+    }
+    if let Some(network) = &config.network {
+        network.check()?;
+    }
+    if config
+        .dirty_rate
+        .is_some_and(|r| !(r.is_finite() && r > 0.0))
+    {
+        return Err(BenchError::Setting(
+            "the dirty rate must be a positive number of pages per second (--dirty-rate)".into(),
+        ));
+    }
     let mut sources = Vec::new();
     for name in &config.workloads {
         sources.push((name, Source::new(name, config)?));
@@ -36,26 +64,55 @@ pub fn run(
         for &mode in &config.modes {
             let mem = mem_usize(*geometry)?;
             let encoder = local_pass::encoder_config(config, *geometry, mode);
-            let mut machine = source.machine(config, mem)?;
+            let Some((&first, rest)) = config.tracking.split_first() else {
+                return Err(BenchError::Setting(
+                    "the bench needs at least one tracking variant (--tracking)".into(),
+                ));
+            };
+            let mut machine = source.machine(config, mem, first)?;
             let backing = machine.backing().as_str();
             let codec = local_pass::run(config, encoder.clone(), &mut machine)?;
-            drop(machine);
-            let net = match implementation {
-                Some(implementation) => {
-                    let link = Link::new(encoder, implementation, config.tracking)?;
-                    let machine = source.machine(config, mem)?;
-                    Some(network::run(config, source, &link, machine)?)
+            let pace = pace(config, &codec);
+            let mut others = Vec::with_capacity(rest.len());
+            let net = match &config.network {
+                // The networked pass continues the same program, and each other
+                // variant's networked pass the program the previous one left.
+                Some(network) => {
+                    let link = Link::new(name, &encoder, network, first)?;
+                    let (net, mut program) =
+                        network::run(config, source, &link, machine, first, pace)?;
+                    for &tracking in rest {
+                        let link = Link::new(name, &encoder, network, tracking)?;
+                        let (pass, next) =
+                            network::run(config, source, &link, program, tracking, pace)?;
+                        program = next;
+                        others.push(OtherPass::Networked(tracking, pass));
+                    }
+                    Some(net)
                 }
-                None => None,
+                // Without it, each other variant runs its own in-process pass.
+                None => {
+                    drop(machine);
+                    for &tracking in rest {
+                        let mut machine = source.machine(config, mem, tracking)?;
+                        let pass = local_pass::run(config, encoder.clone(), &mut machine)?;
+                        others.push(OtherPass::Local(tracking, pass));
+                    }
+                    None
+                }
             };
             let result = assemble(
                 config,
                 *geometry,
                 name,
                 mode,
-                backing,
-                codec,
-                net,
+                MainPasses {
+                    tracking: first,
+                    backing,
+                    codec,
+                    net,
+                },
+                others,
                 memcpy_gbps,
             );
             report(&result);
@@ -65,19 +122,108 @@ pub fn run(
     Ok(results)
 }
 
-/// One run's result from its passes.
-#[allow(clippy::too_many_arguments)]
+/// The time between two workload steps that holds the networked pass to
+/// `config.dirty_rate`, from the pages one step dirtied in the in-process pass.
+/// (A step per hour is the slowest pace: no round lasts that long.)
+fn pace(config: &BenchConfig, codec: &CodecPass) -> Option<Duration> {
+    const SLOWEST: Duration = Duration::from_secs(3600);
+    let rate = config.dirty_rate?;
+    let pages_per_step = codec.dirty_pages as f64 / config.epochs.max(1) as f64;
+    (pages_per_step > 0.0).then(|| {
+        Duration::try_from_secs_f64(pages_per_step / rate)
+            .unwrap_or(SLOWEST)
+            .min(SLOWEST)
+    })
+}
+
+/// What the first tracking variant's passes measured: every field of a run.
+struct MainPasses {
+    tracking: Tracking,
+    backing: &'static str,
+    codec: CodecPass,
+    net: Option<NetworkPass>,
+}
+
+/// What another tracking variant measured: its type II downtime and overhead.
+enum OtherPass {
+    /// Its networked pass.
+    Networked(Tracking, NetworkPass),
+    /// Its in-process pass (no networked pass ran).
+    Local(Tracking, CodecPass),
+}
+
+/// Type II downtime and overhead measured by a networked pass.
+fn net_figures(net: &mut NetworkPass) -> TrackingFigures {
+    TrackingFigures {
+        pause_us: Percentiles::of(&mut net.pause_us),
+        overhead_pct: throughput(net).1,
+        pause_samples_us: net.pause_us.clone(),
+    }
+}
+
+/// Type II downtime measured by an in-process pass.
+fn local_figures(codec: &mut CodecPass) -> TrackingFigures {
+    TrackingFigures {
+        pause_us: Percentiles::of(&mut codec.pause_us),
+        overhead_pct: None,
+        pause_samples_us: codec.pause_us.clone(),
+    }
+}
+
+/// The workload's throughput with and without protection (medians over the
+/// rounds), and the share protection costs it, percent.
+fn throughput(net: &mut NetworkPass) -> (Throughput, Option<f64>) {
+    let unprotected = median(&mut net.unprotected_rates).unwrap_or(0.0);
+    let protected = median(&mut net.protected_rates).unwrap_or(0.0);
+    let overhead = (unprotected > 0.0).then(|| (1.0 - protected / unprotected) * 100.0);
+    (
+        Throughput {
+            unprotected,
+            protected,
+        },
+        overhead,
+    )
+}
+
+/// One run's result from the passes of its variants: everything from the `main`
+/// one, the type II downtime and overhead of each, the verifications of all.
 fn assemble(
     config: &BenchConfig,
     geometry: Geometry,
     name: &str,
     mode: Mode,
-    backing: &'static str,
-    mut codec: CodecPass,
-    net: Option<NetworkPass>,
+    main: MainPasses,
+    others: Vec<OtherPass>,
     memcpy_gbps: f64,
 ) -> RunResult {
+    let MainPasses {
+        tracking,
+        backing,
+        mut codec,
+        mut net,
+    } = main;
     let local_pause_us = Percentiles::of(&mut codec.pause_us);
+    let main = match net.as_mut() {
+        Some(net) => net_figures(net),
+        None => local_figures(&mut codec),
+    };
+    let mut by_tracking = BTreeMap::new();
+    let (mut verified, mut verified_checkpoints) = (true, 0);
+    for other in others {
+        let (tracking, figures) = match other {
+            OtherPass::Networked(tracking, mut pass) => {
+                verified &= pass.verified;
+                verified_checkpoints += pass.failovers.len() as u64;
+                (tracking, net_figures(&mut pass))
+            }
+            OtherPass::Local(tracking, mut pass) => {
+                verified &= pass.verified;
+                verified_checkpoints += pass.verified_checkpoints;
+                (tracking, local_figures(&mut pass))
+            }
+        };
+        by_tracking.insert(tracking.as_str(), figures);
+    }
     let mut result = RunResult {
         workload: name.to_string(),
         mode: mode.to_string(),
@@ -86,7 +232,7 @@ fn assemble(
         mem_bytes: geometry.mem_bytes(),
         workers: config.workers,
         backing,
-        tracking: config.tracking_name(),
+        tracking: tracking.as_str(),
         dirty_pages: codec.dirty_pages,
         wire_bytes: codec.wire_bytes,
         sync_bytes: codec.sync_bytes,
@@ -94,18 +240,17 @@ fn assemble(
         apply_seconds: codec.apply_seconds,
         encode_us_p50: codec.encode_us_p50,
         apply_us_p50: codec.apply_us_p50,
-        pause_us: local_pause_us,
-        verified: codec.verified,
+        pause_us: main.pause_us,
+        verified: codec.verified && verified,
         digest_bytes: codec.overhead_bytes.0,
         cache_bytes: codec.overhead_bytes.1,
         encodings: codec.encodings,
         transport: "local",
-        verified_checkpoints: codec.verified_checkpoints,
+        verified_checkpoints: codec.verified_checkpoints + verified_checkpoints,
         local_pause_us,
-        pause_samples_us: codec.pause_us,
         failovers: 0,
         failover_ms: None,
-        overhead_pct: None,
+        overhead_pct: main.overhead_pct,
         throughput: None,
         net_epochs: None,
         net_dirty_pages: None,
@@ -114,32 +259,31 @@ fn assemble(
         receive_ring_bytes: 0,
         pipeline_cpu_seconds: None,
         pipeline_cpu_us_per_epoch: None,
+        dirty_rate_target: config.dirty_rate,
+        net_dirty_pages_per_sec: None,
         memcpy_gbps,
         encode_vs_memcpy: 0.0,
         apply_vs_memcpy: 0.0,
+        pause_by_tracking: BTreeMap::new(),
     };
     if memcpy_gbps > 0.0 {
         result.encode_vs_memcpy = result.encode_gbps() / memcpy_gbps;
         result.apply_vs_memcpy = result.apply_gbps() / memcpy_gbps;
     }
+    result.pause_by_tracking.insert(tracking.as_str(), main);
+    result.pause_by_tracking.append(&mut by_tracking);
     if let Some(mut net) = net {
         result.transport = net.transport;
-        result.pause_us = Percentiles::of(&mut net.pause_us);
-        result.pause_samples_us = net.pause_us;
         result.verified &= net.verified;
         result.verified_checkpoints += net.failovers.len() as u64;
         result.failovers = net.failovers.len();
         result.failover_ms = Some(failover_ms(&net.failovers));
-        let unprotected = median(&mut net.unprotected_rates).unwrap_or(0.0);
-        let protected = median(&mut net.protected_rates).unwrap_or(0.0);
-        result.throughput = Some(Throughput {
-            unprotected,
-            protected,
-        });
-        result.overhead_pct = (unprotected > 0.0).then(|| (1.0 - protected / unprotected) * 100.0);
+        result.throughput = Some(throughput(&mut net).0);
         result.net_epochs = Some(net.epochs);
         result.net_dirty_pages = Some(net.dirty_pages);
         result.net_wire_bytes = Some(net.wire_bytes);
+        result.net_dirty_pages_per_sec =
+            (net.protected_seconds > 0.0).then(|| net.dirty_pages as f64 / net.protected_seconds);
         result.staging_bytes = result
             .staging_bytes
             .max(net.max_epoch_pages as usize * PAGE_SIZE);
@@ -153,7 +297,7 @@ fn assemble(
 
 /// Medians of each part of type I downtime, and of the totals, in milliseconds.
 fn failover_ms(samples: &[FailoverSample]) -> FailoverMs {
-    let ms = |part: fn(&FailoverSample) -> std::time::Duration| {
+    let ms = |part: fn(&FailoverSample) -> Duration| {
         let mut values: Vec<f64> = samples
             .iter()
             .map(|s| part(s).as_secs_f64() * 1e3)

@@ -7,13 +7,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use fgbi::bench::{self, BenchConfig, RunResult, TRACE_PREFIX, TransportChoice, report};
+use fgbi::bench::{self, BenchConfig, NetworkSetting, RunResult, TRACE_PREFIX, report};
 use fgbi_engine::Mode;
 use fgbi_engine::stats::PAGE_ENCODINGS;
 use fgbi_hyp::synthetic::Tracking;
 use fgbi_hyp::workload::NAMES;
 
 use crate::size::parse_size;
+use crate::transport_arg::TransportArgs;
 
 /// Arguments of `fgbi bench`.
 #[derive(Args, Debug)]
@@ -61,20 +62,23 @@ pub struct BenchArgs {
     /// fgbi ablation: never use lz4.
     #[arg(long)]
     no_compression: bool,
-    /// Where dirty pages come from: kernel (userfaultfd write-protect, pages copied
-    /// in the pause), cow (the same, synchronous, with copy-on-write checkpoints: the
-    /// pause only protects the pages) or generator (the workload's own record).
-    #[arg(long, default_value = "kernel")]
-    tracking: Tracking,
+    /// Where dirty pages come from, comma-separated variants run side by side:
+    /// kernel (userfaultfd write-protect, pages copied in the pause), cow (the same,
+    /// with copy-on-write checkpoints: the pause only protects the pages) or
+    /// generator (the workload's own record). The first measures everything, each
+    /// other its type II downtime and overhead too.
+    #[arg(long, default_value = "kernel,cow", value_delimiter = ',')]
+    tracking: Vec<Tracking>,
     /// Compare the kernel's dirty pages with the workload's own record every epoch
     /// and fail if the kernel missed a page.
     #[arg(long)]
     check_tracking: bool,
-    /// Transport of the networked pass over loopback: tcp, uring, std or auto.
-    #[arg(long, default_value = "tcp", conflicts_with = "local")]
-    transport: TransportChoice,
+    /// The networked pass's transport, between this process and its backup
+    /// process on loopback.
+    #[command(flatten)]
+    link: TransportArgs,
     /// Run the in-process pass only: no transport, no failover, no overhead.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "transport")]
     local: bool,
     /// Injected primary failures per workload and mode [default: 3; quick: 1].
     #[arg(long)]
@@ -86,7 +90,12 @@ pub struct BenchArgs {
     /// Epoch length of the networked pass, milliseconds.
     #[arg(long, default_value_t = 25)]
     epoch_ms: u64,
-    /// Also write the results as JSON (schema 2, docs/bench.md) to this file.
+    /// Pace the networked pass's workload to at most this dirty rate: pages per
+    /// second (`12000`, `12000pages/s`) or bytes per second (`48MB/s`, `46MiB/s`).
+    /// Default: as fast as it runs.
+    #[arg(long, value_parser = parse_rate)]
+    dirty_rate: Option<f64>,
+    /// Also write the results as JSON (schema 3, docs/bench.md) to this file.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Also write the results as CSV (one row per workload and mode) to this file.
@@ -99,6 +108,34 @@ pub struct BenchArgs {
     /// Also print the table in Markdown after the runs.
     #[arg(long)]
     markdown: bool,
+}
+
+/// A dirty rate in pages (4 KiB) per second: `N`, `Npages/s`, `NMB/s` (10^6 bytes)
+/// or `NMiB/s`.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a rate: give e.g. 12000pages/s or 48MB/s"))?;
+    let page = fgbi_engine::PAGE_SIZE as f64;
+    let pages = match unit {
+        "" | "pages/s" => value,
+        "MB/s" => value * 1e6 / page,
+        "MiB/s" => value * 1_048_576.0 / page,
+        other => {
+            return Err(format!(
+                "unknown rate unit {other:?}: use pages/s, MB/s or MiB/s (e.g. 12000pages/s, 48MB/s)"
+            ));
+        }
+    };
+    if pages > 0.0 && pages.is_finite() {
+        Ok(pages)
+    } else {
+        Err(format!("the dirty rate {text:?} must be above zero"))
+    }
 }
 
 /// Settings that differ between the full and the quick profile.
@@ -169,6 +206,20 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     if args.epoch_ms == 0 {
         return Err("--epoch-ms must be at least 1".into());
     }
+    if args.check_tracking && args.tracking.contains(&Tracking::Generator) {
+        return Err("--check-tracking compares kernel tracking with the workload: use it with --tracking kernel or cow".into());
+    }
+    let network = if args.local {
+        None
+    } else {
+        let program = std::env::current_exe()
+            .map_err(|e| format!("cannot find this executable to start the backup: {e}"))?;
+        Some(NetworkSetting {
+            implementation: args.link.implementation()?,
+            rdma: args.link.rdma(),
+            program,
+        })
+    };
     let cache = args.cache.unwrap_or(profile.cache);
     let config = BenchConfig {
         workloads,
@@ -182,23 +233,21 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         seed: args.seed,
         sharing: !args.no_sharing,
         compression: !args.no_compression,
-        tracking: args.tracking,
+        tracking: args.tracking.clone(),
         check_tracking: args.check_tracking,
-        transport: (!args.local).then_some(args.transport),
+        network,
         failovers,
         net_epochs,
         epoch: Duration::from_millis(args.epoch_ms),
+        dirty_rate: args.dirty_rate,
     };
-    if args.check_tracking && args.tracking == Tracking::Generator {
-        return Err("--check-tracking compares kernel tracking with the workload: use it with --tracking kernel or cow".into());
-    }
     let memory = match &args.trace {
         Some(_) => "memory sized by the trace".to_string(),
         None => format!("{} MiB memory", config.mem_bytes >> 20),
     };
-    let pipeline = match config.transport {
+    let pipeline = match &config.network {
         Some(_) => format!(
-            "networked pass over loopback ({} failover(s), {} epochs of {} ms per round)",
+            "networked pass to a backup process over loopback ({} failover(s), {} epochs of {} ms per round)",
             config.failovers, config.net_epochs, args.epoch_ms
         ),
         None => "in-process pass only".to_string(),
@@ -224,8 +273,19 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
             remus = Some((r.workload.clone(), r.wire_bytes));
         }
         if !announced {
+            let others: Vec<&str> = r
+                .pause_by_tracking
+                .keys()
+                .copied()
+                .filter(|t| *t != r.tracking)
+                .collect();
+            let also = if others.is_empty() {
+                String::new()
+            } else {
+                format!(" (pauses also with {})", others.join(", "))
+            };
             println!(
-                "(memory backed by {} pages, dirty pages from the {}, transport {}, memcpy {:.1} GB/s)",
+                "(memory backed by {} pages, dirty pages from the {}{also}, transport {}, memcpy {:.1} GB/s)",
                 r.backing, r.tracking, r.transport, r.memcpy_gbps
             );
             announced = true;
@@ -357,7 +417,7 @@ fn cells(r: &RunResult, remus_bytes: Option<u64>) -> [String; 14] {
         vs_remus,
         format!("{:.2}", r.encode_gbps()),
         format!("{:.2}", r.apply_gbps()),
-        format!("{:.0}/{:.0}", r.pause_us.p50, r.pause_us.p99),
+        pauses(r),
         r.failover_ms
             .map(|f| format!("{:.1}", f.total))
             .unwrap_or_else(|| "-".into()),
@@ -371,9 +431,43 @@ fn cells(r: &RunResult, remus_bytes: Option<u64>) -> [String; 14] {
     ]
 }
 
+/// The pause cell: p50/p99 of the main variant, then of each other as `NAME p50/p99`.
+fn pauses(r: &RunResult) -> String {
+    let mut cell = format!("{:.0}/{:.0}", r.pause_us.p50, r.pause_us.p99);
+    for (tracking, figures) in &r.pause_by_tracking {
+        if *tracking != r.tracking {
+            let p = figures.pause_us;
+            cell.push_str(&format!(" {tracking} {:.0}/{:.0}", p.p50, p.p99));
+        }
+    }
+    cell
+}
+
 fn print_row(row: &[String; 14]) {
     let [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13] = row;
     println!(
-        "{c0:<8} {c1:<7} {c2:>9} {c3:>10} {c4:>8} {c5:>8} {c6:>8} {c7:>13} {c8:>9} {c9:>8} {c10:>10} {c11:>9}  {c12:<8} {c13}"
+        "{c0:<8} {c1:<7} {c2:>9} {c3:>10} {c4:>8} {c5:>8} {c6:>8} {c7:>22} {c8:>9} {c9:>8} {c10:>10} {c11:>9}  {c12:<8} {c13}"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_are_read_in_pages_per_second() {
+        assert_eq!(parse_rate("12000").unwrap(), 12000.0);
+        assert_eq!(parse_rate("12000pages/s").unwrap(), 12000.0);
+        assert_eq!(parse_rate("4.096MB/s").unwrap(), 1000.0);
+        assert_eq!(parse_rate("4MiB/s").unwrap(), 1024.0);
+        for (bad, why) in [
+            ("0", "above zero"),
+            ("fast", "not a rate"),
+            ("12GB/h", "unknown rate unit"),
+            ("", "not a rate"),
+        ] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 }

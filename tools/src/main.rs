@@ -46,6 +46,13 @@ enum Command {
     Kv(kv::Args),
     /// Lists the built-in KVM guest programs, or runs one in a micro-VM.
     Vm(vm_cmd::VmArgs),
+    /// The backup process `fgbi bench` starts for its networked pass.
+    #[command(hide = true, name = fgbi::bench::backup_process::SUBCOMMAND)]
+    BenchBackup {
+        /// The link, as JSON (`fgbi::bench::link::LinkSpec`).
+        #[arg(long)]
+        spec: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +65,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Kv(args) => Ok(kv::run(&args)),
         Command::Vm(args) => vm_cmd::run(args),
+        Command::BenchBackup { spec } => Ok(fgbi::bench::backup_process::serve(&spec)),
     };
     match result {
         Ok(code) => code,

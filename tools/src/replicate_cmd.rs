@@ -270,7 +270,7 @@ impl BackupArgs {
                 command: self.fence.clone(),
                 timeout: Duration::from_millis(self.fence_timeout_ms),
                 retry: Duration::from_millis(self.fence_retry_ms.max(1)),
-                in_process_primary: false,
+                primary_known_dead: false,
             },
             metrics: start_metrics(self.metrics, "backup")?,
         })

@@ -149,7 +149,14 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
             "memory size",
         ),
         (vec!["bench", "--epochs", "0"], "--epochs"),
-        (vec!["bench", "--transport", "rdma"], "unknown transport"),
+        (
+            vec!["bench", "--transport", "infiniband"],
+            "unknown transport",
+        ),
+        (
+            vec!["bench", "--tracking", "kernel,kernel", "--epochs", "1"],
+            "--tracking names kernel twice",
+        ),
         (vec!["bench", "--failovers", "0"], "--failovers"),
         (vec!["bench", "--epoch-ms", "0"], "--epoch-ms"),
         (vec!["bench", "--net-epochs", "0"], "--net-epochs"),
@@ -193,6 +200,8 @@ fn bench_quick_runs_the_networked_pass_and_draws_the_plot() {
         "idle",
         "--modes",
         "remus,fgbi",
+        "--transport",
+        "std",
         "--json",
         json.to_str().unwrap(),
         "--plot",
@@ -206,15 +215,43 @@ fn bench_quick_runs_the_networked_pass_and_draws_the_plot() {
     assert!(stdout.contains("1 failover(s), 5 epochs"), "{stdout}");
     let value: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(value["schema"], 2);
+    assert_eq!(value["schema"], 3);
     for run in value["runs"].as_array().unwrap() {
         assert_eq!(run["transport"], "std");
         assert_eq!(run["failovers"], 1);
         assert_eq!(run["verified"], true);
+        assert_eq!(run["tracking"], "kernel");
+        assert!(run["pause_by_tracking"]["cow"]["pause_us"]["p50"].as_f64() > Some(0.0));
     }
+    assert!(stdout.contains("(pauses also with cow)"), "{stdout}");
     let svg = std::fs::read_to_string(&svg).unwrap();
-    assert_eq!(svg.matches(r#"class="series pause""#).count(), 2, "{svg}");
+    assert_eq!(
+        svg.matches(r#"class="series pause""#).count(),
+        4,
+        "two modes, copy and copy-on-write: {svg}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bench_over_rdma_runs_or_says_what_to_do() {
+    let available = fgbi_transport::RdmaConfig::default().available();
+    let (code, stdout, stderr) = small_bench("idle", "2", &["--transport", "rdma"]);
+    match available {
+        Ok(()) => {
+            assert_eq!(code, 0, "{stdout}\n{stderr}");
+            assert!(stdout.contains("transport rdma"), "{stdout}");
+        }
+        Err(why) => {
+            eprintln!("no RDMA here ({why}): checking the error says what to do");
+            assert_eq!(code, 2, "{stdout}\n{stderr}");
+            assert!(
+                stderr.contains("RDMA unavailable") && stderr.contains("--transport tcp"),
+                "{stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
 }
 
 #[test]

@@ -1,15 +1,39 @@
 //! One CSV line per run: the JSON fields, nested ones flattened, without
-//! `encodings`.
+//! `encodings`; `pause_by_tracking` as [`TRACKING_COLUMNS`] for every tracking
+//! variant, empty for a variant that did not run.
+
+use fgbi_hyp::synthetic::Tracking;
 
 use crate::bench::result::RunResult;
 
-/// The header line's columns.
-pub const COLUMNS: &str = "workload,mode,epochs,block_size,mem_bytes,workers,backing,tracking,transport,dirty_pages,wire_bytes,sync_bytes,encode_seconds,apply_seconds,encode_us_p50,apply_us_p50,pause_us_p50,pause_us_p99,pause_us_max,local_pause_us_p50,local_pause_us_p99,local_pause_us_max,verified,verified_checkpoints,digest_bytes,cache_bytes,staging_bytes,receive_ring_bytes,failovers,failover_ms_detect,failover_ms_apply,failover_ms_restore,failover_ms_first_run,failover_ms_total,overhead_pct,throughput_unprotected,throughput_protected,net_epochs,net_dirty_pages,net_wire_bytes,pipeline_cpu_seconds,pipeline_cpu_us_per_epoch,memcpy_gbps,encode_vs_memcpy,apply_vs_memcpy";
+/// The columns before the tracking variants'.
+pub const COLUMNS: &str = "workload,mode,epochs,block_size,mem_bytes,workers,backing,tracking,transport,dirty_pages,wire_bytes,sync_bytes,encode_seconds,apply_seconds,encode_us_p50,apply_us_p50,pause_us_p50,pause_us_p99,pause_us_max,local_pause_us_p50,local_pause_us_p99,local_pause_us_max,verified,verified_checkpoints,digest_bytes,cache_bytes,staging_bytes,receive_ring_bytes,failovers,failover_ms_detect,failover_ms_apply,failover_ms_restore,failover_ms_first_run,failover_ms_total,overhead_pct,throughput_unprotected,throughput_protected,net_epochs,net_dirty_pages,net_wire_bytes,pipeline_cpu_seconds,pipeline_cpu_us_per_epoch,dirty_rate_target,net_dirty_pages_per_sec,memcpy_gbps,encode_vs_memcpy,apply_vs_memcpy";
 
-/// The results as CSV: a header line, then one line per run ([`COLUMNS`]); a value
-/// the run did not measure is empty.
+/// The columns of each tracking variant, after its name and an underscore
+/// (`cow_pause_us_p50`).
+pub const TRACKING_COLUMNS: [&str; 4] = [
+    "pause_us_p50",
+    "pause_us_p99",
+    "pause_us_max",
+    "overhead_pct",
+];
+
+/// The header line: [`COLUMNS`], then [`TRACKING_COLUMNS`] of every variant.
+pub fn header() -> String {
+    let mut header = COLUMNS.to_string();
+    for tracking in Tracking::ALL {
+        for column in TRACKING_COLUMNS {
+            header.push_str(&format!(",{}_{column}", tracking.as_str()));
+        }
+    }
+    header
+}
+
+/// The results as CSV: the [`header`] line, then one line per run; a value the run
+/// did not measure is empty.
 pub fn document(results: &[RunResult]) -> String {
-    let mut out = format!("{COLUMNS}\n");
+    let mut out = header();
+    out.push('\n');
     for r in results {
         let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
         let failover =
@@ -57,11 +81,27 @@ pub fn document(results: &[RunResult]) -> String {
             opt(r.net_wire_bytes.map(|v| v as f64)),
             opt(r.pipeline_cpu_seconds),
             opt(r.pipeline_cpu_us_per_epoch),
+            opt(r.dirty_rate_target),
+            opt(r.net_dirty_pages_per_sec),
             r.memcpy_gbps.to_string(),
             r.encode_vs_memcpy.to_string(),
             r.apply_vs_memcpy.to_string(),
         ];
         out.push_str(&fields.join(","));
+        for tracking in Tracking::ALL {
+            let figures = r.pause_by_tracking.get(tracking.as_str());
+            let values = match figures {
+                Some(f) => [
+                    f.pause_us.p50.to_string(),
+                    f.pause_us.p99.to_string(),
+                    f.pause_us.max.to_string(),
+                    opt(f.overhead_pct),
+                ],
+                None => Default::default(),
+            };
+            out.push(',');
+            out.push_str(&values.join(","));
+        }
         out.push('\n');
     }
     out

@@ -1,4 +1,4 @@
-//! The JSON document: `{"schema": 2, "memcpy_gbps": ..., "runs": [...]}`, one run
+//! The JSON document: `{"schema": 3, "memcpy_gbps": ..., "runs": [...]}`, one run
 //! per workload and mode with every field of [`RunResult`] (docs/bench.md).
 
 use serde_json::{Value, json};
@@ -7,7 +7,7 @@ use crate::bench::result::RunResult;
 
 /// The version of the document's layout; raised when a field changes meaning or
 /// goes away (schema 1 had no networked pass).
-pub const SCHEMA: u64 = 2;
+pub const SCHEMA: u64 = 3;
 
 /// The document for `results`.
 pub fn document(results: &[RunResult]) -> Value {

@@ -1,6 +1,7 @@
 //! An SVG figure of a bench run: left, the distribution (CDF) of the pause per
-//! checkpoint of each mode over every workload; right, the wire bytes per measured
-//! epoch of each workload, one bar per mode. Both value axes are logarithmic.
+//! checkpoint of each mode and tracking variant over every workload (one colour per
+//! mode, one line style per variant); right, the wire bytes per measured epoch of
+//! each workload, one bar per mode. Both value axes are logarithmic.
 
 use std::fmt::Write;
 
@@ -16,9 +17,18 @@ const COLOURS: [&str; 8] = [
     "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
 ];
 
+/// Line styles (`stroke-dasharray`) of the tracking variants, in the order they
+/// first appear.
+const DASHES: [&str; 3] = ["none", "7 4", "2 3"];
+
 /// The SVG document for `results`.
 pub fn svg(results: &[RunResult]) -> String {
     let modes = unique(results.iter().map(|r| r.mode.as_str()));
+    let trackings = unique(
+        results
+            .iter()
+            .flat_map(|r| std::iter::once(r.tracking).chain(r.pause_by_tracking.keys().copied())),
+    );
     let workloads = unique(results.iter().map(|r| r.workload.as_str()));
     let mut out = String::new();
     let _ = write!(
@@ -27,8 +37,8 @@ pub fn svg(results: &[RunResult]) -> String {
 <rect width="100%" height="100%" fill="white"/>
 "#
     );
-    legend(&mut out, &modes);
-    pause_cdf(&mut out, results, &modes);
+    legend(&mut out, &modes, &trackings);
+    pause_cdf(&mut out, results, &modes, &trackings);
     bytes_per_epoch(&mut out, results, &modes, &workloads);
     out.push_str("</svg>\n");
     out
@@ -56,7 +66,11 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn legend(out: &mut String, modes: &[&str]) {
+fn dash(index: usize) -> &'static str {
+    DASHES[index % DASHES.len()]
+}
+
+fn legend(out: &mut String, modes: &[&str], trackings: &[&str]) {
     let _ = writeln!(out, r#"<g class="legend">"#);
     for (i, mode) in modes.iter().enumerate() {
         let x = 70.0 + i as f64 * 110.0;
@@ -67,6 +81,19 @@ fn legend(out: &mut String, modes: &[&str]) {
             x + 20.0,
             escape(mode)
         );
+    }
+    if trackings.len() > 1 {
+        for (i, tracking) in trackings.iter().enumerate() {
+            let x = 70.0 + (modes.len() + i) as f64 * 110.0;
+            let _ = writeln!(
+                out,
+                r##"<line x1="{x}" y1="25" x2="{}" y2="25" stroke="#444" stroke-width="2" stroke-dasharray="{}"/><text x="{}" y="30">pause, {}</text>"##,
+                x + 24.0,
+                dash(i),
+                x + 30.0,
+                escape(tracking)
+            );
+        }
     }
     let _ = writeln!(out, "</g>");
 }
@@ -140,20 +167,25 @@ fn tick_label(decade: i32) -> String {
     }
 }
 
-fn pause_cdf(out: &mut String, results: &[RunResult], modes: &[&str]) {
-    let samples: Vec<Vec<f64>> = modes
-        .iter()
-        .map(|mode| {
+fn pause_cdf(out: &mut String, results: &[RunResult], modes: &[&str], trackings: &[&str]) {
+    // One series per mode and tracking variant: (mode index, variant index, pauses).
+    let mut series: Vec<(usize, usize, Vec<f64>)> = Vec::new();
+    for (m, mode) in modes.iter().enumerate() {
+        for (t, tracking) in trackings.iter().enumerate() {
             let mut all: Vec<f64> = results
                 .iter()
                 .filter(|r| r.mode == *mode)
-                .flat_map(|r| r.pause_samples_us.iter().copied())
+                .filter_map(|r| r.pause_by_tracking.get(tracking))
+                .flat_map(|f| f.pause_samples_us.iter().copied())
                 .filter(|v| *v > 0.0)
                 .collect();
-            all.sort_by(f64::total_cmp);
-            all
-        })
-        .collect();
+            if !all.is_empty() {
+                all.sort_by(f64::total_cmp);
+                series.push((m, t, all));
+            }
+        }
+    }
+    let samples: Vec<&Vec<f64>> = series.iter().map(|s| &s.2).collect();
     let lo = samples
         .iter()
         .filter_map(|s| s.first())
@@ -183,7 +215,7 @@ fn pause_cdf(out: &mut String, results: &[RunResult], modes: &[&str]) {
         );
     }
     let span = f64::from(range.1 - range.0);
-    for (i, (mode, values)) in modes.iter().zip(&samples).enumerate() {
+    for (m, t, values) in &series {
         let points: Vec<String> = values
             .iter()
             .enumerate()
@@ -195,9 +227,11 @@ fn pause_cdf(out: &mut String, results: &[RunResult], modes: &[&str]) {
             .collect();
         let _ = writeln!(
             out,
-            r#"<g class="series pause" data-mode="{}"><polyline fill="none" stroke="{}" stroke-width="2" points="{}"/></g>"#,
-            escape(mode),
-            colour(i),
+            r#"<g class="series pause" data-mode="{}" data-tracking="{}"><polyline fill="none" stroke="{}" stroke-width="2" stroke-dasharray="{}" points="{}"/></g>"#,
+            escape(modes[*m]),
+            escape(trackings[*t]),
+            colour(*m),
+            dash(*t),
             points.join(" ")
         );
     }
