@@ -24,13 +24,14 @@ use fgbi::primary::PrimaryEvent;
 use fgbi::replicator::{Observer, Remote, Replicator, ReplicatorOptions, Summary, Target};
 use fgbi::restart::{Ready, Restart, RestartError};
 use fgbi_engine::Mode;
-use fgbi_transport::{Implementation, Liveness, PresharedKey};
+use fgbi_transport::{Liveness, PresharedKey};
 use thiserror::Error;
 
 use super::commands::{self, LiveStore, Request};
 use super::memory::StoreMemory;
 use super::server::{Replies, Service};
 use super::store::{Store, StoreError};
+use crate::transport_arg::TransportArgs;
 use fgbi_hyp::resp::{self, Reply};
 
 /// Command line.
@@ -66,6 +67,9 @@ pub struct Args {
     /// Key file shared with the backup (at least 16 bytes, owner-only).
     #[arg(long)]
     key: Option<PathBuf>,
+    /// With --backup: how the checkpoints travel.
+    #[command(flatten)]
+    link: TransportArgs,
     /// Encoding mode: remus, llm, xbzrle or fgbi. With --backup, llm also forwards
     /// every request to the backup's input log (--input-log) and sends replies once
     /// the backup holds their requests, instead of output commit.
@@ -109,6 +113,8 @@ enum KvError {
     Store(#[source] StoreError),
     #[error("cannot read the key file: {0}")]
     Key(String),
+    #[error("{0}")]
+    Transport(String),
     #[error("cannot take over the replica: {0}")]
     Restart(#[from] RestartError),
     #[error(
@@ -262,8 +268,11 @@ fn protect(args: &Args) -> Result<(LiveStore, Protection, Replies, String), KvEr
     }
     let epoch_ms = args.epoch_ms.unwrap_or(default_epoch_ms(args.mode));
     let mut forwarder = None;
+    let mut over = String::new();
     let target = match (&args.backup, &args.key) {
         (Some(backup), Some(key)) => {
+            let implementation = args.link.implementation().map_err(KvError::Transport)?;
+            over = format!(" over {}", implementation.as_str());
             let key = PresharedKey::from_file(key).map_err(|e| KvError::Key(e.to_string()))?;
             if let Some(addr) = args.input_log {
                 forwarder = Some(Arc::new(InputForwarder::connect(addr, &key, args.mem)?));
@@ -272,11 +281,8 @@ fn protect(args: &Args) -> Result<(LiveStore, Protection, Replies, String), KvEr
             Target::Remote(Remote {
                 backup: *backup,
                 key: Arc::new(key),
-                implementation: if Implementation::Uring.available().is_ok() {
-                    Implementation::Uring
-                } else {
-                    Implementation::Std
-                },
+                implementation,
+                rdma: args.link.rdma(),
                 liveness: Liveness {
                     interval,
                     timeout: interval * 4,
@@ -306,21 +312,21 @@ fn protect(args: &Args) -> Result<(LiveStore, Protection, Replies, String), KvEr
                 forwarder.expect("checked to be present by the guard"),
             ),
             format!(
-                "protected by the backup at {backup}, llm mode, epoch {epoch_ms} ms, inputs logged at {}, replies once their inputs are logged",
+                "protected by the backup at {backup}{over}, llm mode, epoch {epoch_ms} ms, inputs logged at {}, replies once their inputs are logged",
                 args.input_log.map(|a| a.to_string()).unwrap_or_default()
             ),
         ),
         (Some(backup), false) => (
             Replies::AfterCommit(handle),
             format!(
-                "protected by the backup at {backup}, {} mode, epoch {epoch_ms} ms, replies after commit",
+                "protected by the backup at {backup}{over}, {} mode, epoch {epoch_ms} ms, replies after commit",
                 args.mode
             ),
         ),
         (Some(backup), true) => (
             Replies::AtOnce(handle),
             format!(
-                "protected by the backup at {backup}, {} mode, epoch {epoch_ms} ms, replies at once (no output commit)",
+                "protected by the backup at {backup}{over}, {} mode, epoch {epoch_ms} ms, replies at once (no output commit)",
                 args.mode
             ),
         ),

@@ -31,6 +31,7 @@ use fgbi_engine::Mode;
 use serde_json::json;
 
 use crate::size::parse_size;
+use crate::transport_arg::TransportArgs;
 use client::{Conn, Ledger};
 
 /// Arguments of `fgbi demo`.
@@ -58,14 +59,18 @@ pub struct DemoArgs {
     /// Also write the results to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Transport: uring, std or auto.
-    #[arg(long, default_value = "auto")]
-    transport: String,
+    #[command(flatten)]
+    link: TransportArgs,
+    /// The backup's RDMA device [default: --rdma-device] (two devices of one host
+    /// carry the link as two hosts' would).
+    #[arg(long, value_name = "DEVICE")]
+    backup_rdma_device: Option<String>,
     /// Heartbeat interval, milliseconds; a peer silent for four intervals is dead.
     #[arg(long, default_value_t = 25)]
     heartbeat_ms: u64,
-    /// Instead of killing the service after --kill-after-ms, let it kill itself at
-    /// POINT@N (pause, sent, acked or released; the Nth time): docs/operations.md.
+    /// Instead of killing the service after --kill-after-ms (the workload after
+    /// --epochs), let it kill itself at POINT@N (pause, sent, acked or released,
+    /// the last not with --workload; the Nth time): docs/operations.md.
     #[arg(long, value_name = "POINT@N", hide = true)]
     fault: Option<String>,
     /// Reply before the backup committed (to show what output commit prevents).
@@ -93,6 +98,8 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
     if args.clients == 0 {
         return Err("--clients must be at least 1".into());
     }
+    // Refused here, before any process starts, if it cannot run.
+    args.link.implementation()?;
     match &args.workload {
         Some(workload) => synthetic::run(&args, workload),
         None => kv(&args),
@@ -161,11 +168,11 @@ fn application(
         .args(common)
         .args(["--restart", &restart]);
     let mut primary = Command::new(exe);
-    primary.args(["kv", "--port", &port]).args(common).args([
-        "--verify-every",
-        "0",
-        "--log-epochs",
-    ]);
+    primary
+        .args(["kv", "--port", &port])
+        .args(common)
+        .args(["--verify-every", "0", "--log-epochs"])
+        .args(link_flags(args, false));
     if let Some(addr) = input_log {
         backup.args(["--input-log", &addr.to_string()]);
         primary.args(["--input-log", &addr.to_string()]);
@@ -193,7 +200,7 @@ fn virtual_machine(args: &DemoArgs, exe: &Path, common: &[String], service: Sock
         .arg("primary")
         .args(common)
         .args(&vm)
-        .args(["--transport", &args.transport]);
+        .args(link_flags(args, false));
     Service {
         backup,
         primary,
@@ -235,7 +242,7 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
         service
             .backup
             .args(["--listen", &backup_addr.to_string()])
-            .args(["--transport", &args.transport])
+            .args(link_flags(args, true))
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start the backup: {e}"))?,
@@ -341,6 +348,31 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The transport flags of the primary's side (`backup` false) or the backup's.
+fn link_flags(args: &DemoArgs, backup: bool) -> Vec<String> {
+    let link = &args.link;
+    let mut flags = vec![
+        "--transport".to_string(),
+        link.transport.clone(),
+        "--rdma-port".to_string(),
+        link.rdma_port.to_string(),
+    ];
+    let device = match backup {
+        true => args
+            .backup_rdma_device
+            .as_ref()
+            .or(link.rdma_device.as_ref()),
+        false => link.rdma_device.as_ref(),
+    };
+    if let Some(device) = device {
+        flags.extend(["--rdma-device".to_string(), device.clone()]);
+    }
+    if let Some(index) = link.rdma_gid_index {
+        flags.extend(["--rdma-gid-index".to_string(), index.to_string()]);
+    }
+    flags
 }
 
 /// Milliseconds between checkpoints: as asked, else the service's default for the
