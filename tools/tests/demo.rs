@@ -139,6 +139,13 @@ fn with_output_commit_no_reply_announces_a_write_a_crash_at_any_point_loses() {
         };
         assert_eq!(code, 0, "{fault}: {printed}");
         assert_eq!(json["fault"], fault.as_str());
+        // The service says which transport carries its checkpoints.
+        if let Some(name) = std::env::var("FGBI_TEST_TRANSPORT")
+            .ok()
+            .filter(|t| ["rdma", "std"].contains(&t.as_str()))
+        {
+            assert!(printed.contains(&format!(" over {name}, ")), "{printed}");
+        }
         assert!(
             number(&json, &["requests_acknowledged_before_kill"]) > 0.0,
             "{fault}: {json}"
