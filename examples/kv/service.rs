@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use fgbi::input_log::{self, Entry, InputForwarder, InputLogError};
 use fgbi::local::ReplicationError;
+use fgbi::metrics::{self, Metrics};
 use fgbi::primary::PrimaryEvent;
 use fgbi::replicator::{Observer, Remote, Replicator, ReplicatorOptions, Summary, Target};
 use fgbi::restart::{Ready, Restart, RestartError};
@@ -29,6 +30,7 @@ use thiserror::Error;
 
 use super::commands::{self, LiveStore, Request};
 use super::memory::StoreMemory;
+use super::metrics::ServiceMetrics;
 use super::server::{Replies, Service};
 use super::store::{Store, StoreError};
 use crate::transport_arg::TransportArgs;
@@ -92,6 +94,10 @@ pub struct Args {
     /// Print a line per checkpoint (`sent N pause_us=... bytes=...`, `committed N`).
     #[arg(long)]
     log_epochs: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`): the service's
+    /// requests and held replies, and its replication's epochs.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Take over from the replica `fgbi backup --restart` hands over (automatic when
     /// its environment is present), then serve unprotected.
     #[arg(long)]
@@ -133,6 +139,12 @@ enum KvError {
     },
     #[error("cannot start the accept thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error("cannot serve metrics on {addr}: {source}; choose another --metrics address")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the final checkpoint failed: {0}")]
     Finish(#[source] ReplicationError),
     #[error(
@@ -183,6 +195,17 @@ fn serve(args: &Args) -> Result<bool, KvError> {
     }
     let addr = SocketAddr::new(args.bind, args.port);
     let listen = || TcpListener::bind(addr).map_err(|source| KvError::Listen { addr, source });
+    // The replication's side of the pair is the primary's; counted whether served or not.
+    let replication = Arc::new(Metrics::new("primary"));
+    let counted = Arc::new(ServiceMetrics::default());
+    if let Some(addr) = args.metrics {
+        let (replication, counted) = (Arc::clone(&replication), Arc::clone(&counted));
+        let bound = metrics::serve_text(addr, move || {
+            replication.render() + &counted.render("primary")
+        })
+        .map_err(|source| KvError::Metrics { addr, source })?;
+        println!("kv: metrics http://{bound}/metrics");
+    }
     let (store, protection, replies, banner) = match restart {
         Some(restart) => {
             let (store, ready, banner) = take_over(restart, mapped, !args.no_replay)?;
@@ -203,14 +226,14 @@ fn serve(args: &Args) -> Result<bool, KvError> {
                 "unprotected".into(),
             )
         }
-        None => protect(args)?,
+        None => protect(args, &replication)?,
     };
     let listener = listen()?;
     let local = listener
         .local_addr()
         .map_err(|source| KvError::Listen { addr, source })?;
     let (tx, shutdown) = channel();
-    let service = Arc::new(Service::new(store, replies, tx));
+    let service = Arc::new(Service::new(store, replies, tx, counted));
     {
         let service = Arc::clone(&service);
         std::thread::Builder::new()
@@ -259,8 +282,12 @@ fn serve(args: &Args) -> Result<bool, KvError> {
     }
 }
 
-/// Protects a new store: replicated in-process, or to `--backup`.
-fn protect(args: &Args) -> Result<(LiveStore, Protection, Replies, String), KvError> {
+/// Protects a new store: replicated in-process, or to `--backup`; its checkpoints
+/// counted in `metrics`.
+fn protect(
+    args: &Args,
+    metrics: &Arc<Metrics>,
+) -> Result<(LiveStore, Protection, Replies, String), KvError> {
     let mem = usize::try_from(args.mem).map_err(|_| KvError::Mem(args.mem))?;
     let llm = args.mode == Mode::Llm && args.backup.is_some();
     if llm != args.input_log.is_some() {
@@ -293,12 +320,16 @@ fn protect(args: &Args) -> Result<(LiveStore, Protection, Replies, String), KvEr
         _ => Target::Local,
     };
     let log_epochs = args.log_epochs;
+    let metrics = Arc::clone(metrics);
     let options = ReplicatorOptions {
         epoch: Duration::from_millis(epoch_ms.max(1)),
         mode: args.mode,
         verify_every: args.verify_every,
         target,
-        observer: Some(Observer(Arc::new(move |event| log(event, log_epochs)))),
+        observer: Some(Observer(Arc::new(move |event| {
+            metrics.primary_event(&event);
+            log(event, log_epochs);
+        }))),
         ..ReplicatorOptions::default()
     };
     let (handle, replicator) = Replicator::start(&[mem], options).map_err(KvError::Protect)?;
