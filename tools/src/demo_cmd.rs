@@ -295,7 +295,9 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
             let _ = primary.0.wait();
             at
         }
-        Some(fault) => wait_exit(&mut primary.0, fault)?,
+        Some(fault) => {
+            wait_exit(&mut primary.0, fault).map_err(|e| e + &early_failover(&backup_lines))?
+        }
     };
     let mut ledgers = finish_load(loaders)?;
     let before: u64 = ledgers.iter().map(Ledger::acknowledged).sum();
@@ -574,6 +576,19 @@ fn wait_exit(child: &mut Child, fault: &str) -> Result<SystemTime, String> {
             ));
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Why a primary may have missed its fault point: the backup's `failover` line if it
+/// printed one while the primary ran (the link broke, or one side waited longer than
+/// the liveness timeout, and the primary went on unprotected), for an error message;
+/// empty otherwise.
+fn early_failover(backup: &mpsc::Receiver<String>) -> String {
+    match backup.try_iter().find(|l| l.starts_with("failover ")) {
+        Some(line) => format!(
+            "; the backup failed over while the primary ran ({line}): on a loaded or slow machine, raise --heartbeat-ms (a peer silent for four heartbeats is dead, an epoch unanswered for sixteen is lost)"
+        ),
+        None => String::new(),
     }
 }
 

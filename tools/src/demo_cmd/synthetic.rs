@@ -8,7 +8,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fgbi::bench::Percentiles;
 use fgbi::fault::FAULT_ENV;
 
-use super::{DemoArgs, Kill, Scratch, field, free_port, lines, link_flags, wait_for, write_key};
+use super::{
+    DemoArgs, Kill, Scratch, early_failover, field, free_port, lines, link_flags, wait_for,
+    write_key,
+};
 
 /// Runs `fgbi demo --workload NAME`: a backup and a primary of the synthetic
 /// workload as two processes, the primary killed with SIGKILL after `--epochs`
@@ -80,7 +83,10 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
                 Err(RecvTimeoutError::Disconnected) if args.fault.is_some() => break,
                 Err(_) => {
                     return Err(match &args.fault {
-                        Some(fault) => format!("the primary did not reach its fault point {fault}"),
+                        Some(fault) => format!(
+                            "the primary did not reach its fault point {fault} in 120 s{}",
+                            early_failover(&backup_lines)
+                        ),
                         None => "the primary stopped or stalled before the failure was injected"
                             .to_string(),
                     });
