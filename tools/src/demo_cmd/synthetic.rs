@@ -92,6 +92,13 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
                     });
                 }
             };
+        // The failure is to come while a backup holds the workload.
+        if line.starts_with("unprotected") {
+            return Err(format!(
+                "the primary lost its backup before the failure was injected: {line}{}",
+                early_failover(&backup_lines)
+            ));
+        }
         if let Some(rest) = line.strip_prefix("sent ") {
             let epoch: u64 = field(rest, "", ' ')
                 .and_then(|v| v.parse().ok())
