@@ -37,6 +37,8 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
             .arg(args.mem.to_string())
             .arg("--key")
             .arg(&key)
+            .arg("--heartbeat-ms")
+            .arg(args.heartbeat_ms.to_string())
             .args(link_flags(args, backup))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
