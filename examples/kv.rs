@@ -3,7 +3,8 @@
 //! replica.
 //!
 //!     cargo run --release --example kv -- --port 6379 [--mem 256M] [--epoch-ms 25]
-//!         [--backup HOST:PORT --key FILE] [--restart] [--unprotected] ...
+//!         [--backup HOST:PORT --key FILE [--transport rdma|tcp|uring|std|auto]]
+//!         [--restart] [--unprotected] ...
 //!
 //! `fgbi kv` runs the same service. See docs/operating.md and docs/operations.md.
 
@@ -11,6 +12,8 @@
 mod kv;
 #[path = "../tools/src/size.rs"]
 mod size;
+#[path = "../tools/src/transport_arg.rs"]
+mod transport_arg;
 
 use std::process::ExitCode;
 

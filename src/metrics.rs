@@ -2,7 +2,8 @@
 //!
 //! [`Metrics`] is a set of atomics both loops update as they go; [`serve`] answers
 //! `GET /metrics` on a plain HTTP/1.0 listener from a thread of its own, so a scrape
-//! never touches the loops. docs/operations.md names and explains every metric.
+//! never touches the loops; a program adds its own samples with [`write_metric`].
+//! docs/operations.md names and explains every metric.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -148,9 +149,7 @@ impl Metrics {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP fgbi_{name} {help}");
-            let _ = writeln!(out, "# TYPE fgbi_{name} {kind}");
-            let _ = writeln!(out, "fgbi_{name}{{role=\"{}\"}} {value}", self.role);
+            write_metric(&mut out, name, kind, help, self.role, value);
         };
         let bytes = if self.role == "primary" {
             "sent"
@@ -254,9 +253,33 @@ impl Metrics {
     }
 }
 
+/// Appends the metric `fgbi_NAME` of `kind` (counter, gauge) to `out` in the text
+/// format: its `HELP` and `TYPE` lines and one sample labelled `role`.
+pub fn write_metric(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    role: &str,
+    value: impl std::fmt::Display,
+) {
+    let _ = writeln!(out, "# HELP fgbi_{name} {help}");
+    let _ = writeln!(out, "# TYPE fgbi_{name} {kind}");
+    let _ = writeln!(out, "fgbi_{name}{{role=\"{role}\"}} {value}");
+}
+
 /// Serves `metrics` on `address` from a thread of its own: `GET /metrics` gets the
 /// text format, anything else 404. Returns the address bound.
 pub fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    serve_text(address, move || metrics.render())
+}
+
+/// Serves what `render` returns (the text format) on `address` from a thread of its
+/// own, as [`serve`] does. Returns the address bound.
+pub fn serve_text(
+    address: SocketAddr,
+    render: impl Fn() -> String + Send + 'static,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(address)?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
@@ -264,14 +287,14 @@ pub fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<Sock
         .spawn(move || {
             for stream in listener.incoming().flatten() {
                 // A broken scrape concerns only its scraper.
-                let _ = answer(stream, &metrics);
+                let _ = answer(stream, &render);
             }
         })?;
     Ok(bound)
 }
 
 /// Reads one request's head and answers it.
-fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, render: &impl Fn() -> String) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
@@ -284,7 +307,7 @@ fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
     }
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let (status, body) = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
-        ("200 OK", metrics.render())
+        ("200 OK", render())
     } else {
         ("404 Not Found", "only GET /metrics is served\n".to_string())
     };

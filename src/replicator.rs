@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use fgbi_engine::{EncoderConfig, Geometry, Mode};
 use fgbi_hyp::process::{ProcessHandle, ProcessMemory, RegionLayout, parse_state, protect};
 use fgbi_hyp::protected::Protected;
-use fgbi_transport::{Implementation, Liveness, PresharedKey, TransportConfig};
+use fgbi_transport::{Implementation, Liveness, PresharedKey, RdmaConfig, TransportConfig};
 
 use crate::bench::Percentiles;
 use crate::fault::{self, Point};
@@ -51,6 +51,8 @@ pub struct Remote {
     pub key: Arc<PresharedKey>,
     /// Which transport implementation moves the bytes.
     pub implementation: Implementation,
+    /// The RDMA device, port and GID (with [`Implementation::Rdma`] only).
+    pub rdma: RdmaConfig,
     /// Heartbeats and the death timeout.
     pub liveness: Liveness,
     /// How long the epoch thread tries to reach the backup at start before it
@@ -189,6 +191,7 @@ impl Replicator {
             Target::Remote(remote) => {
                 let mut transport = TransportConfig::new(geometry, remote.implementation);
                 transport.liveness = remote.liveness;
+                transport.rdma = remote.rdma.clone();
                 Plan::Remote(Box::new((config, transport, remote.clone())))
             }
         };

@@ -517,3 +517,39 @@ fn llm_mode_with_a_backup_and_the_input_log_go_together() {
         assert!(stderr.contains("needs --input-log ADDR"), "{stderr}");
     }
 }
+
+#[test]
+fn a_transport_that_cannot_run_here_is_refused_clearly() {
+    for (link, expect) in [
+        (
+            &["--transport", "infiniband"][..],
+            "use rdma, tcp, uring, std or auto",
+        ),
+        (
+            &[
+                "--transport",
+                "rdma",
+                "--rdma-device",
+                "fgbi-no-such-device",
+            ][..],
+            "RDMA unavailable",
+        ),
+    ] {
+        let out = Command::new(example_binary())
+            .args([
+                "--port",
+                "0",
+                "--backup",
+                "127.0.0.1:9",
+                "--key",
+                "/nonexistent",
+            ])
+            .args(link)
+            .output()
+            .expect("the example runs");
+        assert!(!out.status.success(), "{link:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expect), "{link:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

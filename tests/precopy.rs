@@ -220,7 +220,7 @@ fn late_join<P: Protected>(
             max_state: 4096,
             digest: true,
             fence: fgbi::fence::Fence {
-                in_process_primary: true,
+                primary_known_dead: true,
                 ..Default::default()
             },
             metrics: None,

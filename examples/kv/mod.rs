@@ -6,6 +6,7 @@
 
 pub mod commands;
 pub mod memory;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -18,12 +18,12 @@
 //! has acknowledged receiving every input up to the batch's last.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fgbi::input_log::InputForwarder;
 use fgbi_hyp::process::ProcessHandle;
@@ -31,6 +31,7 @@ use fgbi_hyp::resp::{self, Reply};
 use fgbi_hyp::safepoint::Safepoint;
 
 use super::commands::{self, LiveStore, Next, Request};
+use super::metrics::ServiceMetrics;
 
 /// Most connections served at once; more are told so and closed.
 const MAX_CLIENTS: usize = 256;
@@ -71,17 +72,24 @@ pub struct Service {
     /// Told once when a client asks for SHUTDOWN.
     pub shutdown: Sender<()>,
     clients: AtomicUsize,
+    metrics: Arc<ServiceMetrics>,
 }
 
 impl Service {
     /// A service over `store` whose replies leave as `replies` says, that reports
-    /// SHUTDOWN on `shutdown`.
-    pub fn new(store: LiveStore, replies: Replies, shutdown: Sender<()>) -> Self {
+    /// SHUTDOWN on `shutdown` and counts what it does in `metrics`.
+    pub fn new(
+        store: LiveStore,
+        replies: Replies,
+        shutdown: Sender<()>,
+        metrics: Arc<ServiceMetrics>,
+    ) -> Self {
         Self {
             store: Mutex::new(store),
             replies,
             shutdown,
             clients: AtomicUsize::new(0),
+            metrics,
         }
     }
 
@@ -116,7 +124,9 @@ pub fn accept(listener: TcpListener, service: Arc<Service>) {
         let spawned = std::thread::Builder::new()
             .name(format!("kv-conn-{number}"))
             .spawn(move || {
+                service.metrics.connected();
                 serve(stream, &service, number);
+                service.metrics.disconnected();
                 service.clients.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
@@ -143,24 +153,48 @@ impl Gate {
     }
 }
 
+/// A batch of replies held for output commit.
+struct Held {
+    /// The output epoch that computed them.
+    epoch: u64,
+    /// How many replies.
+    replies: u64,
+    /// When they were held.
+    since: Instant,
+    bytes: Vec<u8>,
+}
+
 /// Where a connection's replies go.
 enum Out {
     /// Straight to the socket.
     Socket,
-    /// To the writer thread, tagged with their output epoch.
-    Held(SyncSender<(u64, Vec<u8>)>),
+    /// To the writer thread.
+    Held(SyncSender<Held>),
 }
 
 /// The writer thread of a connection with output commit: writes each batch once its
-/// output epoch is committed (together with the batches committed by then).
-fn release(mut stream: TcpStream, process: ProcessHandle, held: Receiver<(u64, Vec<u8>)>) {
+/// output epoch is committed (together with the batches committed by then). After a
+/// failed write it shuts the socket, so the connection thread ends too, and drops
+/// what is still held until the connection thread closes the channel.
+fn release(
+    mut stream: TcpStream,
+    process: ProcessHandle,
+    held: Receiver<Held>,
+    metrics: &ServiceMetrics,
+) {
+    let mut open = true;
     let mut next = held.recv().ok();
-    while let Some((epoch, mut bytes)) = next.take() {
-        while !process.wait_committed(epoch, Duration::from_secs(1)) {}
+    while let Some(first) = next.take() {
+        while open && !process.wait_committed(first.epoch, Duration::from_secs(1)) {}
         let committed = process.committed_epoch();
+        let mut batches = vec![(first.replies, first.since)];
+        let mut bytes = first.bytes;
         loop {
             match held.try_recv() {
-                Ok((e, more)) if e <= committed => bytes.extend_from_slice(&more),
+                Ok(more) if more.epoch <= committed => {
+                    batches.push((more.replies, more.since));
+                    bytes.extend_from_slice(&more.bytes);
+                }
                 Ok(later) => {
                     next = Some(later);
                     break;
@@ -168,8 +202,14 @@ fn release(mut stream: TcpStream, process: ProcessHandle, held: Receiver<(u64, V
                 Err(_) => break,
             }
         }
-        if stream.write_all(&bytes).is_err() {
-            return;
+        // Counted before they leave: a client that read them sees them counted.
+        for (replies, since) in batches {
+            metrics.released(replies, since.elapsed());
+        }
+        if open && stream.write_all(&bytes).is_err() {
+            open = false;
+            // The connection thread's next read fails at once.
+            let _ = stream.shutdown(Shutdown::Both);
         }
         if next.is_none() {
             next = held.recv().ok();
@@ -189,10 +229,11 @@ fn serve(mut stream: TcpStream, service: &Service, conn: u64) {
         Replies::AfterCommit(process) => {
             let (tx, rx) = sync_channel(HELD_BATCHES);
             let process = process.clone();
+            let metrics = Arc::clone(&service.metrics);
             let spawned = stream.try_clone().and_then(|writer| {
                 std::thread::Builder::new()
                     .name(format!("{name}-out"))
-                    .spawn(move || release(writer, process, rx))
+                    .spawn(move || release(writer, process, rx, &metrics))
             });
             if let Err(e) = spawned {
                 eprintln!("kv: cannot start a connection's writer thread: {e}");
@@ -237,6 +278,7 @@ fn serve(mut stream: TcpStream, service: &Service, conn: u64) {
             }
         }
         let mut next = Next::Continue;
+        let mut executed = 0;
         if !requests.is_empty() {
             let mut store = gate.outside(|| service.lock());
             let mutations = store.mutations();
@@ -260,6 +302,7 @@ fn serve(mut stream: TcpStream, service: &Service, conn: u64) {
                     args: &args[request.clone()],
                 };
                 next = commands::execute(&mut store, &request, &mut reply);
+                executed += 1;
                 if next != Next::Continue {
                     break;
                 }
@@ -274,6 +317,7 @@ fn serve(mut stream: TcpStream, service: &Service, conn: u64) {
                 }
             }
         }
+        service.metrics.served(executed);
         if let Some(resp::ProtocolError(message)) = &failure {
             Reply(&mut output).error(&format!("ERR Protocol error: {message}"));
         }
@@ -293,9 +337,20 @@ fn serve(mut stream: TcpStream, service: &Service, conn: u64) {
                 Out::Held(writer) => {
                     // Read before the next safepoint: everything this batch read or
                     // wrote is in the checkpoint that closes this epoch.
-                    let epoch = service.process().map_or(0, ProcessHandle::output_epoch);
-                    let batch = std::mem::take(&mut output);
-                    gate.outside(|| writer.send((epoch, batch))).is_ok()
+                    let batch = Held {
+                        epoch: service.process().map_or(0, ProcessHandle::output_epoch),
+                        replies: executed + u64::from(failure.is_some()),
+                        since: Instant::now(),
+                        bytes: std::mem::take(&mut output),
+                    };
+                    let replies = batch.replies;
+                    // Counted before the writer can release them.
+                    service.metrics.held(replies);
+                    let sent = gate.outside(|| writer.send(batch));
+                    if sent.is_err() {
+                        service.metrics.released(replies, Duration::ZERO);
+                    }
+                    sent.is_ok()
                 }
             };
             output.clear();

@@ -20,17 +20,20 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use fgbi::input_log::{self, Entry, InputForwarder, InputLogError};
 use fgbi::local::ReplicationError;
+use fgbi::metrics::{self, Metrics};
 use fgbi::primary::PrimaryEvent;
 use fgbi::replicator::{Observer, Remote, Replicator, ReplicatorOptions, Summary, Target};
 use fgbi::restart::{Ready, Restart, RestartError};
 use fgbi_engine::Mode;
-use fgbi_transport::{Implementation, Liveness, PresharedKey};
+use fgbi_transport::{Liveness, PresharedKey};
 use thiserror::Error;
 
 use super::commands::{self, LiveStore, Request};
 use super::memory::StoreMemory;
+use super::metrics::ServiceMetrics;
 use super::server::{Replies, Service};
 use super::store::{Store, StoreError};
+use crate::transport_arg::TransportArgs;
 use fgbi_hyp::resp::{self, Reply};
 
 /// Command line.
@@ -66,6 +69,9 @@ pub struct Args {
     /// Key file shared with the backup (at least 16 bytes, owner-only).
     #[arg(long)]
     key: Option<PathBuf>,
+    /// With --backup: how the checkpoints travel.
+    #[command(flatten)]
+    link: TransportArgs,
     /// Encoding mode: remus, llm, xbzrle or fgbi. With --backup, llm also forwards
     /// every request to the backup's input log (--input-log) and sends replies once
     /// the backup holds their requests, instead of output commit.
@@ -88,6 +94,10 @@ pub struct Args {
     /// Print a line per checkpoint (`sent N pause_us=... bytes=...`, `committed N`).
     #[arg(long)]
     log_epochs: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`): the service's
+    /// requests and held replies, and its replication's epochs.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Take over from the replica `fgbi backup --restart` hands over (automatic when
     /// its environment is present), then serve: unprotected, or with --backup
     /// protected again by that (another) backup.
@@ -114,6 +124,8 @@ enum KvError {
     Store(#[source] StoreError),
     #[error("cannot read the key file: {0}")]
     Key(String),
+    #[error("{0}")]
+    Transport(String),
     #[error("cannot take over the replica: {0}")]
     Restart(#[from] RestartError),
     #[error(
@@ -132,6 +144,12 @@ enum KvError {
     },
     #[error("cannot start the accept thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error("cannot serve metrics on {addr}: {source}; choose another --metrics address")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the final checkpoint failed: {0}")]
     Finish(#[source] ReplicationError),
     #[error(
@@ -183,6 +201,17 @@ fn serve(args: &Args) -> Result<bool, KvError> {
     let addr = SocketAddr::new(args.bind, args.port);
     let listen = || TcpListener::bind(addr).map_err(|source| KvError::Listen { addr, source });
     let mut ready = None;
+    // The replication's side of the pair is the primary's; counted whether served or not.
+    let replication = Arc::new(Metrics::new("primary"));
+    let counted = Arc::new(ServiceMetrics::default());
+    if let Some(addr) = args.metrics {
+        let (replication, counted) = (Arc::clone(&replication), Arc::clone(&counted));
+        let bound = metrics::serve_text(addr, move || {
+            replication.render() + &counted.render("primary")
+        })
+        .map_err(|source| KvError::Metrics { addr, source })?;
+        println!("kv: metrics http://{bound}/metrics");
+    }
     let (store, protection, replies, banner) = match restart {
         Some(restart) => {
             let (store, restarted, banner) = take_over(restart, mapped, !args.no_replay)?;
@@ -190,7 +219,7 @@ fn serve(args: &Args) -> Result<bool, KvError> {
             if args.backup.is_some() {
                 let started = Instant::now();
                 let (store, protection, replies, protected) =
-                    protect(args, Some(store.into_memory()))?;
+                    protect(args, Some(store.into_memory()), &replication)?;
                 let banner = format!(
                     "{banner}; {protected}, protected again in {} us",
                     started.elapsed().as_micros()
@@ -211,14 +240,14 @@ fn serve(args: &Args) -> Result<bool, KvError> {
                 "unprotected".into(),
             )
         }
-        None => protect(args, None)?,
+        None => protect(args, None, &replication)?,
     };
     let listener = listen()?;
     let local = listener
         .local_addr()
         .map_err(|source| KvError::Listen { addr, source })?;
     let (tx, shutdown) = channel();
-    let service = Arc::new(Service::new(store, replies, tx));
+    let service = Arc::new(Service::new(store, replies, tx, counted));
     {
         let service = Arc::clone(&service);
         std::thread::Builder::new()
@@ -268,10 +297,11 @@ fn serve(args: &Args) -> Result<bool, KvError> {
 }
 
 /// Protects a new store, or (`from`) the store of a replica taken over: replicated
-/// in-process, or to `--backup`.
+/// in-process, or to `--backup`; its checkpoints counted in `metrics`.
 fn protect(
     args: &Args,
     from: Option<StoreMemory>,
+    metrics: &Arc<Metrics>,
 ) -> Result<(LiveStore, Protection, Replies, String), KvError> {
     let mem = usize::try_from(args.mem).map_err(|_| KvError::Mem(args.mem))?;
     let llm = args.mode == Mode::Llm && args.backup.is_some();
@@ -280,8 +310,11 @@ fn protect(
     }
     let epoch_ms = args.epoch_ms.unwrap_or(default_epoch_ms(args.mode));
     let mut forwarder = None;
+    let mut over = String::new();
     let target = match (&args.backup, &args.key) {
         (Some(backup), Some(key)) => {
+            let implementation = args.link.implementation().map_err(KvError::Transport)?;
+            over = format!(" over {}", implementation.as_str());
             let key = PresharedKey::from_file(key).map_err(|e| KvError::Key(e.to_string()))?;
             if let Some(addr) = args.input_log {
                 forwarder = Some(Arc::new(InputForwarder::connect(addr, &key, args.mem)?));
@@ -290,11 +323,8 @@ fn protect(
             Target::Remote(Remote {
                 backup: *backup,
                 key: Arc::new(key),
-                implementation: if Implementation::Uring.available().is_ok() {
-                    Implementation::Uring
-                } else {
-                    Implementation::Std
-                },
+                implementation,
+                rdma: args.link.rdma(),
                 liveness: Liveness {
                     interval,
                     timeout: interval * 4,
@@ -305,12 +335,16 @@ fn protect(
         _ => Target::Local,
     };
     let log_epochs = args.log_epochs;
+    let metrics = Arc::clone(metrics);
     let options = ReplicatorOptions {
         epoch: Duration::from_millis(epoch_ms.max(1)),
         mode: args.mode,
         verify_every: args.verify_every,
         target,
-        observer: Some(Observer(Arc::new(move |event| log(event, log_epochs)))),
+        observer: Some(Observer(Arc::new(move |event| {
+            metrics.primary_event(&event);
+            log(event, log_epochs);
+        }))),
         ..ReplicatorOptions::default()
     };
     if let Some(replica) = from.as_ref().map(|from| from.as_ref().len()) {
@@ -345,21 +379,21 @@ fn protect(
                 forwarder.expect("checked to be present by the guard"),
             ),
             format!(
-                "protected by the backup at {backup}, llm mode, epoch {epoch_ms} ms, inputs logged at {}, replies once their inputs are logged",
+                "protected by the backup at {backup}{over}, llm mode, epoch {epoch_ms} ms, inputs logged at {}, replies once their inputs are logged",
                 args.input_log.map(|a| a.to_string()).unwrap_or_default()
             ),
         ),
         (Some(backup), false) => (
             Replies::AfterCommit(handle),
             format!(
-                "protected by the backup at {backup}, {} mode, epoch {epoch_ms} ms, replies after commit",
+                "protected by the backup at {backup}{over}, {} mode, epoch {epoch_ms} ms, replies after commit",
                 args.mode
             ),
         ),
         (Some(backup), true) => (
             Replies::AtOnce(handle),
             format!(
-                "protected by the backup at {backup}, {} mode, epoch {epoch_ms} ms, replies at once (no output commit)",
+                "protected by the backup at {backup}{over}, {} mode, epoch {epoch_ms} ms, replies at once (no output commit)",
                 args.mode
             ),
         ),

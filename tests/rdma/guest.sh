@@ -103,4 +103,25 @@ else
     echo "FGBI-ROCE test rdma-tests skip (no transport/tests/rdma.rs on the host)"
 fi
 
+# Failover over RDMA: the demo's failure tests (tools/tests/demo.rs), `fgbi backup` on
+# rxe1 and the protected program on rxe0 as separate processes, the primary killed
+# with SIGKILL at chosen points of a checkpoint. Heartbeats every second (a peer
+# silent for 4 s is dead, an epoch unanswered for 16 s lost): under emulation a debug
+# build takes seconds over the first epoch (the whole memory), longer than the
+# demo's 25 ms heartbeats allow.
+failover_tests="a_workload_killed_at_any_point_of_a_checkpoint_resumes_from_a_replica_equal_to_it
+with_output_commit_no_reply_announces_a_write_a_crash_at_any_point_loses"
+echo "FGBI-ROCE test rdma-failover start"
+# shellcheck disable=SC2086 # the test names are a word list
+timeout 600 env FGBI_TEST_TRANSPORT=rdma FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
+    FGBI_TEST_HEARTBEAT_MS=1000 FGBI_REQUIRE_ALL=1 RUST_BACKTRACE=1 \
+    /bin/failover-tests --exact --test-threads=1 $failover_tests >/tmp/rdma-failover.out 2>&1
+status=$?
+cat /tmp/rdma-failover.out
+# Every test named ran (a name that matches nothing would pass by running nothing).
+# shellcheck disable=SC2086
+set -- $failover_tests
+[ "$status" -ne 0 ] || grep -q "test result: ok. $# passed" /tmp/rdma-failover.out || status=1
+outcome rdma-failover "$status"
+
 exit "$failures"

@@ -5,7 +5,7 @@
 #
 #     tests/rdma/soft-roce.sh [--release]
 #
-# Builds the RDMA test binary and `fgbi` on the host, boots the guest with two rxe
+# Builds the RDMA test binary, `fgbi` and its demo tests on the host, boots the guest with two rxe
 # devices on a veth pair, runs tests/rdma/guest.sh there, and exits 0 only if every
 # test in the guest passed. Downloads and the base initramfs are cached under
 # target/soft-roce/ (docs/rdma.md).
@@ -19,7 +19,7 @@ usage: tests/rdma/soft-roce.sh [--release]
 
 Environment:
   FGBI_ROCE_CACHE      cache directory (default: target/soft-roce in the repository)
-  FGBI_ROCE_TIMEOUT    seconds the whole guest run may take (default: 900)
+  FGBI_ROCE_TIMEOUT    seconds the whole guest run may take (default: 1500)
 EOF
 }
 
@@ -35,7 +35,7 @@ done
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 here="$repo/tests/rdma"
 cache=${FGBI_ROCE_CACHE:-$repo/target/soft-roce}
-guest_timeout=${FGBI_ROCE_TIMEOUT:-900}
+guest_timeout=${FGBI_ROCE_TIMEOUT:-1500}
 debs="$cache/debs"
 base="$cache/base"
 run="$cache/run"
@@ -48,6 +48,10 @@ started=$SECONDS
 # rxe computes its ICRC with the kernel's "crc32" hash, which the kernel would ask
 # modprobe for; the guest has no modprobe, so it is loaded up front.
 guest_modules=(veth crc32_generic rdma_rxe rdma_ucm)
+# The guest's kernel comes from bookworm-backports: the project's dirty tracking needs
+# PAGEMAP_SCAN (Linux 6.7), which bookworm's 6.1 lacks. apt reads that suite from a
+# sources list of the cache's own, so the host's apt configuration is left alone.
+kernel_suite="deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main"
 # Packages unpacked for the guest; their libraries not installed on the host are
 # added by following their dependencies.
 guest_packages=(busybox-static rdma-core ibverbs-providers libibverbs1 librdmacm1 iproute2
@@ -72,11 +76,13 @@ apt_update() {
     apt_updated=1
 }
 
-# Host tools: qemu-system-x86_64 boots the guest, cpio packs its initramfs.
+# Host tools: qemu-system-x86_64 boots the guest, cpio packs its initramfs, zstd
+# unpacks the kernel.
 host_tools() {
     local missing=()
     command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
     command -v cpio >/dev/null || missing+=(cpio)
+    command -v zstd >/dev/null || missing+=(zstd)
     [ ${#missing[@]} -eq 0 ] && return 0
     step "installing ${missing[*]}"
     apt_update
@@ -95,6 +101,7 @@ artifact() {
 
 rdma_tests=""
 fgbi_bin=""
+failover_tests=""
 build_project() {
     step "building the RDMA test binary and fgbi (${profile[*]:-debug})"
     local json="$run/cargo.json" err="$run/cargo.stderr"
@@ -112,20 +119,46 @@ build_project() {
         --message-format=json-render-diagnostics >"$json") || die "cargo could not build fgbi"
     fgbi_bin=$(artifact fgbi bin <"$json")
     [ -x "$fgbi_bin" ] || die "cargo built fgbi but named no executable (see $json)"
+    # The failure tests of `fgbi demo` (tools/tests/demo.rs), run over RDMA in the guest.
+    (cd "$repo" && cargo test "${profile[@]}" -p fgbi-tools --test demo --no-run \
+        --message-format=json-render-diagnostics >"$json") || die "cargo could not build the demo tests"
+    failover_tests=$(artifact demo test <"$json")
+    [ -x "$failover_tests" ] || die "cargo built the demo tests but named no executable (see $json)"
 }
 
 # --- the base initramfs: kernel modules, busybox, verbs libraries and tools ---
 
-# Downloads (into $debs) every package in $@ not downloaded yet.
+# apt's options for the kernel's suite ($kernel_suite): its own sources list, package
+# lists and cache under $cache/apt.
+kernel_apt=(-o "Dir::Etc::SourceList=$cache/apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
+    -o "Dir::State::Lists=$cache/apt/lists" -o "Dir::Cache=$cache/apt/cache")
+kernel_apt_updated=0
+# `apt-get update` of the kernel's suite, once per run.
+kernel_apt_update() {
+    [ "$kernel_apt_updated" -eq 0 ] || return 0
+    mkdir -p "$cache/apt/lists/partial" "$cache/apt/cache/archives/partial"
+    echo "$kernel_suite" >"$cache/apt/sources.list"
+    timeout 300 apt-get "${kernel_apt[@]}" update -qq || die "apt-get update of '$kernel_suite' failed"
+    kernel_apt_updated=1
+}
+
+# Downloads (into $debs) every package in $@ not downloaded yet; with --kernel first,
+# from the kernel's suite.
 download() {
+    local options=() update=apt_update
+    if [ "$1" = --kernel ]; then
+        options=("${kernel_apt[@]}")
+        update=kernel_apt_update
+        shift
+    fi
     local missing=() p
     for p in "$@"; do
         compgen -G "$debs/${p}_*.deb" >/dev/null || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
-    apt_update
+    $update
     echo "downloading ${missing[*]}"
-    (cd "$debs" && timeout 600 apt-get download -q -o APT::Sandbox::User=root "${missing[@]}") ||
+    (cd "$debs" && timeout 600 apt-get "${options[@]}" download -q -o APT::Sandbox::User=root "${missing[@]}") ||
         die "apt-get download ${missing[*]} failed"
 }
 
@@ -141,10 +174,11 @@ missing_lib_deps() {
 
 # The guest's packages and the library packages they need that the host lacks.
 resolve_packages() {
-    apt-cache show linux-image-amd64 >/dev/null 2>&1 || apt_update
-    kernel_pkg=$(apt-cache depends linux-image-amd64 | awk '$2 ~ /^linux-image-/ {print $2; exit}')
-    [ -n "$kernel_pkg" ] || die "apt-cache names no kernel for linux-image-amd64"
-    packages=("$kernel_pkg" "${guest_packages[@]}")
+    kernel_apt_update
+    kernel_pkg=$(apt-cache "${kernel_apt[@]}" depends linux-image-amd64 | awk '$2 ~ /^linux-image-/ {print $2; exit}')
+    [ -n "$kernel_pkg" ] || die "apt-cache names no kernel for linux-image-amd64 in '$kernel_suite'"
+    apt-cache show busybox-static >/dev/null 2>&1 || apt_update
+    packages=("${guest_packages[@]}")
     command -v depmod >/dev/null || packages+=(kmod)
     local new=("${packages[@]}") more p
     while [ ${#new[@]} -gt 0 ]; do
@@ -196,18 +230,25 @@ pack() {
     (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet) >"$2"
 }
 
-# Extracts the uncompressed ELF vmlinux from the bzImage $1 into $2 (it boots through
-# its PVH entry in about half the time); falls back to the bzImage itself.
+# Extracts the uncompressed ELF vmlinux from the bzImage $1 (xz- or zstd-compressed)
+# into $2 (it boots through its PVH entry in about half the time); falls back to the
+# bzImage itself.
 extract_vmlinux() {
-    local offset
-    # (Without pipefail: head and xz stop reading early, on purpose.)
-    offset=$(set +o pipefail; LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$1" | head -n 1 | cut -d: -f1)
-    if [ -n "$offset" ] &&
-        (set +o pipefail; tail -c +$((offset + 1)) "$1" | xz -dc --single-stream) >"$2" 2>/dev/null &&
-        [ "$(head -c 4 "$2" | od -An -c | tr -d ' ')" = '177ELF' ]; then
-        return 0
-    fi
-    echo "soft-roce: no xz-compressed ELF kernel in $1, booting the bzImage" >&2
+    local offset format magic decompress
+    for format in xz zstd; do
+        case "$format" in
+            xz) magic='\xfd7zXZ\x00' decompress=(xz -dc --single-stream) ;;
+            zstd) magic='\x28\xb5\x2f\xfd' decompress=(zstd -dcq) ;;
+        esac
+        command -v "${decompress[0]}" >/dev/null || continue
+        # (Without pipefail: head and the decompressor stop reading early, on purpose;
+        # zstd complains about what follows its frame, so the ELF header is the test.)
+        offset=$(set +o pipefail; LC_ALL=C grep -obUaP "$magic" "$1" | head -n 1 | cut -d: -f1)
+        [ -n "$offset" ] || continue
+        (set +o pipefail; tail -c +$((offset + 1)) "$1" | "${decompress[@]}") >"$2" 2>/dev/null || true
+        [ "$(head -c 4 "$2" | od -An -c | tr -d ' ')" = '177ELF' ] && return 0
+    done
+    echo "soft-roce: no xz- or zstd-compressed ELF kernel in $1, booting the bzImage" >&2
     cp "$1" "$2"
 }
 
@@ -221,12 +262,13 @@ build_base() {
     step "building the base initramfs"
     mkdir -p "$debs"
     resolve_packages
+    download --kernel "$kernel_pkg"
     download "${packages[@]}"
     rm -rf "$base" "$cache/unpacked"
     unpacked="$cache/unpacked"
     mkdir -p "$base/root" "$unpacked"
     local p deb
-    for p in "${packages[@]}"; do
+    for p in "$kernel_pkg" "${packages[@]}"; do
         deb=$(compgen -G "$debs/${p}_*.deb" | tail -n 1)
         dpkg -x "$deb" "$unpacked"
     done
@@ -245,18 +287,23 @@ build_base() {
         die "depmod failed for $kver"
 
     # Modules in load order: each one's dependencies (modules.dep lists them so that the
-    # last is loaded first), then itself.
-    local root="$base/root" order=() m line deps i path
+    # last is loaded first), then itself. Compressed ones (.ko.xz) are stored
+    # decompressed: busybox's insmod hands the kernel the file as it is.
+    local root="$base/root" order=() m line deps i path ko
     mkdir -p "$root/etc/fgbi"
     for m in "${guest_modules[@]}"; do
-        line=$(grep -E "(^|/)$m\.ko:" "$unpacked/lib/modules/$kver/modules.dep") || die "no module $m in $kver"
+        line=$(grep -E "(^|/)$m\.ko(\.xz)?:" "$unpacked/lib/modules/$kver/modules.dep") || die "no module $m in $kver"
         read -r -a deps <<<"${line#*:}"
         for ((i = ${#deps[@]} - 1; i >= -1; i--)); do
             if [ "$i" -ge 0 ]; then path=${deps[i]}; else path=${line%%:*}; fi
-            [[ " ${order[*]} " == *" $path "* ]] && continue
-            order+=("$path")
-            mkdir -p "$root/lib/modules/$(dirname "$path")"
-            cp "$unpacked/lib/modules/$kver/$path" "$root/lib/modules/$path"
+            ko=${path%.xz}
+            [[ " ${order[*]} " == *" $ko "* ]] && continue
+            order+=("$ko")
+            mkdir -p "$root/lib/modules/$(dirname "$ko")"
+            case "$path" in
+                *.xz) xz -dc "$unpacked/lib/modules/$kver/$path" >"$root/lib/modules/$ko" || die "cannot decompress $path" ;;
+                *) cp "$unpacked/lib/modules/$kver/$path" "$root/lib/modules/$ko" ;;
+            esac
         done
     done
     printf '%s\n' "${order[@]}" >"$root/etc/fgbi/modules"
@@ -294,6 +341,10 @@ build_overlay() {
     unpacked="$base/root"
     [ -n "$rdma_tests" ] && copy_with_libs "$rdma_tests" bin/rdma-tests "$stage"
     copy_with_libs "$fgbi_bin" bin/fgbi "$stage"
+    copy_with_libs "$failover_tests" bin/failover-tests "$stage"
+    # The demo tests run fgbi from where cargo built it.
+    mkdir -p "$stage$(dirname "$fgbi_bin")"
+    ln -s /bin/fgbi "$stage$fgbi_bin"
     # Rust binaries unwind through libgcc_s, which ldd need not list; without it they exit 127.
     local gcc_s
     gcc_s=$(ldconfig -p | awk '/libgcc_s\.so\.1 .*x86-64/ {print $NF; exit}')

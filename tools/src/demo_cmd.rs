@@ -32,6 +32,7 @@ use fgbi_hyp::synthetic::Tracking;
 use serde_json::json;
 
 use crate::size::parse_size;
+use crate::transport_arg::TransportArgs;
 use client::{Conn, Ledger};
 
 /// Arguments of `fgbi demo`.
@@ -59,15 +60,18 @@ pub struct DemoArgs {
     /// Also write the results to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Transport: uring, std or auto.
-    #[arg(long, default_value = "auto")]
-    transport: String,
+    #[command(flatten)]
+    link: TransportArgs,
+    /// The backup's RDMA device [default: --rdma-device] (two devices of one host
+    /// carry the link as two hosts' would).
+    #[arg(long, value_name = "DEVICE")]
+    backup_rdma_device: Option<String>,
     /// Heartbeat interval, milliseconds; a peer silent for four intervals is dead.
     #[arg(long, default_value_t = 25)]
     heartbeat_ms: u64,
-    /// Instead of killing the service after --kill-after-ms, let it kill itself at
-    /// POINT@N (sync, pause, transfer, sent, acked or released; the Nth time):
-    /// docs/operations.md.
+    /// Instead of killing the service after --kill-after-ms (the workload after
+    /// --epochs), let it kill itself at POINT@N (sync, pause, transfer, sent, acked
+    /// or released, the last not with --workload; the Nth time): docs/operations.md.
     #[arg(long, value_name = "POINT@N", hide = true)]
     fault: Option<String>,
     /// Reply before the backup committed (to show what output commit prevents).
@@ -114,6 +118,8 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
             "--tracking goes with --vm or --workload: the kv application keeps its pages by copying them in the pause".into(),
         );
     }
+    // Refused here, before any process starts, if it cannot run.
+    args.link.implementation()?;
     match &args.workload {
         Some(workload) => synthetic::run(&args, workload),
         None => kv(&args),
@@ -182,11 +188,11 @@ fn application(
         .args(common)
         .args(["--restart", &restart]);
     let mut primary = Command::new(exe);
-    primary.args(["kv", "--port", &port]).args(common).args([
-        "--verify-every",
-        "0",
-        "--log-epochs",
-    ]);
+    primary
+        .args(["kv", "--port", &port])
+        .args(common)
+        .args(["--verify-every", "0", "--log-epochs"])
+        .args(link_flags(args, false));
     if let Some(addr) = input_log {
         backup.args(["--input-log", &addr.to_string()]);
         primary.args(["--input-log", &addr.to_string()]);
@@ -214,7 +220,7 @@ fn virtual_machine(args: &DemoArgs, exe: &Path, common: &[String], service: Sock
         .arg("primary")
         .args(common)
         .args(&vm)
-        .args(["--transport", &args.transport])
+        .args(link_flags(args, false))
         .args(args.tracking_args());
     Service {
         backup,
@@ -257,7 +263,7 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
         service
             .backup
             .args(["--listen", &backup_addr.to_string()])
-            .args(["--transport", &args.transport])
+            .args(link_flags(args, true))
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start the backup: {e}"))?,
@@ -310,7 +316,9 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
             let _ = primary.0.wait();
             at
         }
-        Some(fault) => wait_exit(&mut primary.0, fault)?,
+        Some(fault) => {
+            wait_exit(&mut primary.0, fault).map_err(|e| e + &early_failover(&backup_lines))?
+        }
     };
     let mut ledgers = finish_load(loaders)?;
     let before: u64 = ledgers.iter().map(Ledger::acknowledged).sum();
@@ -363,6 +371,31 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The transport flags of the primary's side (`backup` false) or the backup's.
+fn link_flags(args: &DemoArgs, backup: bool) -> Vec<String> {
+    let link = &args.link;
+    let mut flags = vec![
+        "--transport".to_string(),
+        link.transport.clone(),
+        "--rdma-port".to_string(),
+        link.rdma_port.to_string(),
+    ];
+    let device = match backup {
+        true => args
+            .backup_rdma_device
+            .as_ref()
+            .or(link.rdma_device.as_ref()),
+        false => link.rdma_device.as_ref(),
+    };
+    if let Some(device) = device {
+        flags.extend(["--rdma-device".to_string(), device.clone()]);
+    }
+    if let Some(index) = link.rdma_gid_index {
+        flags.extend(["--rdma-gid-index".to_string(), index.to_string()]);
+    }
+    flags
 }
 
 /// Milliseconds between checkpoints: as asked, else the service's default for the
@@ -569,6 +602,19 @@ fn wait_exit(child: &mut Child, fault: &str) -> Result<SystemTime, String> {
             ));
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Why a primary may have missed its fault point: the backup's `failover` line if it
+/// printed one while the primary ran (the link broke, or one side waited longer than
+/// the liveness timeout, and the primary went on unprotected), for an error message;
+/// empty otherwise.
+fn early_failover(backup: &mpsc::Receiver<String>) -> String {
+    match backup.try_iter().find(|l| l.starts_with("failover ")) {
+        Some(line) => format!(
+            "; the backup failed over while the primary ran ({line}): on a loaded or slow machine, raise --heartbeat-ms (a peer silent for four heartbeats is dead, an epoch unanswered for sixteen is lost)"
+        ),
+        None => String::new(),
     }
 }
 

@@ -9,16 +9,16 @@ pub struct TransportArgs {
     /// Transport: rdma (RDMA verbs), tcp (io_uring when the kernel allows it, else
     /// std), uring, std, or auto (rdma when a usable RDMA device exists, else tcp).
     #[arg(long, default_value = "auto")]
-    transport: String,
+    pub(crate) transport: String,
     /// RDMA device (as `ibv_devices` names it); default: the first with an active port.
     #[arg(long)]
-    rdma_device: Option<String>,
+    pub(crate) rdma_device: Option<String>,
     /// RDMA port number.
     #[arg(long, default_value_t = 1)]
-    rdma_port: u8,
+    pub(crate) rdma_port: u8,
     /// RDMA GID index; default: the port's RoCE v2 GID of an IPv4 address.
     #[arg(long)]
-    rdma_gid_index: Option<u8>,
+    pub(crate) rdma_gid_index: Option<u8>,
 }
 
 impl TransportArgs {

@@ -170,6 +170,14 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
         ),
         (vec!["bench", "--trace", "Cargo.toml"], "not an fgbi trace"),
         (
+            vec!["demo", "--transport", "infiniband"],
+            "unknown transport",
+        ),
+        (
+            vec!["demo", "--workload", "web", "--fault", "released@3"],
+            "use pause, sent or acked",
+        ),
+        (
             vec!["record", "--pid", "0", "-o", "/tmp/fgbi-never.fgbt"],
             "invalid process id",
         ),

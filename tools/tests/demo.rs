@@ -14,27 +14,37 @@ use serde_json::Value;
 /// The demos run one at a time: each is three processes and a load.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Runs `fgbi demo` (shortened) with `extra` flags; its exit code, output and JSON.
-fn demo(name: &str, extra: &[&str]) -> Option<(i32, String, Value)> {
+/// The link of the pair, from the environment: `FGBI_TEST_TRANSPORT` (the demo's
+/// `--transport`; unset: its default), the primary's RDMA device `FGBI_RDMA_DEVICE_A`
+/// and the backup's `FGBI_RDMA_DEVICE_B` (as in the transport's RDMA tests), and
+/// `FGBI_TEST_HEARTBEAT_MS` (unset: the demo's default). The Soft-RoCE guest
+/// (tests/rdma/guest.sh) runs these tests over RDMA with them.
+fn link_flags() -> Vec<String> {
+    let mut flags = Vec::new();
+    for (var, flag) in [
+        ("FGBI_TEST_TRANSPORT", "--transport"),
+        ("FGBI_RDMA_DEVICE_A", "--rdma-device"),
+        ("FGBI_RDMA_DEVICE_B", "--backup-rdma-device"),
+        ("FGBI_TEST_HEARTBEAT_MS", "--heartbeat-ms"),
+    ] {
+        if let Some(value) = std::env::var(var).ok().filter(|v| !v.is_empty()) {
+            flags.extend([flag.to_string(), value]);
+        }
+    }
+    flags
+}
+
+/// Runs `fgbi demo` with `args` over the link of [`link_flags`]; its exit code and
+/// output. `None` (said loudly) without kernel dirty tracking.
+fn run_demo(args: &[&str]) -> Option<(i32, String)> {
     if !fgbi_hyp::feature::available("kernel dirty tracking", DirtyTracker::probe()) {
         return None;
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let json: PathBuf =
-        std::env::temp_dir().join(format!("fgbi-demo-{name}-{}.json", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_fgbi"))
-        .args([
-            "demo",
-            "--mem",
-            "32M",
-            "--kill-after-ms",
-            "1500",
-            "--after-ms",
-            "300",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .args(extra)
+        .arg("demo")
+        .args(args)
+        .args(link_flags())
         .output()
         .unwrap();
     let printed = format!(
@@ -42,10 +52,30 @@ fn demo(name: &str, extra: &[&str]) -> Option<(i32, String, Value)> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    Some((out.status.code().unwrap_or(-1), printed))
+}
+
+/// Runs `fgbi demo` (shortened) with `extra` flags; its exit code, output and JSON.
+fn demo(name: &str, extra: &[&str]) -> Option<(i32, String, Value)> {
+    let json: PathBuf =
+        std::env::temp_dir().join(format!("fgbi-demo-{name}-{}.json", std::process::id()));
+    let json_arg = json.to_str().unwrap();
+    let mut args = vec![
+        "--mem",
+        "32M",
+        "--kill-after-ms",
+        "1500",
+        "--after-ms",
+        "300",
+        "--json",
+        json_arg,
+    ];
+    args.extend_from_slice(extra);
+    let (code, printed) = run_demo(&args)?;
     let text = std::fs::read_to_string(&json).unwrap_or_else(|e| panic!("{e}: {printed}"));
     std::fs::remove_file(&json).unwrap();
     let value = serde_json::from_str(&text).unwrap();
-    Some((out.status.code().unwrap_or(-1), printed, value))
+    Some((code, printed, value))
 }
 
 fn number(value: &Value, path: &[&str]) -> f64 {
@@ -109,11 +139,39 @@ fn with_output_commit_no_reply_announces_a_write_a_crash_at_any_point_loses() {
         };
         assert_eq!(code, 0, "{fault}: {printed}");
         assert_eq!(json["fault"], fault.as_str());
+        // The service says which transport carries its checkpoints.
+        if let Some(name) = std::env::var("FGBI_TEST_TRANSPORT")
+            .ok()
+            .filter(|t| ["rdma", "std"].contains(&t.as_str()))
+        {
+            assert!(printed.contains(&format!(" over {name}, ")), "{printed}");
+        }
         assert!(
             number(&json, &["requests_acknowledged_before_kill"]) > 0.0,
             "{fault}: {json}"
         );
         assert_eq!(number(&json, &["requests_lost"]), 0.0, "{fault}: {printed}");
+    }
+}
+
+#[test]
+fn a_workload_killed_at_any_point_of_a_checkpoint_resumes_from_a_replica_equal_to_it() {
+    for (salt, point) in ["pause", "sent", "acked"].into_iter().enumerate() {
+        let fault = format!("{point}@{}", some_checkpoint(salt as u64));
+        let args = ["--workload", "web", "--mem", "16M", "--fault", &fault];
+        let Some((code, printed)) = run_demo(&args) else {
+            return;
+        };
+        assert_eq!(code, 0, "{fault}: {printed}");
+        assert!(
+            printed.contains(&format!("primary killed itself at {fault} (SIGKILL)")),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("digest equals the primary's checkpoint"),
+            "{fault}: {printed}"
+        );
+        assert!(printed.contains("backup: running epochs="), "{printed}");
     }
 }
 

@@ -127,11 +127,15 @@ fn killed_mid_transfer_the_backup_keeps_the_last_committed_checkpoint_and_fails_
             .rev()
             .find(|l| l.starts_with("committed "));
         // The torn epoch was never reported sent: the last one sent is the last
-        // committed, and the replica holds exactly it.
+        // committed, and the replica holds exactly it. (Epochs pipeline: the primary
+        // may have died before it read that commit.)
         assert_eq!(sent.split_whitespace().nth(1), Some(epoch), "{transport}");
-        assert_eq!(
-            committed.map(String::as_str),
-            Some(format!("committed {epoch}").as_str())
+        let committed: u64 = committed
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            committed <= epoch.parse().unwrap(),
+            "{transport}: the primary saw commit {committed}, the replica holds {epoch}"
         );
         assert_eq!(field(sent, "digest"), Some(digest), "{transport}");
         assert!(

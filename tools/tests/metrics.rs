@@ -1,5 +1,6 @@
-//! `--metrics`: both sides of a protected pair answer `GET /metrics` in the
-//! Prometheus text format, and the values move while epochs are committed.
+//! `--metrics`: both sides of a protected pair, and the protected key-value service,
+//! answer `GET /metrics` in the Prometheus text format, and the values move while
+//! epochs are committed and requests served.
 
 mod common;
 
@@ -121,5 +122,107 @@ fn both_sides_serve_metrics_that_move_with_the_epochs() {
     primary.wait().unwrap();
     wait_for(&backup_out, "failover epoch=", &mut seen);
     assert!(backup.wait().unwrap().success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Sends `count` pipelined `SET` requests on `stream` and reads their `+OK` replies.
+fn set_keys(stream: &mut TcpStream, count: usize) {
+    let mut requests = Vec::new();
+    for i in 0..count {
+        let (key, value) = (format!("key:{i}"), format!("value:{i}"));
+        requests.extend_from_slice(
+            format!(
+                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+                key.len(),
+                value.len()
+            )
+            .as_bytes(),
+        );
+    }
+    stream.write_all(&requests).unwrap();
+    let expected = b"+OK\r\n".repeat(count);
+    let mut replies = vec![0u8; expected.len()];
+    stream.read_exact(&mut replies).unwrap();
+    assert_eq!(replies, expected);
+}
+
+#[test]
+fn the_kv_service_serves_its_requests_and_held_replies_as_metrics() {
+    if !fgbi_hyp::feature::available(
+        "kernel dirty tracking",
+        fgbi_hyp::tracking::DirtyTracker::probe(),
+    ) {
+        return;
+    }
+    let dir = scratch("kv-metrics");
+    let key = key_file(&dir);
+    let key = key.to_str().unwrap();
+    let shared = ["--mem", "8M", "--key", key, "--transport", "std"];
+    let mut backup = Command::new(env!("CARGO_BIN_EXE_fgbi"))
+        .args(["backup", "--listen", "127.0.0.1:0"])
+        .args(shared)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let backup_out = lines(backup.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    let listening = wait_for(&backup_out, "listening", &mut seen);
+    let target = listening.split_whitespace().nth(1).unwrap().to_string();
+    let mut kv = Command::new(env!("CARGO_BIN_EXE_fgbi"))
+        .args(["kv", "--port", "0", "--backup", &target, "--log-epochs"])
+        .args(["--metrics", "127.0.0.1:0"])
+        .args(shared)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let kv_out = lines(kv.stdout.take().unwrap());
+    let mut kv_seen = Vec::new();
+    let url =
+        wait_for(&kv_out, "kv: metrics http://", &mut kv_seen)["kv: metrics ".len()..].to_string();
+    let banner = wait_for(&kv_out, "kv: listening on ", &mut kv_seen);
+    assert!(banner.contains(" over std, "), "{banner}");
+    assert!(banner.contains("replies after commit"), "{banner}");
+    let address = banner["kv: listening on ".len()..]
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    wait_for(&kv_out, "kv: committed ", &mut kv_seen);
+    let before = scrape(&url);
+    assert_eq!(value(&before, "fgbi_kv_connections", "primary"), 0.0);
+
+    let mut client = TcpStream::connect(&address).unwrap();
+    set_keys(&mut client, 200);
+    let during = scrape(&url);
+    set_keys(&mut client, 100);
+    wait_for(&kv_out, "kv: committed ", &mut kv_seen);
+    let after = scrape(&url);
+
+    let get = |samples, name| value(samples, name, "primary");
+    assert_eq!(get(&during, "fgbi_kv_connections"), 1.0);
+    assert_eq!(get(&after, "fgbi_kv_connections_total"), 1.0);
+    assert_eq!(
+        get(&after, "fgbi_kv_requests_total") - get(&before, "fgbi_kv_requests_total"),
+        300.0
+    );
+    // Every reply waited for its checkpoint, and every one the client read left.
+    let held = get(&after, "fgbi_kv_replies_held_total");
+    assert_eq!(held - get(&before, "fgbi_kv_replies_held_total"), 300.0);
+    assert_eq!(get(&after, "fgbi_kv_replies_released_total"), held);
+    assert_eq!(get(&after, "fgbi_kv_replies_held"), 0.0);
+    assert!(get(&after, "fgbi_kv_reply_hold_seconds_total") > 0.0);
+    // The replication's metrics, from the same address.
+    assert!(
+        get(&after, "fgbi_epochs_committed_total") > get(&before, "fgbi_epochs_committed_total")
+    );
+    assert_eq!(get(&after, "fgbi_protected"), 1.0);
+    assert!(get(&after, "fgbi_bytes_sent_total") > 0.0);
+
+    drop(client);
+    kv.kill().unwrap();
+    kv.wait().unwrap();
+    backup.kill().unwrap();
+    backup.wait().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -3,34 +3,50 @@
 
 use std::collections::HashMap;
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fgbi::bench::Percentiles;
+use fgbi::fault::FAULT_ENV;
 
-use super::{DemoArgs, Kill, Scratch, field, free_port, lines, wait_for, write_key};
+use super::{
+    DemoArgs, Kill, Scratch, early_failover, field, free_port, lines, link_flags, wait_for,
+    write_key,
+};
 
 /// Runs `fgbi demo --workload NAME`: a backup and a primary of the synthetic
 /// workload as two processes, the primary killed with SIGKILL after `--epochs`
-/// committed epochs, the backup rebuilding the workload; prints type I downtime in
-/// parts and checks the replica's digest against the primary's checkpoint.
+/// committed epochs (or killing itself at `--fault POINT@N`), the backup rebuilding
+/// the workload; prints type I downtime in parts and checks the replica's digest
+/// against the primary's checkpoint.
 pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
+    if args
+        .fault
+        .as_deref()
+        .is_some_and(|f| f.starts_with("released@"))
+    {
+        return Err(
+            "--fault released@N is a point of output commit, which the key-value service has and a synthetic workload has not: use pause, sent or acked with --workload".into(),
+        );
+    }
     let dir = Scratch::new()?;
     let key = write_key(&dir.0)?;
     let port = free_port()?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let common = |cmd: &mut Command| {
+    let common = |cmd: &mut Command, backup| {
         cmd.arg("--mem")
             .arg(args.mem.to_string())
             .arg("--key")
             .arg(&key)
-            .arg("--transport")
-            .arg(&args.transport)
+            .arg("--heartbeat-ms")
+            .arg(args.heartbeat_ms.to_string())
+            .args(link_flags(args, backup))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
     };
     let mut backup_cmd = Command::new(&exe);
     backup_cmd.args(["backup", "--listen", &format!("127.0.0.1:{port}")]);
-    common(&mut backup_cmd);
+    common(&mut backup_cmd, true);
     let mut backup = Kill(
         backup_cmd
             .spawn()
@@ -40,6 +56,10 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
     wait_for(&backup_lines, "listening", Duration::from_secs(10))?;
 
     let mut primary_cmd = Command::new(&exe);
+    match &args.fault {
+        Some(fault) => primary_cmd.env(FAULT_ENV, fault),
+        None => primary_cmd.env_remove(FAULT_ENV),
+    };
     primary_cmd.args([
         "primary",
         "--backup",
@@ -49,7 +69,7 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
         "--digests",
     ]);
     primary_cmd.args(args.tracking_args());
-    common(&mut primary_cmd);
+    common(&mut primary_cmd, false);
     let mut primary = Kill(
         primary_cmd
             .spawn()
@@ -58,29 +78,52 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
     let primary_lines = lines(&mut primary.0)?;
     let mut digests = HashMap::new();
     let mut pauses = Vec::new();
+    let mut protected = false;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let line = primary_lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .map_err(|_| {
-                "the primary stopped or stalled before the failure was injected".to_string()
-            })?;
+        let line =
+            match primary_lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => line,
+                // It killed itself at its fault point.
+                Err(RecvTimeoutError::Disconnected) if args.fault.is_some() => break,
+                Err(_) => {
+                    return Err(match &args.fault {
+                        Some(fault) => format!(
+                            "the primary did not reach its fault point {fault} in 120 s{}",
+                            early_failover(&backup_lines)
+                        ),
+                        None => "the primary stopped or stalled before the failure was injected"
+                            .to_string(),
+                    });
+                }
+            };
+        // The failure is to come while a backup holds the workload (the primary is
+        // unprotected during initial sync, before its first commit).
+        if line.starts_with("unprotected") && protected {
+            return Err(format!(
+                "the primary lost its backup before the failure was injected: {line}{}",
+                early_failover(&backup_lines)
+            ));
+        }
+        protected |= line.starts_with("committed ");
         sent(&line, &mut digests, &mut pauses);
         if let Some(n) = line
             .strip_prefix("committed ")
             .and_then(|n| n.parse::<u64>().ok())
         {
-            if n >= args.epochs {
+            if n >= args.epochs && args.fault.is_none() {
                 break;
             }
         }
     }
     let killed_at = SystemTime::now();
-    primary
-        .0
-        .kill()
-        .map_err(|e| format!("cannot kill the primary: {e}"))?;
-    // The primary may have sent (and the backup committed) more before the kill.
+    if args.fault.is_none() {
+        primary
+            .0
+            .kill()
+            .map_err(|e| format!("cannot kill the primary: {e}"))?;
+    }
+    // The primary may have sent (and the backup committed) more before it died.
     let _ = primary.0.wait();
     for line in primary_lines.iter() {
         sent(&line, &mut digests, &mut pauses);
@@ -104,11 +147,13 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
         .to_string();
     let matches = digests.get(&epoch) == Some(&replica_digest);
     let pause = Percentiles::of(&mut pauses);
+    let how = match &args.fault {
+        Some(fault) => format!("killed itself at {fault}"),
+        None => format!("killed after epoch {}", args.epochs),
+    };
     println!(
-        "fgbi demo: {} on {} MiB, primary killed (SIGKILL) after epoch {}",
-        workload,
-        args.mem >> 20,
-        args.epochs
+        "fgbi demo: {workload} on {} MiB, primary {how} (SIGKILL)",
+        args.mem >> 20
     );
     println!(
         "type II downtime (pause per checkpoint): p50 {:.0} us, p99 {:.0} us, max {:.0} us over {} checkpoints",
