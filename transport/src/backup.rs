@@ -126,7 +126,7 @@ impl<'r> Backup<'r> {
         let mut payload = match config.implementation {
             Implementation::Std => Payload::Std(region),
             Implementation::Uring => {
-                Payload::Uring(Box::new(UringReceiver::new(region, &stream, committed)?))
+                Payload::Uring(Box::new(UringReceiver::new(region, committed)?))
             }
             Implementation::Rdma => {
                 Payload::Rdma(Box::new(RdmaReceiver::new(region, &config.rdma)?))

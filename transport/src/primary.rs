@@ -62,7 +62,7 @@ impl Primary {
         config.validate()?;
         let mut sender = match config.implementation {
             Implementation::Std => Sender::Std,
-            Implementation::Uring => Sender::Uring(Box::new(UringSender::new(&stream)?)),
+            Implementation::Uring => Sender::Uring(Box::new(UringSender::new()?)),
             Implementation::Rdma => {
                 Sender::Rdma(Box::new(RdmaWriter::open(&config.rdma, config.liveness)?))
             }

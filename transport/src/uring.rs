@@ -27,7 +27,7 @@ use std::io::{self, IoSlice};
 use std::marker::PhantomData;
 use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::ptr::{self, NonNull};
 use std::thread::{self, ThreadId};
 use std::time::Duration;
@@ -59,9 +59,6 @@ const MIN_SEND_BYTES_PER_SEC: u64 = 64 << 20;
 /// A receive's `ioprio` flag: arm the poll before the first attempt (linux/io_uring.h;
 /// the io-uring crate does not export it).
 const IORING_RECVSEND_POLL_FIRST: u16 = 1;
-
-/// The socket, as the ring's registered file 0.
-const SOCKET: types::Fixed = types::Fixed(0);
 
 /// Sets up a ring for the calling thread and checks that it runs the operations in
 /// `needs`.
@@ -109,35 +106,27 @@ pub(crate) fn probe() -> Result<(), TransportError> {
     setup("setting up an io_uring", &RECEIVE_OPS).map(drop)
 }
 
-/// A ring entered only by the thread that set it up (module rule 3), with the
-/// connection's socket registered as file 0.
+/// A ring entered only by the thread that set it up (module rule 3). The socket is
+/// not registered with it (no fixed file): a registered file lives as long as the
+/// ring, and the kernel tears down the ring of a killed process only later, in its
+/// own time, so the peer would see the connection close tens of milliseconds after
+/// the process died, which delays its failover.
 struct ThreadRing {
     ring: IoUring,
     owner: ThreadId,
-    socket: RawFd,
     what: &'static str,
     needs: &'static [(u8, &'static str)],
 }
 
 impl ThreadRing {
-    /// Sets up a ring for the calling thread, checks that it runs `needs`, and
-    /// registers `socket`.
+    /// Sets up a ring for the calling thread and checks that it runs `needs`.
     fn new(
         what: &'static str,
         needs: &'static [(u8, &'static str)],
-        socket: RawFd,
     ) -> Result<Self, TransportError> {
-        let ring = setup(what, needs)?;
-        ring.submitter()
-            .register_files(&[socket])
-            .map_err(|source| TransportError::Uring {
-                what: "registering the socket with io_uring",
-                source,
-            })?;
         Ok(Self {
-            ring,
+            ring: setup(what, needs)?,
             owner: thread::current().id(),
-            socket,
             what,
             needs,
         })
@@ -148,7 +137,7 @@ impl ThreadRing {
         if self.owner != thread::current().id() {
             // Nothing is in flight between calls (module rule 1): closing the old
             // ring abandons no operation.
-            *self = Self::new(self.what, self.needs, self.socket)?;
+            *self = Self::new(self.what, self.needs)?;
         }
         Ok(&mut self.ring)
     }
@@ -309,19 +298,14 @@ pub(crate) struct UringSender {
 }
 
 impl UringSender {
-    /// Sets up a small ring with `stream`'s socket registered, and checks that it
-    /// supports `SendMsg`.
-    pub(crate) fn new(stream: &TcpStream) -> Result<Self, TransportError> {
+    /// Sets up a small ring, and checks that it supports `SendMsg`.
+    pub(crate) fn new() -> Result<Self, TransportError> {
         Ok(Self {
-            ring: ThreadRing::new(
-                "setting up the primary's io_uring",
-                &SEND_OPS,
-                stream.as_raw_fd(),
-            )?,
+            ring: ThreadRing::new("setting up the primary's io_uring", &SEND_OPS)?,
         })
     }
 
-    /// Sends every byte of `slices` on the registered socket (`stream`'s), in order.
+    /// Sends every byte of `slices` on `stream`, in order.
     pub(crate) fn send_all(
         &mut self,
         stream: &TcpStream,
@@ -338,7 +322,7 @@ impl UringSender {
             // IoSlice is guaranteed ABI-compatible with iovec on Unix.
             msg.msg_iov = slices.as_mut_ptr().cast::<libc::iovec>();
             msg.msg_iovlen = count;
-            let sqe = opcode::SendMsg::new(SOCKET, &msg)
+            let sqe = opcode::SendMsg::new(types::Fd(stream.as_raw_fd()), &msg)
                 .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
                 .build();
             // SAFETY: the entry points to `msg`, which points to `slices[..count]`,
@@ -391,18 +375,13 @@ pub(crate) struct UringReceiver<'r> {
 }
 
 impl<'r> UringReceiver<'r> {
-    /// Sets up a small ring with `stream`'s socket registered, for receiving into
-    /// `region`, whose replica has committed epoch `committed`.
+    /// Sets up a small ring for receiving into `region`, whose replica has committed
+    /// epoch `committed`.
     pub(crate) fn new(
         region: &'r mut ReceiveRegion,
-        stream: &TcpStream,
         committed: u64,
     ) -> Result<Self, TransportError> {
-        let ring = ThreadRing::new(
-            "setting up the backup's io_uring",
-            &RECEIVE_OPS,
-            stream.as_raw_fd(),
-        )?;
+        let ring = ThreadRing::new("setting up the backup's io_uring", &RECEIVE_OPS)?;
         let (slots, slot_bytes) = (region.slots(), region.slot_bytes());
         let bytes = region.bytes_mut();
         Ok(Self {
@@ -448,7 +427,7 @@ impl<'r> UringReceiver<'r> {
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             msg.msg_iov = iovecs.as_mut_ptr();
             msg.msg_iovlen = iovecs.len();
-            let sqe = opcode::RecvMsg::new(SOCKET, &mut msg)
+            let sqe = opcode::RecvMsg::new(types::Fd(stream.as_raw_fd()), &mut msg)
                 .flags(flags as u32)
                 .ioprio(ioprio)
                 .build()
