@@ -102,6 +102,7 @@ artifact() {
 rdma_tests=""
 fgbi_bin=""
 failover_tests=""
+kill_tests=""
 build_project() {
     step "building the RDMA test binary and fgbi (${profile[*]:-debug})"
     local json="$run/cargo.json" err="$run/cargo.stderr"
@@ -124,6 +125,11 @@ build_project() {
         --message-format=json-render-diagnostics >"$json") || die "cargo could not build the demo tests"
     failover_tests=$(artifact demo test <"$json")
     [ -x "$failover_tests" ] || die "cargo built the demo tests but named no executable (see $json)"
+    # `fgbi primary` killed mid-transfer and during initial sync (tools/tests/kill.rs).
+    (cd "$repo" && cargo test "${profile[@]}" -p fgbi-tools --test kill --no-run \
+        --message-format=json-render-diagnostics >"$json") || die "cargo could not build the kill tests"
+    kill_tests=$(artifact kill test <"$json")
+    [ -x "$kill_tests" ] || die "cargo built the kill tests but named no executable (see $json)"
 }
 
 # --- the base initramfs: kernel modules, busybox, verbs libraries and tools ---
@@ -342,6 +348,7 @@ build_overlay() {
     [ -n "$rdma_tests" ] && copy_with_libs "$rdma_tests" bin/rdma-tests "$stage"
     copy_with_libs "$fgbi_bin" bin/fgbi "$stage"
     copy_with_libs "$failover_tests" bin/failover-tests "$stage"
+    copy_with_libs "$kill_tests" bin/kill-tests "$stage"
     # The demo tests run fgbi from where cargo built it.
     mkdir -p "$stage$(dirname "$fgbi_bin")"
     ln -s /bin/fgbi "$stage$fgbi_bin"

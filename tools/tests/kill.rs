@@ -29,19 +29,21 @@ fn run(name: &str, transport: &str, fault: &str) -> Run {
     let dir = scratch(&format!("kill-{name}-{transport}"));
     let key = key_file(&dir);
     let key = key.to_str().unwrap();
+    let heartbeat = env("FGBI_TEST_HEARTBEAT_MS").unwrap_or_else(|| "25".into());
     let shared = [
         "--mem",
         "16M",
         "--key",
         key,
         "--heartbeat-ms",
-        "25",
+        &heartbeat,
         "--transport",
         transport,
     ];
     let mut backup = Command::new(env!("CARGO_BIN_EXE_fgbi"))
         .args(["backup", "--listen", "127.0.0.1:0", "--run-epochs", "2"])
         .args(shared)
+        .args(device("FGBI_RDMA_DEVICE_B"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -55,6 +57,7 @@ fn run(name: &str, transport: &str, fault: &str) -> Run {
         .args(["primary", "--backup", &address, "--workload", "web"])
         .args(["--digests", "--epoch-ms", "10"])
         .args(shared)
+        .args(device("FGBI_RDMA_DEVICE_A"))
         .env("FGBI_FAULT", fault)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -85,15 +88,34 @@ fn run(name: &str, transport: &str, fault: &str) -> Run {
     }
 }
 
-/// The transports this machine runs, as `--transport` names them.
-fn transports() -> Vec<&'static str> {
+/// A variable of the environment, unless unset or empty.
+fn env(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|v| !v.is_empty())
+}
+
+/// `--rdma-device` with the device `var` names, if it names one (the Soft-RoCE guest,
+/// tests/rdma/guest.sh, sets `FGBI_RDMA_DEVICE_A` for the primary and `_B` for the
+/// backup).
+fn device(var: &str) -> Vec<String> {
+    env(var)
+        .map(|d| vec!["--rdma-device".to_string(), d])
+        .unwrap_or_default()
+}
+
+/// The transports to kill over, as `--transport` names them: `FGBI_TEST_TRANSPORT`
+/// alone when set (the Soft-RoCE guest sets `rdma`, and `FGBI_TEST_HEARTBEAT_MS`), or
+/// else every one this machine runs over TCP.
+fn transports() -> Vec<String> {
+    if let Some(transport) = env("FGBI_TEST_TRANSPORT") {
+        return vec![transport];
+    }
     [
         (Implementation::Std, "std"),
         (Implementation::Uring, "uring"),
     ]
     .into_iter()
     .filter(|(i, _)| fgbi_hyp::feature::available(i.as_str(), i.available()))
-    .map(|(_, name)| name)
+    .map(|(_, name)| name.to_string())
     .collect()
 }
 
@@ -105,7 +127,7 @@ fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
 
 #[test]
 fn killed_mid_transfer_the_backup_keeps_the_last_committed_checkpoint_and_fails_over() {
-    for transport in transports() {
+    for transport in &transports() {
         // The fourth checkpoint's transfer: initial sync is over by then.
         let run = run("transfer", transport, "transfer@4");
         let failover = run
@@ -149,7 +171,7 @@ fn killed_mid_transfer_the_backup_keeps_the_last_committed_checkpoint_and_fails_
 
 #[test]
 fn killed_during_initial_sync_the_backup_says_it_was_never_protected_and_does_not_fail_over() {
-    for transport in transports() {
+    for transport in &transports() {
         // After the first pre-copy epoch, and in the middle of the checkpoint that
         // would have ended the sync.
         for fault in ["sync@1", "transfer@1"] {
