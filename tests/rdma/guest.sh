@@ -126,7 +126,8 @@ outcome rdma-failover "$status"
 
 # `fgbi primary` and `fgbi backup` over RDMA, the primary killed in the middle of an
 # epoch's transfer (the backup fails over to its last committed checkpoint) and during
-# initial sync (the backup holds no checkpoint and does not fail over):
+# initial sync (the backup holds no checkpoint and does not fail over), and the backup
+# killed and replaced by an empty one (synced, then failed over to):
 # tools/tests/kill.rs, every test of it.
 echo "FGBI-ROCE test rdma-kill start"
 timeout 600 env FGBI_TEST_TRANSPORT=rdma FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
@@ -134,7 +135,7 @@ timeout 600 env FGBI_TEST_TRANSPORT=rdma FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVIC
     /bin/kill-tests --test-threads=1 >/tmp/rdma-kill.out 2>&1
 status=$?
 cat /tmp/rdma-kill.out
-[ "$status" -ne 0 ] || grep -q "test result: ok. 2 passed" /tmp/rdma-kill.out || status=1
+[ "$status" -ne 0 ] || grep -q "test result: ok. 3 passed" /tmp/rdma-kill.out || status=1
 outcome rdma-kill "$status"
 
 exit "$failures"

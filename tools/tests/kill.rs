@@ -6,7 +6,8 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::{key_file, lines, scratch, wait_for};
@@ -22,15 +23,10 @@ struct Run {
     backup_code: Option<i32>,
 }
 
-/// Runs `fgbi backup` and `fgbi primary --workload web` (16 MiB: initial sync is a
-/// few pre-copy epochs) over `transport`, the primary with `FGBI_FAULT=fault`, until
-/// both have ended.
-fn run(name: &str, transport: &str, fault: &str) -> Run {
-    let dir = scratch(&format!("kill-{name}-{transport}"));
-    let key = key_file(&dir);
-    let key = key.to_str().unwrap();
+/// The flags both sides take: memory, key, heartbeat and transport.
+fn shared(key: &str, transport: &str) -> Vec<String> {
     let heartbeat = env("FGBI_TEST_HEARTBEAT_MS").unwrap_or_else(|| "25".into());
-    let shared = [
+    [
         "--mem",
         "16M",
         "--key",
@@ -39,45 +35,78 @@ fn run(name: &str, transport: &str, fault: &str) -> Run {
         &heartbeat,
         "--transport",
         transport,
-    ];
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Starts `fgbi backup` on `listen` (its device `FGBI_RDMA_DEVICE_B`), to run two
+/// epochs after failing over; its stdout and stderr as lines.
+fn backup(listen: &str, shared: &[String]) -> (Child, Receiver<String>, Receiver<String>) {
     let mut backup = Command::new(env!("CARGO_BIN_EXE_fgbi"))
-        .args(["backup", "--listen", "127.0.0.1:0", "--run-epochs", "2"])
+        .args(["backup", "--listen", listen, "--run-epochs", "2"])
         .args(shared)
         .args(device("FGBI_RDMA_DEVICE_B"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let backup_out = lines(backup.stdout.take().unwrap());
-    let backup_err = lines(backup.stderr.take().unwrap());
-    let mut seen = Vec::new();
-    let listening = wait_for(&backup_out, "listening", &mut seen);
-    let address = listening.split_whitespace().nth(1).unwrap().to_string();
-    let mut primary = Command::new(env!("CARGO_BIN_EXE_fgbi"))
-        .args(["primary", "--backup", &address, "--workload", "web"])
+    let out = lines(backup.stdout.take().unwrap());
+    let err = lines(backup.stderr.take().unwrap());
+    (backup, out, err)
+}
+
+/// Starts `fgbi primary --workload web` against `address` (its device
+/// `FGBI_RDMA_DEVICE_A`), with `FGBI_FAULT=fault` if given; its stdout as lines.
+fn primary(address: &str, shared: &[String], fault: Option<&str>) -> (Child, Receiver<String>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fgbi"));
+    command
+        .args(["primary", "--backup", address, "--workload", "web"])
         .args(["--digests", "--epoch-ms", "10"])
         .args(shared)
         .args(device("FGBI_RDMA_DEVICE_A"))
-        .env("FGBI_FAULT", fault)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let primary_out = lines(primary.stdout.take().unwrap());
+        .stderr(Stdio::null());
+    match fault {
+        Some(fault) => command.env("FGBI_FAULT", fault),
+        None => command.env_remove("FGBI_FAULT"),
+    };
+    let mut primary = command.spawn().unwrap();
+    let out = lines(primary.stdout.take().unwrap());
+    (primary, out)
+}
+
+/// Waits up to a minute for `child` to end; its exit code.
+fn exit_code(child: &mut Child, what: &str) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(Instant::now() < deadline, "{what}: the backup never ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `fgbi backup` and `fgbi primary --workload web` (16 MiB: initial sync is a
+/// few pre-copy epochs) over `transport`, the primary with `FGBI_FAULT=fault`, until
+/// both have ended.
+fn run(name: &str, transport: &str, fault: &str) -> Run {
+    let dir = scratch(&format!("kill-{name}-{transport}"));
+    let key = key_file(&dir);
+    let shared = shared(key.to_str().unwrap(), transport);
+    let (mut backup, backup_out, backup_err) = backup("127.0.0.1:0", &shared);
+    let mut seen = Vec::new();
+    let listening = wait_for(&backup_out, "listening", &mut seen);
+    let address = listening.split_whitespace().nth(1).unwrap().to_string();
+    let (mut primary, primary_out) = primary(&address, &shared, Some(fault));
     let status = primary.wait().unwrap();
     assert_eq!(
         status.signal(),
         Some(9),
         "{fault}: the primary killed itself"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let code = loop {
-        if let Some(status) = backup.try_wait().unwrap() {
-            break status.code();
-        }
-        assert!(Instant::now() < deadline, "{fault}: the backup never ended");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let code = exit_code(&mut backup, fault);
     std::fs::remove_dir_all(&dir).unwrap();
     seen.extend(backup_out.iter());
     Run {
@@ -197,5 +226,69 @@ fn killed_during_initial_sync_the_backup_says_it_was_never_protected_and_does_no
             );
             assert_eq!(run.backup_code, Some(2), "{transport} {fault}");
         }
+    }
+}
+
+#[test]
+fn a_killed_backup_is_replaced_the_primary_syncs_the_new_one_and_fails_over_to_it() {
+    for transport in &transports() {
+        let dir = scratch(&format!("kill-backup-{transport}"));
+        let key = key_file(&dir);
+        let shared = shared(key.to_str().unwrap(), transport);
+        let listen = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().to_string()
+        };
+        let (mut first, first_out, _first_err) = backup(&listen, &shared);
+        let mut seen = Vec::new();
+        wait_for(&first_out, "listening", &mut seen);
+        let (mut primary, primary_out) = primary(&listen, &shared, None);
+        wait_for(&primary_out, "committed 3", &mut seen);
+        first.kill().unwrap();
+        first.wait().unwrap();
+        wait_for(&primary_out, "unprotected", &mut seen);
+        // A new, empty backup on the same address: synced while the program runs.
+        let (mut second, second_out, second_err) = backup(&listen, &shared);
+        let connected = wait_for(&primary_out, "connected", &mut seen);
+        assert!(
+            connected.contains("backup_committed=0"),
+            "{transport}: the new backup is empty: {connected}"
+        );
+        // Protected again: a checkpoint committed after the sync.
+        wait_for(&primary_out, "committed ", &mut seen);
+        wait_for(&primary_out, "committed ", &mut seen);
+        primary.kill().unwrap();
+        primary.wait().unwrap();
+        let sent: Vec<String> = seen
+            .iter()
+            .cloned()
+            .chain(primary_out.iter())
+            .filter(|l| l.starts_with("sent "))
+            .collect();
+        let code = exit_code(&mut second, transport);
+        let backup_said: Vec<String> = second_out.iter().collect();
+        let failover = backup_said
+            .iter()
+            .find(|l| l.starts_with("failover "))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{transport}: no failover: {backup_said:#?} {:#?}",
+                    second_err.iter().collect::<Vec<_>>()
+                )
+            });
+        let epoch = field(failover, "epoch").unwrap();
+        let digest = field(failover, "digest").unwrap();
+        let checkpoint = sent
+            .iter()
+            .rev()
+            .find(|l| l.split_whitespace().nth(1) == Some(epoch))
+            .unwrap_or_else(|| panic!("{transport}: epoch {epoch} was never sent: {sent:#?}"));
+        assert_eq!(
+            field(checkpoint, "digest"),
+            Some(digest),
+            "{transport}: the new backup's replica equals checkpoint {epoch}"
+        );
+        assert_eq!(code, Some(0), "{transport}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
