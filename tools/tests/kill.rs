@@ -189,8 +189,12 @@ fn killed_mid_transfer_the_backup_keeps_the_last_committed_checkpoint_and_fails_
             "{transport}: the primary saw commit {committed}, the replica holds {epoch}"
         );
         assert_eq!(field(sent, "digest"), Some(digest), "{transport}");
+        // Over TCP the backup was reading the torn epoch when the connection closed.
+        // Over RDMA the half epoch went into its ring without its CPU: it sees only
+        // the connection close, and the epoch's commit never came.
         assert!(
-            failover.contains("in the middle of an epoch"),
+            failover.contains("in the middle of an epoch")
+                || (transport == "rdma" && failover.contains("closed the connection")),
             "{transport}: {failover}"
         );
         assert!(run.backup.iter().any(|l| l.starts_with("running epochs=")));
