@@ -138,4 +138,17 @@ cat /tmp/rdma-kill.out
 [ "$status" -ne 0 ] || grep -q "test result: ok. 3 passed" /tmp/rdma-kill.out || status=1
 outcome rdma-kill "$status"
 
+# A partition of the link (a proxy that stops forwarding the side channel, which
+# carries the heartbeats, while RDMA itself stays up): the backup fences the primary
+# before failing over, or, when the fence fails, does not fail over
+# (tools/tests/fence.rs, every test of it).
+echo "FGBI-ROCE test rdma-fence start"
+timeout 600 env FGBI_TEST_TRANSPORT=rdma FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
+    FGBI_TEST_HEARTBEAT_MS=1000 FGBI_REQUIRE_ALL=1 RUST_BACKTRACE=1 \
+    /bin/fence-tests --test-threads=1 >/tmp/rdma-fence.out 2>&1
+status=$?
+cat /tmp/rdma-fence.out
+[ "$status" -ne 0 ] || grep -q "test result: ok. 2 passed" /tmp/rdma-fence.out || status=1
+outcome rdma-fence "$status"
+
 exit "$failures"

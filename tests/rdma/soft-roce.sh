@@ -103,6 +103,7 @@ rdma_tests=""
 fgbi_bin=""
 failover_tests=""
 kill_tests=""
+fence_tests=""
 build_project() {
     step "building the RDMA test binary and fgbi (${profile[*]:-debug})"
     local json="$run/cargo.json" err="$run/cargo.stderr"
@@ -130,6 +131,11 @@ build_project() {
         --message-format=json-render-diagnostics >"$json") || die "cargo could not build the kill tests"
     kill_tests=$(artifact kill test <"$json")
     [ -x "$kill_tests" ] || die "cargo built the kill tests but named no executable (see $json)"
+    # A partition between them, fenced (tools/tests/fence.rs).
+    (cd "$repo" && cargo test "${profile[@]}" -p fgbi-tools --test fence --no-run \
+        --message-format=json-render-diagnostics >"$json") || die "cargo could not build the fence tests"
+    fence_tests=$(artifact fence test <"$json")
+    [ -x "$fence_tests" ] || die "cargo built the fence tests but named no executable (see $json)"
 }
 
 # --- the base initramfs: kernel modules, busybox, verbs libraries and tools ---
@@ -349,6 +355,7 @@ build_overlay() {
     copy_with_libs "$fgbi_bin" bin/fgbi "$stage"
     copy_with_libs "$failover_tests" bin/failover-tests "$stage"
     copy_with_libs "$kill_tests" bin/kill-tests "$stage"
+    copy_with_libs "$fence_tests" bin/fence-tests "$stage"
     # The demo tests run fgbi from where cargo built it.
     mkdir -p "$stage$(dirname "$fgbi_bin")"
     ln -s /bin/fgbi "$stage$fgbi_bin"

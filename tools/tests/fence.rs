@@ -76,10 +76,12 @@ struct Pair {
 fn start(dir: &Path, fence: &str) -> Pair {
     let key = key_file(dir);
     let key = key.to_str().unwrap();
-    let shared = ["--mem", "8M", "--key", key, "--heartbeat-ms", "25"];
+    let mut shared = ["--mem", "8M", "--key", key].map(String::from).to_vec();
+    shared.extend(common::link(25));
     let mut backup = Command::new(env!("CARGO_BIN_EXE_fgbi"))
         .args(["backup", "--listen", "127.0.0.1:0", "--run-epochs", "3"])
-        .args(shared)
+        .args(&shared)
+        .args(common::device("FGBI_RDMA_DEVICE_B"))
         .args(["--fence", fence, "--fence-timeout-ms", "5000"])
         .args(["--fence-retry-ms", "100"])
         .stdout(Stdio::piped())
@@ -107,7 +109,8 @@ fn start(dir: &Path, fence: &str) -> Pair {
             "idle",
         ])
         .args(["--epoch-ms", "10"])
-        .args(shared)
+        .args(&shared)
+        .args(common::device("FGBI_RDMA_DEVICE_A"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::{key_file, lines, scratch, wait_for};
+use common::{device, env, key_file, lines, scratch, wait_for};
 use fgbi_transport::Implementation;
 
 /// What the two sides printed.
@@ -115,20 +115,6 @@ fn run(name: &str, transport: &str, fault: &str) -> Run {
         backup_err: backup_err.iter().collect(),
         backup_code: code,
     }
-}
-
-/// A variable of the environment, unless unset or empty.
-fn env(var: &str) -> Option<String> {
-    std::env::var(var).ok().filter(|v| !v.is_empty())
-}
-
-/// `--rdma-device` with the device `var` names, if it names one (the Soft-RoCE guest,
-/// tests/rdma/guest.sh, sets `FGBI_RDMA_DEVICE_A` for the primary and `_B` for the
-/// backup).
-fn device(var: &str) -> Vec<String> {
-    env(var)
-        .map(|d| vec!["--rdma-device".to_string(), d])
-        .unwrap_or_default()
 }
 
 /// The transports to kill over, as `--transport` names them: `FGBI_TEST_TRANSPORT`

@@ -1,5 +1,8 @@
 //! Helpers of the tests that run `fgbi primary` and `fgbi backup` as processes.
 
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -51,4 +54,32 @@ pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fgbi-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A variable of the environment, unless unset or empty.
+pub fn env(var: &str) -> Option<String> {
+    std::env::var(var).ok().filter(|v| !v.is_empty())
+}
+
+/// `--rdma-device` with the device `var` names, if it names one (the Soft-RoCE guest,
+/// tests/rdma/guest.sh, sets `FGBI_RDMA_DEVICE_A` for the primary and `_B` for the
+/// backup).
+pub fn device(var: &str) -> Vec<String> {
+    env(var)
+        .map(|d| vec!["--rdma-device".to_string(), d])
+        .unwrap_or_default()
+}
+
+/// `--transport` from `FGBI_TEST_TRANSPORT` and `--heartbeat-ms` from
+/// `FGBI_TEST_HEARTBEAT_MS` (else `heartbeat_ms`): the link the Soft-RoCE guest runs
+/// these tests over.
+pub fn link(heartbeat_ms: u64) -> Vec<String> {
+    let mut flags = vec![
+        "--heartbeat-ms".to_string(),
+        env("FGBI_TEST_HEARTBEAT_MS").unwrap_or_else(|| heartbeat_ms.to_string()),
+    ];
+    if let Some(transport) = env("FGBI_TEST_TRANSPORT") {
+        flags.extend(["--transport".to_string(), transport]);
+    }
+    flags
 }
