@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::time::Duration;
-
 use fgbi::backup::{self, BackupOptions};
-use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
+use fgbi::primary::{self, PrimaryEvent};
 use fgbi_engine::memory_digest;
 use fgbi_hyp::memory::Region;
 use fgbi_hyp::protected::Protected;
@@ -57,17 +55,7 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
         });
 
         let mut machine = SyntheticMachine::new("web", mem, 11, Tracking::Kernel, false).unwrap();
-        let options = PrimaryOptions {
-            encoder: pair.encoder.clone(),
-            transport: pair.transport.clone(),
-            backup: pair.address,
-            epoch: Duration::from_millis(5),
-            epochs: Some(12),
-            connect_timeout: Duration::from_secs(5),
-            digests: true,
-            scrub_every: primary::DEFAULT_SCRUB_EVERY,
-            pre_copy: true,
-        };
+        let options = pair.primary_options(12);
         let mut digests = std::collections::HashMap::new();
         let last = primary::run(
             &mut machine,
@@ -138,17 +126,7 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
         )
     });
     let mut machine = SyntheticMachine::new("sys", mem, 4, Tracking::Kernel, false).unwrap();
-    let options = PrimaryOptions {
-        encoder: pair.encoder.clone(),
-        transport: pair.transport.clone(),
-        backup: pair.address,
-        epoch: Duration::from_millis(5),
-        epochs: Some(15),
-        connect_timeout: Duration::from_secs(5),
-        digests: true,
-        scrub_every: primary::DEFAULT_SCRUB_EVERY,
-        pre_copy: true,
-    };
+    let options = pair.primary_options(15);
     let (mut digests, mut unprotected, mut connections) = (std::collections::HashMap::new(), 0, 0);
     primary::run(
         &mut machine,

@@ -45,16 +45,10 @@ fn epochs_overlap_up_to_the_receive_slots_and_the_replica_stays_exact() {
         let mut machine =
             SyntheticMachine::new("web", 8 << 20, 3, Tracking::Kernel, false).unwrap();
         let options = PrimaryOptions {
-            encoder: pair.encoder.clone(),
-            transport: pair.transport.clone(),
-            backup: pair.address,
-            epoch: Duration::from_millis(5),
-            epochs: Some(EPOCHS),
-            connect_timeout: Duration::from_secs(5),
-            digests: true,
             scrub_every: 0,
             // Every epoch a checkpoint, so every replica can be compared with one.
             pre_copy: false,
+            ..pair.primary_options(EPOCHS)
         };
         let (mut sent, mut committed, mut most_in_flight) = (HashMap::new(), 0, 0);
         let mut checkpoints = Vec::new();

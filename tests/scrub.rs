@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use fgbi::primary::{self, PrimaryEvent, PrimaryOptions};
 use fgbi_engine::{PAGE_SIZE, memory_digest};
@@ -55,15 +54,8 @@ fn run(implementation: Implementation, scrub_every: u64) -> Run {
 
     let mut machine = SyntheticMachine::new("idle", 16 << 20, 5, Tracking::Kernel, false).unwrap();
     let options = PrimaryOptions {
-        encoder: pair.encoder.clone(),
-        transport: pair.transport.clone(),
-        backup: pair.address,
-        epoch: Duration::from_millis(5),
-        epochs: Some(EPOCHS),
-        connect_timeout: Duration::from_secs(5),
-        digests: true,
         scrub_every,
-        pre_copy: true,
+        ..pair.primary_options(EPOCHS)
     };
     let (mut digests, mut diverged, mut protected) = (HashMap::new(), Vec::new(), false);
     primary::run(

@@ -9,7 +9,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
+use fgbi::primary::{DEFAULT_SCRUB_EVERY, PrimaryOptions};
 use fgbi_engine::{Applier, EncoderConfig, Geometry, Mode};
 use fgbi_hyp::memory::Region;
 use fgbi_transport::{Backup, Implementation, PresharedKey, ReceiveRegion, TransportConfig};
@@ -52,6 +54,22 @@ impl Pair {
             transport: TransportConfig::new(geometry, implementation),
             address: listener.local_addr().unwrap(),
             listener: Some(listener),
+        }
+    }
+
+    /// A primary of this pair that stops after `epochs` committed epochs: 5 ms
+    /// epochs, checkpoint digests, the default scrub, initial sync by pre-copy.
+    pub fn primary_options(&self, epochs: u64) -> PrimaryOptions {
+        PrimaryOptions {
+            encoder: self.encoder.clone(),
+            transport: self.transport.clone(),
+            backup: self.address,
+            epoch: Duration::from_millis(5),
+            epochs: Some(epochs),
+            connect_timeout: Duration::from_secs(5),
+            digests: true,
+            scrub_every: DEFAULT_SCRUB_EVERY,
+            pre_copy: true,
         }
     }
 

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::{device, env, key_file, lines, scratch, wait_for};
+use common::{Kill, device, env, key_file, lines, scratch, wait_for};
 use fgbi_transport::Implementation;
 
 /// What the two sides printed.
@@ -42,7 +42,7 @@ fn shared(key: &str, transport: &str) -> Vec<String> {
 
 /// Starts `fgbi backup` on `listen` (its device `FGBI_RDMA_DEVICE_B`), to run two
 /// epochs after failing over; its stdout and stderr as lines.
-fn backup(listen: &str, shared: &[String]) -> (Child, Receiver<String>, Receiver<String>) {
+fn backup(listen: &str, shared: &[String]) -> (Kill, Receiver<String>, Receiver<String>) {
     let mut backup = Command::new(env!("CARGO_BIN_EXE_fgbi"))
         .args(["backup", "--listen", listen, "--run-epochs", "2"])
         .args(shared)
@@ -53,12 +53,12 @@ fn backup(listen: &str, shared: &[String]) -> (Child, Receiver<String>, Receiver
         .unwrap();
     let out = lines(backup.stdout.take().unwrap());
     let err = lines(backup.stderr.take().unwrap());
-    (backup, out, err)
+    (Kill(backup), out, err)
 }
 
 /// Starts `fgbi primary --workload web` against `address` (its device
 /// `FGBI_RDMA_DEVICE_A`), with `FGBI_FAULT=fault` if given; its stdout as lines.
-fn primary(address: &str, shared: &[String], fault: Option<&str>) -> (Child, Receiver<String>) {
+fn primary(address: &str, shared: &[String], fault: Option<&str>) -> (Kill, Receiver<String>) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fgbi"));
     command
         .args(["primary", "--backup", address, "--workload", "web"])
@@ -73,7 +73,7 @@ fn primary(address: &str, shared: &[String], fault: Option<&str>) -> (Child, Rec
     };
     let mut primary = command.spawn().unwrap();
     let out = lines(primary.stdout.take().unwrap());
-    (primary, out)
+    (Kill(primary), out)
 }
 
 /// Waits up to a minute for `child` to end; its exit code.
@@ -100,13 +100,13 @@ fn run(name: &str, transport: &str, fault: &str) -> Run {
     let listening = wait_for(&backup_out, "listening", &mut seen);
     let address = listening.split_whitespace().nth(1).unwrap().to_string();
     let (mut primary, primary_out) = primary(&address, &shared, Some(fault));
-    let status = primary.wait().unwrap();
+    let status = primary.0.wait().unwrap();
     assert_eq!(
         status.signal(),
         Some(9),
         "{fault}: the primary killed itself"
     );
-    let code = exit_code(&mut backup, fault);
+    let code = exit_code(&mut backup.0, fault);
     std::fs::remove_dir_all(&dir).unwrap();
     seen.extend(backup_out.iter());
     Run {
@@ -234,8 +234,8 @@ fn a_killed_backup_is_replaced_the_primary_syncs_the_new_one_and_fails_over_to_i
         wait_for(&first_out, "listening", &mut seen);
         let (mut primary, primary_out) = primary(&listen, &shared, None);
         wait_for(&primary_out, "committed 3", &mut seen);
-        first.kill().unwrap();
-        first.wait().unwrap();
+        first.0.kill().unwrap();
+        first.0.wait().unwrap();
         wait_for(&primary_out, "unprotected", &mut seen);
         // A new, empty backup on the same address: synced while the program runs.
         let (mut second, second_out, second_err) = backup(&listen, &shared);
@@ -247,15 +247,15 @@ fn a_killed_backup_is_replaced_the_primary_syncs_the_new_one_and_fails_over_to_i
         // Protected again: a checkpoint committed after the sync.
         wait_for(&primary_out, "committed ", &mut seen);
         wait_for(&primary_out, "committed ", &mut seen);
-        primary.kill().unwrap();
-        primary.wait().unwrap();
+        primary.0.kill().unwrap();
+        primary.0.wait().unwrap();
         let sent: Vec<String> = seen
             .iter()
             .cloned()
             .chain(primary_out.iter())
             .filter(|l| l.starts_with("sent "))
             .collect();
-        let code = exit_code(&mut second, transport);
+        let code = exit_code(&mut second.0, transport);
         let backup_said: Vec<String> = second_out.iter().collect();
         let failover = backup_said
             .iter()

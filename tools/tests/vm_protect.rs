@@ -6,31 +6,13 @@
 mod common;
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{Kill, free_port};
 use fgbi_hyp::kvm::{DirtyTracking, probe};
-
-/// A child killed when dropped, so a failing test leaves none behind.
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A key file readable by its owner only, in a directory of its own.
 fn key_file(name: &str) -> PathBuf {
