@@ -187,8 +187,6 @@ impl PreCopy {
             dirty_pages: encoded.stats.dirty_pages,
             bytes: encoded.stats.bytes,
             pause,
-            // Numbered by the caller, which counts the program's stops.
-            checkpoint: 0,
         };
         let reply = primary
             .send_epoch(&encoded)

@@ -136,14 +136,13 @@ pub struct Shipped {
     pub bytes: u64,
     /// Type II downtime.
     pub pause: Duration,
-    /// This checkpoint's number among the link's checkpoints, from 1.
-    pub checkpoint: u64,
 }
 
 /// An epoch sent and not yet answered.
 struct Sent {
     epoch: u64,
-    /// The checkpoint it carries (see [`Shipped::checkpoint`]).
+    /// The checkpoint it carries: the link's stops of the program so far (see
+    /// [`PrimaryEvent::Committed`]).
     checkpoint: u64,
     /// When it was sent: an answer overdue by four liveness timeouts loses it.
     at: Instant,
@@ -295,14 +294,12 @@ impl<'k> Link<'k> {
             match precopy.step(program, &mut self.encoder, primary, timeout, event)? {
                 // Each pre-copy step stopped the program once, to harvest: it counts
                 // among the stops whose outputs a later checkpoint's commit releases.
-                Step::Sent(mut shipped) => {
+                Step::Sent(shipped) => {
                     self.taken += 1;
-                    shipped.checkpoint = self.taken;
                     return Ok(shipped);
                 }
-                Step::Broken(mut shipped, e) => {
+                Step::Broken(shipped, e) => {
                     self.taken += 1;
-                    shipped.checkpoint = self.taken;
                     self.fail(&e, event)?;
                     return Ok(shipped);
                 }
@@ -342,7 +339,6 @@ impl<'k> Link<'k> {
             dirty_pages: checkpoint.dirty.len() as u64,
             bytes: 0,
             pause: checkpoint.pause,
-            checkpoint: self.taken,
         };
         let Some(primary) = self.connection.as_mut() else {
             // Nobody to send to: keep the pages for the backup that comes next.
