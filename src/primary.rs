@@ -300,7 +300,7 @@ impl<'k> Link<'k> {
                 }
                 Step::Broken(shipped, e) => {
                     self.taken += 1;
-                    self.fail(&e, event)?;
+                    self.fail(&e, event);
                     return Ok(shipped);
                 }
                 Step::Final => {
@@ -366,7 +366,7 @@ impl<'k> Link<'k> {
             digest: checkpoint.digest,
         });
         if let Err(e) = sent {
-            self.fail(&e, event)?;
+            self.fail(&e, event);
             return Ok(shipped);
         }
         fault::reached(Point::Sent);
@@ -451,31 +451,30 @@ impl<'k> Link<'k> {
                             let e = TransportError::Protocol(format!(
                                 "the backup committed epoch {n} after refusing epoch {epoch}"
                             ));
-                            return self.fail(&e, event);
+                            self.fail(&e, event);
+                            break;
                         }
-                        Err(e) => return self.fail(&e, event),
+                        Err(e) => {
+                            self.fail(&e, event);
+                            break;
+                        }
                     }
                 }
             }
             Err(TransportError::ReplyTimeout(_)) if Instant::now() < overdue => {}
-            Err(e) => self.fail(&e, event)?,
+            Err(e) => self.fail(&e, event),
         }
         Ok(())
     }
 
     /// The connection failed with `error`: every epoch in flight is lost, the
     /// program runs unprotected, and one attempt is made to reconnect.
-    fn fail(
-        &mut self,
-        error: &TransportError,
-        event: &mut dyn FnMut(PrimaryEvent),
-    ) -> Result<(), ReplicationError> {
+    fn fail(&mut self, error: &TransportError, event: &mut dyn FnMut(PrimaryEvent)) {
         self.encoder.lose_all();
         self.sent.clear();
         self.connection = None;
         self.unprotected(error, event);
         let _ = self.connect(Instant::now(), event);
-        Ok(())
     }
 
     /// Asks the backup, holding the epoch whose pause took `digests`, to compare its
@@ -512,7 +511,10 @@ impl<'k> Link<'k> {
                 });
                 Ok(())
             }
-            Err(e) => self.fail(&e, event),
+            Err(e) => {
+                self.fail(&e, event);
+                Ok(())
+            }
         }
     }
 
