@@ -467,10 +467,11 @@ impl<'k> Link<'k> {
         Ok(())
     }
 
-    /// The connection failed with `error`: every epoch in flight is lost, the
-    /// program runs unprotected, and one attempt is made to reconnect.
+    /// The connection failed with `error`: the program runs unprotected, and one
+    /// attempt is made to reconnect. The encoder keeps its epochs in flight until
+    /// [`Link::reconcile`] learns which of them the backup committed (it may have
+    /// committed some whose acknowledgement was lost with the connection).
     fn fail(&mut self, error: &TransportError, event: &mut dyn FnMut(PrimaryEvent)) {
-        self.encoder.lose_all();
         self.sent.clear();
         self.connection = None;
         self.unprotected(error, event);
@@ -524,8 +525,21 @@ impl<'k> Link<'k> {
             return Ok(());
         };
         let held = primary.backup_committed();
-        if held > self.encoder.committed() {
-            self.encoder.acknowledge(held)?;
+        let committed = self.encoder.committed();
+        // A backup holds what this encoder committed, or an epoch it sent since; any
+        // other replica (another program's, an earlier run's) cannot be built on.
+        let ours = held == 0
+            || held == committed
+            || (held > committed && self.encoder.acknowledge(held).is_ok());
+        if !ours {
+            self.connection = None;
+            self.unprotected(
+                &format!(
+                    "the backup holds epoch {held}, which this primary never sent (it committed {committed}): it replicates another program or an earlier run; restart the backup empty"
+                ),
+                event,
+            );
+            return Ok(());
         }
         self.encoder.lose_all();
         self.synced = true;

@@ -162,3 +162,92 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
         memory_digest(machine.memory())
     );
 }
+
+#[test]
+fn an_epoch_committed_whose_acknowledgement_was_lost_is_acknowledged_on_reconnect() {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use fgbi_engine::Applier;
+    use fgbi_transport::{Backup, ReceiveRegion};
+
+    let mem = 8usize << 20;
+    let mut pair = Pair::new("lost-ack", mem, 1 << 20, Implementation::Std);
+    let listener = pair.listener.take().unwrap();
+    let (encoder, transport, key) = (pair.encoder.clone(), pair.transport.clone(), pair.key());
+    let backup = std::thread::spawn(move || {
+        let geometry = encoder.geometry;
+        let pages = geometry.pages() as usize;
+        let mut region = ReceiveRegion::for_epochs(&encoder, pages, 4096, 2).unwrap();
+        let mut applier = Applier::new(geometry);
+        let mut replica = Region::new(mem).unwrap();
+        let mut digests = HashMap::new();
+        {
+            let (stream, _) = listener.accept().unwrap();
+            let mut link = Backup::accept(stream, &mut region, &transport, &key, 0).unwrap();
+            for _ in 0..3 {
+                link.serve_one(&mut applier, &mut replica).unwrap();
+                digests.insert(applier.committed(), memory_digest(&replica));
+            }
+            // The fourth epoch commits, but its acknowledgement comes after the
+            // primary gave up waiting (four liveness timeouts of 100 ms).
+            let received = link.recv_epoch().unwrap();
+            let epoch = received.epoch;
+            applier.apply(&mut replica, received.bytes).unwrap();
+            digests.insert(epoch, memory_digest(&replica));
+            std::thread::sleep(Duration::from_millis(700));
+            let _ = link.ack(epoch);
+        }
+        // The primary comes back to the same replica.
+        let (stream, _) = listener.accept().unwrap();
+        let committed = applier.committed();
+        let mut link = Backup::accept(stream, &mut region, &transport, &key, committed).unwrap();
+        while link.serve_one(&mut applier, &mut replica).is_ok() {
+            digests.insert(applier.committed(), memory_digest(&replica));
+        }
+        digests
+    });
+    let mut machine = SyntheticMachine::new("web", mem, 2, Tracking::Kernel, false).unwrap();
+    let options = primary::PrimaryOptions {
+        pre_copy: false,
+        ..pair.primary_options(8)
+    };
+    let (mut sent, mut connected, mut steps) = (HashMap::new(), Vec::new(), 0);
+    let last = primary::run(
+        &mut machine,
+        |m| {
+            // 8 epochs take a few dozen; a primary that cannot catch up runs on.
+            steps += 1;
+            assert!(steps < 1000, "the primary never caught up with the backup");
+            m.run().map_err(Into::into)
+        },
+        &options,
+        &pair.key(),
+        |e| match e {
+            PrimaryEvent::Sent {
+                epoch,
+                digest: Some(d),
+                ..
+            } => {
+                sent.insert(epoch, d);
+            }
+            PrimaryEvent::Connected(held) => connected.push(held),
+            _ => {}
+        },
+    )
+    .unwrap();
+    assert_eq!(last, 8);
+    assert_eq!(
+        connected,
+        [0, 4],
+        "reconnected to the backup holding epoch 4"
+    );
+    let replicas = backup.join().unwrap();
+    for epoch in [4, 8] {
+        assert_eq!(
+            replicas.get(&epoch),
+            sent.get(&epoch),
+            "replica = checkpoint {epoch}"
+        );
+    }
+}
