@@ -593,12 +593,18 @@ fn finish_load(
 fn wait_exit(child: &mut Child, fault: &str) -> Result<SystemTime, String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
-            return Ok(SystemTime::now());
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            // Only its own SIGKILL is the fault; any other end is a failure of the run.
+            return match std::os::unix::process::ExitStatusExt::signal(&status) {
+                Some(9) => Ok(SystemTime::now()),
+                _ => Err(format!(
+                    "the service ended ({status}) before its fault point {fault}: see its output above"
+                )),
+            };
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "the service did not reach its fault point {fault} in 60 s"
+                "the service did not reach its fault point {fault} in 60 s: choose an earlier checkpoint (a smaller N) or a longer --heartbeat-ms"
             ));
         }
         std::thread::sleep(Duration::from_millis(1));

@@ -124,7 +124,20 @@ pub fn run(args: &DemoArgs, workload: &str) -> Result<ExitCode, String> {
             .map_err(|e| format!("cannot kill the primary: {e}"))?;
     }
     // The primary may have sent (and the backup committed) more before it died.
-    let _ = primary.0.wait();
+    let status = primary
+        .0
+        .wait()
+        .map_err(|e| format!("cannot wait for the primary: {e}"))?;
+    // Killed by us or, at its fault point, by itself: anything else failed the run.
+    if std::os::unix::process::ExitStatusExt::signal(&status) != Some(9) {
+        return Err(format!(
+            "the primary ended ({status}) instead of being killed{}: see its output above",
+            args.fault
+                .as_ref()
+                .map(|f| format!(" at its fault point {f}"))
+                .unwrap_or_default()
+        ));
+    }
     for line in primary_lines.iter() {
         sent(&line, &mut digests, &mut pauses);
     }
