@@ -11,6 +11,8 @@
 //!
 //! A workload named `trace:PATH` replays the trace recorded at PATH (`fgbi record`)
 //! over memory of the trace's size; `mem_bytes` applies to the synthetic workloads.
+//! The real programs (the key-value service, the heat solver) are run by the `fgbi`
+//! command, which builds them in; they report a [`ProgramResult`].
 //!
 //! [`config`] holds what a run covers, [`source`] where its writes come from,
 //! [`result`] what a run reports, [`run`] the driver over every workload and mode,
@@ -32,7 +34,7 @@ pub mod source;
 
 pub use config::{BenchConfig, NetworkSetting, TRACE_PREFIX};
 pub use error::BenchError;
-pub use result::{FailoverMs, RunResult, Throughput, TrackingFigures};
+pub use result::{FailoverMs, ProgramResult, RunResult, Throughput, TrackingFigures};
 pub use run::run;
 
 /// Kept here for code that named it `fgbi::bench::Percentiles` before it moved.

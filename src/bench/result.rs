@@ -1,4 +1,5 @@
-//! What one workload under one mode reports.
+//! What one workload under one mode reports: a synthetic workload or trace
+//! ([`RunResult`]) or a real program ([`ProgramResult`]).
 
 use std::collections::BTreeMap;
 
@@ -135,6 +136,50 @@ pub struct Throughput {
     pub unprotected: f64,
     /// Median over the protected rounds.
     pub protected: f64,
+}
+
+/// Results of a real program (the key-value service, the heat solver) under one
+/// mode: protected through a backup process, its own throughput against unprotected
+/// runs of it interleaved with the protected ones, and killed to fail over.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramResult {
+    /// The program: `kv` or `heat`.
+    pub workload: String,
+    /// Encoding mode.
+    pub mode: String,
+    /// Transport between the program and its backup process.
+    pub transport: String,
+    /// Protected memory, bytes.
+    pub mem_bytes: u64,
+    /// Epoch length, milliseconds.
+    pub epoch_ms: u64,
+    /// Checkpoints taken, every protected round.
+    pub checkpoints: u64,
+    /// Bytes sent for them.
+    pub wire_bytes: u64,
+    /// Bytes per checkpoint.
+    pub bytes_per_epoch: f64,
+    /// Pause per checkpoint (type II downtime), microseconds.
+    pub pause_us: Percentiles,
+    /// Every pause behind `pause_us`, microseconds (for plots; not serialized).
+    #[serde(skip)]
+    pub pause_samples_us: Vec<f64>,
+    /// Failures injected (SIGKILL of the protected program).
+    pub failovers: usize,
+    /// Type I downtime in parts; `first_run` is from the restored program serving to
+    /// its first answer (a reply, an iteration), `total` from the kill to it.
+    pub failover_ms: FailoverMs,
+    /// The program's own rate, unprotected and protected ([`Self::throughput_unit`]).
+    pub throughput: Throughput,
+    /// What the rate counts: `requests/s`, `iterations/s`.
+    pub throughput_unit: &'static str,
+    /// The throughput protection costs, percent.
+    pub overhead_pct: Option<f64>,
+    /// Whether every failover kept the program's state: no acknowledged write lost,
+    /// the resumed result equal to the unprotected one.
+    pub verified: bool,
+    /// What was checked, in words.
+    pub check: String,
 }
 
 impl RunResult {

@@ -1,5 +1,9 @@
 //! `fgbi bench`: argument parsing, the profiles, the results table and progress;
-//! the files are written by `fgbi::bench::report`.
+//! the files are written by `fgbi::bench::report`. The synthetic workloads and traces
+//! run in `fgbi::bench`, the real programs in [`programs`].
+
+mod kv;
+mod programs;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -7,21 +11,27 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use fgbi::bench::{self, BenchConfig, NetworkSetting, RunResult, TRACE_PREFIX, report};
+use fgbi::bench::{
+    self, BenchConfig, NetworkSetting, ProgramResult, RunResult, TRACE_PREFIX, report,
+};
 use fgbi_engine::Mode;
 use fgbi_engine::stats::PAGE_ENCODINGS;
 use fgbi_hyp::synthetic::Tracking;
 use fgbi_hyp::workload::NAMES;
+use fgbi_transport::Implementation;
 
 use crate::size::parse_size;
 use crate::transport_arg::TransportArgs;
+use programs::{Program, ProgramSettings};
 
 /// Arguments of `fgbi bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Workload: web, npb-ep, sys, dense, dup, idle, or all.
-    #[arg(long, default_value = "all")]
-    workload: String,
+    /// Comma-separated workloads: the synthetic web, npb-ep, sys, dense, dup, idle,
+    /// or all (those six); the real program kv (the key-value service under
+    /// redis-benchmark, killed and restarted by its backup in every round).
+    #[arg(long, default_value = "all", value_delimiter = ',')]
+    workload: Vec<String>,
     /// Replay this trace (recorded by `fgbi record`) instead of a synthetic workload;
     /// memory is the trace's size and --mem is ignored.
     #[arg(long, conflicts_with = "workload")]
@@ -80,11 +90,12 @@ pub struct BenchArgs {
     /// Run the in-process pass only: no transport, no failover, no overhead.
     #[arg(long, conflicts_with = "transport")]
     local: bool,
-    /// Injected primary failures per workload and mode [default: 3; quick: 1].
+    /// Injected primary failures per workload and mode [default: 3; quick: 1]; for a
+    /// program, its rounds.
     #[arg(long)]
     failovers: Option<usize>,
     /// Measured epochs per protected round of the networked pass [default: 10;
-    /// quick: 5].
+    /// quick: 5]. Programs' rounds run for the time their load takes.
     #[arg(long)]
     net_epochs: Option<usize>,
     /// Epoch length of the networked pass, milliseconds.
@@ -95,6 +106,10 @@ pub struct BenchArgs {
     /// Default: as fast as it runs.
     #[arg(long, value_parser = parse_rate)]
     dirty_rate: Option<f64>,
+    /// kv: requests of each redis-benchmark test (SET, GET, INCR) per round
+    /// [default: 100000; quick: 20000].
+    #[arg(long)]
+    requests: Option<u64>,
     /// Also write the results as JSON (schema 3, docs/bench.md) to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -145,6 +160,9 @@ struct Profile {
     mem: u64,
     cache: u64,
     failovers: usize,
+    requests: u64,
+    /// Programs: milliseconds of load before the kill, and after the restart.
+    load_ms: [u64; 2],
 }
 
 const FULL: Profile = Profile {
@@ -153,6 +171,8 @@ const FULL: Profile = Profile {
     mem: 256 << 20,
     cache: 64 << 20,
     failovers: 3,
+    requests: 100_000,
+    load_ms: [2000, 1000],
 };
 
 const QUICK: Profile = Profile {
@@ -161,6 +181,8 @@ const QUICK: Profile = Profile {
     mem: 64 << 20,
     cache: 16 << 20,
     failovers: 1,
+    requests: 20_000,
+    load_ms: [1000, 500],
 };
 
 /// The table's columns, in the text and Markdown tables.
@@ -184,12 +206,9 @@ const COLUMNS: [&str; 14] = [
 /// Runs the bench and prints the table; fails if any run did not verify.
 pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let profile = if args.quick { QUICK } else { FULL };
-    let workloads = if let Some(trace) = &args.trace {
-        vec![format!("{TRACE_PREFIX}{}", trace.display())]
-    } else if args.workload == "all" {
-        NAMES.iter().map(|s| s.to_string()).collect()
-    } else {
-        vec![args.workload.clone()]
+    let (workloads, programs) = match &args.trace {
+        Some(trace) => (vec![format!("{TRACE_PREFIX}{}", trace.display())], vec![]),
+        None => split_workloads(&args.workload)?,
     };
     let epochs = args.epochs.unwrap_or(profile.epochs);
     if epochs == 0 {
@@ -220,6 +239,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
             program,
         })
     };
+    let implementation = network.as_ref().map(|n| n.implementation);
+    let programs = program_settings(&args, &profile, programs, implementation)?;
     let cache = args.cache.unwrap_or(profile.cache);
     let config = BenchConfig {
         workloads,
@@ -241,6 +262,74 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         epoch: Duration::from_millis(args.epoch_ms),
         dirty_rate: args.dirty_rate,
     };
+    if !config.workloads.is_empty() {
+        print_header(&args, &config);
+    }
+    let total =
+        (config.workloads.len() + programs.as_ref().map_or(0, |p| p.0.len())) * config.modes.len();
+    let progress = Progress::new(total);
+    let results = if config.workloads.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        run_synthetic(&config, &progress)?
+    };
+    let (results, rows) = results;
+    let program_results = match &programs {
+        Some((programs, settings)) => {
+            run_programs(programs, &config.modes, settings, &progress, rows.len())?
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    let (program_results, program_rows) = program_results;
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("results written to {}", path.display());
+        Ok::<(), String>(())
+    };
+    if let Some(path) = &args.json {
+        let text =
+            serde_json::to_string_pretty(&report::json::document(&results, &program_results))
+                .map_err(|e| e.to_string())?;
+        write(path, text)?;
+    }
+    if let Some(path) = &args.csv {
+        write(path, report::csv::document(&results, &program_results))?;
+    }
+    if let Some(path) = &args.plot {
+        write(path, report::plot::svg(&results))?;
+    }
+    if args.markdown {
+        if !rows.is_empty() {
+            markdown(&COLUMNS, &rows);
+        }
+        if !program_rows.is_empty() {
+            markdown(&programs::COLUMNS, &program_rows);
+        }
+    }
+    if results.iter().all(|r| r.verified) && program_results.iter().all(|r| r.verified) {
+        if !results.is_empty() {
+            println!(
+                "every run verified: replica digest equal to the primary's after every in-process epoch and at every failover"
+            );
+        }
+        for r in &program_results {
+            println!("{} {} verified: {}", r.workload, r.mode, r.check);
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for r in program_results.iter().filter(|r| !r.verified) {
+            eprintln!(
+                "fgbi: {} {} did NOT verify: {}",
+                r.workload, r.mode, r.check
+            );
+        }
+        eprintln!("fgbi: some runs did NOT verify: the replica differed from the primary");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// The synthetic runs' settings, in one line.
+fn print_header(args: &BenchArgs, config: &BenchConfig) {
     let memory = match &args.trace {
         Some(_) => "memory sized by the trace".to_string(),
         None => format!("{} MiB memory", config.mem_bytes >> 20),
@@ -260,14 +349,113 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         config.cache_bytes >> 20,
         config.seed
     );
+}
+
+/// The synthetic workloads (and traces) of `--workload`, and its programs; `all`
+/// stands for every synthetic workload.
+fn split_workloads(names: &[String]) -> Result<(Vec<String>, Vec<Program>), String> {
+    let (mut workloads, mut programs) = (Vec::new(), Vec::new());
+    for name in names {
+        let name = name.trim();
+        if name == "all" {
+            workloads.extend(NAMES.iter().map(|s| s.to_string()));
+        } else if let Some(program) = Program::by_name(name) {
+            programs.push(program);
+        } else if name.is_empty() {
+            return Err("--workload has an empty name: give comma-separated names without spaces around the commas".into());
+        } else {
+            workloads.push(name.to_string());
+        }
+    }
+    for (i, name) in workloads.iter().enumerate() {
+        if workloads[..i].contains(name) {
+            return Err(format!("--workload names {name} twice"));
+        }
+    }
+    for (i, program) in programs.iter().enumerate() {
+        if programs[..i].contains(program) {
+            return Err(format!("--workload names {} twice", program.name()));
+        }
+    }
+    Ok((workloads, programs))
+}
+
+/// How the programs run, if `--workload` names any; refuses the flags that apply to
+/// synthetic workloads only, and a program that cannot run here.
+/// `implementation` is the transport chosen for the synthetic workloads (none with
+/// `--local`, which the programs refuse).
+fn program_settings(
+    args: &BenchArgs,
+    profile: &Profile,
+    programs: Vec<Program>,
+    implementation: Option<Implementation>,
+) -> Result<Option<(Vec<Program>, ProgramSettings)>, String> {
+    if programs.is_empty() {
+        return Ok(None);
+    }
+    let names: Vec<&str> = programs.iter().map(|p| p.name()).collect();
+    let refuse = |flag: &str| {
+        Err(format!(
+            "{flag} applies to the synthetic workloads and traces; the program(s) {} run each mode as they ship: leave it out or run them separately",
+            names.join(", ")
+        ))
+    };
+    let Some(implementation) = implementation else {
+        return Err(format!(
+            "the program(s) {} always run through a backup process: drop --local",
+            names.join(", ")
+        ));
+    };
+    if args.no_sharing {
+        return refuse("--no-sharing");
+    }
+    if args.no_compression {
+        return refuse("--no-compression");
+    }
+    if args.block != fgbi_engine::DEFAULT_BLOCK_SIZE as u64 {
+        return refuse("--block");
+    }
+    if args.dirty_rate.is_some() {
+        return refuse("--dirty-rate");
+    }
+    for program in &programs {
+        program.check()?;
+    }
+    let requests = args.requests.unwrap_or(profile.requests);
+    if requests == 0 {
+        return Err("--requests must be at least 1".into());
+    }
+    // Chosen once, so that every process of every round uses the same.
+    let mut link = args.link.clone();
+    link.transport = match implementation {
+        Implementation::Uring => "uring",
+        other => other.as_str(),
+    }
+    .to_string();
+    let settings = ProgramSettings {
+        mem: args.mem.unwrap_or(profile.mem),
+        epoch_ms: args.epoch_ms,
+        link,
+        rounds: args.failovers.unwrap_or(profile.failovers),
+        requests,
+        kill_after_ms: profile.load_ms[0],
+        after_ms: profile.load_ms[1],
+    };
+    Ok(Some((programs, settings)))
+}
+
+/// Runs the synthetic workloads and traces, printing a row as each finishes; their
+/// results and rows.
+fn run_synthetic(
+    config: &BenchConfig,
+    progress: &Progress,
+) -> Result<(Vec<RunResult>, Vec<[String; 14]>), String> {
     let mut announced = false;
     print_row(&COLUMNS.map(String::from));
     let mut rows = Vec::new();
     let mut remus: Option<(String, u64)> = None;
-    let total = config.workloads.len() * config.modes.len();
-    let progress = Progress::new(total);
-    progress.draw(0, next_run(&config, 0));
-    let results = bench::run(&config, |r| {
+    progress.draw(0, next_run(config, 0));
+    let results = bench::run(config, |r| {
         progress.clear();
         if r.mode == "remus" {
             remus = Some((r.workload.clone(), r.wire_bytes));
@@ -297,43 +485,59 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         let row = cells(r, baseline);
         print_row(&row);
         rows.push(row);
-        progress.draw(rows.len(), next_run(&config, rows.len()));
+        progress.draw(rows.len(), next_run(config, rows.len()));
     });
     progress.clear();
-    let results = results.map_err(|e| e.to_string())?;
-    let write = |path: &PathBuf, text: String| {
-        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        println!("results written to {}", path.display());
-        Ok::<(), String>(())
-    };
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report::json::document(&results))
-            .map_err(|e| e.to_string())?;
-        write(path, text)?;
-    }
-    if let Some(path) = &args.csv {
-        write(path, report::csv::document(&results))?;
-    }
-    if let Some(path) = &args.plot {
-        write(path, report::plot::svg(&results))?;
-    }
-    if args.markdown {
-        println!();
-        println!("| {} |", COLUMNS.join(" | "));
-        println!("|{}", "---|".repeat(COLUMNS.len()));
-        for row in &rows {
-            let escaped: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
-            println!("| {} |", escaped.join(" | "));
+    Ok((results.map_err(|e| e.to_string())?, rows))
+}
+
+/// Runs every program in every mode, printing a row as each finishes; `done` runs
+/// came before. Their results and rows.
+fn run_programs(
+    programs: &[Program],
+    modes: &[Mode],
+    settings: &ProgramSettings,
+    progress: &Progress,
+    mut done: usize,
+) -> Result<(Vec<ProgramResult>, Vec<[String; 11]>), String> {
+    println!(
+        "programs: {} MiB protected, {} ms epochs, transport {}, {} round(s) per mode (unprotected run, protected run, kill and restart by the backup), kv: {} requests per redis-benchmark test",
+        settings.mem >> 20,
+        settings.epoch_ms,
+        settings.link.transport,
+        settings.rounds,
+        settings.requests
+    );
+    programs::print_row(&programs::COLUMNS.map(String::from));
+    let (mut results, mut rows) = (Vec::new(), Vec::new());
+    for &program in programs {
+        let mut remus = None;
+        for &mode in modes {
+            progress.draw(done, Some(format!("{} {mode}", program.name())));
+            let result = programs::run(program, mode, settings);
+            progress.clear();
+            let result = result?;
+            if mode == Mode::Remus {
+                remus = Some(result.bytes_per_epoch);
+            }
+            let row = programs::cells(&result, remus);
+            programs::print_row(&row);
+            rows.push(row);
+            results.push(result);
+            done += 1;
         }
     }
-    if results.iter().all(|r| r.verified) {
-        println!(
-            "every run verified: replica digest equal to the primary's after every in-process epoch and at every failover"
-        );
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("fgbi: some runs did NOT verify: the replica differed from the primary");
-        Ok(ExitCode::FAILURE)
+    Ok((results, rows))
+}
+
+/// Prints a table in Markdown.
+fn markdown<const N: usize>(columns: &[&str; N], rows: &[[String; N]]) {
+    println!();
+    println!("| {} |", columns.join(" | "));
+    println!("|{}", "---|".repeat(N));
+    for row in rows {
+        let escaped: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
+        println!("| {} |", escaped.join(" | "));
     }
 }
 

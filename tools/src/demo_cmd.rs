@@ -15,9 +15,8 @@
 mod client;
 mod synthetic;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,9 +30,17 @@ use fgbi_engine::Mode;
 use fgbi_hyp::synthetic::Tracking;
 use serde_json::json;
 
+use crate::children::{
+    Kill, Scratch, StderrLog, field, free_port, lines, shell_quote, wait_for, write_key,
+};
 use crate::size::parse_size;
 use crate::transport_arg::TransportArgs;
 use client::{Conn, Ledger};
+
+/// Client connections, unless `--clients` says otherwise.
+const CLIENTS: usize = 4;
+/// Heartbeat interval in milliseconds, unless `--heartbeat-ms` says otherwise.
+const HEARTBEAT_MS: u64 = 25;
 
 /// Arguments of `fgbi demo`.
 #[derive(Args, Debug, Clone)]
@@ -49,7 +56,7 @@ pub struct DemoArgs {
     #[arg(long)]
     epoch_ms: Option<u64>,
     /// Client connections writing at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = CLIENTS)]
     clients: usize,
     /// Milliseconds of load before the service is killed.
     #[arg(long, default_value_t = 3000)]
@@ -67,7 +74,7 @@ pub struct DemoArgs {
     #[arg(long, value_name = "DEVICE")]
     backup_rdma_device: Option<String>,
     /// Heartbeat interval, milliseconds; a peer silent for four intervals is dead.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, default_value_t = HEARTBEAT_MS)]
     heartbeat_ms: u64,
     /// Instead of killing the service after --kill-after-ms (the workload after
     /// --epochs), let it kill itself at POINT@N (sync, pause, transfer, sent, acked
@@ -100,6 +107,38 @@ pub struct DemoArgs {
 }
 
 impl DemoArgs {
+    /// One failover of the key-value service in `mode` as `fgbi bench` runs it:
+    /// `mem` bytes of store, a checkpoint every `epoch_ms` over `link`, killed after
+    /// `load_ms[0]` of load and loaded `load_ms[1]` more once restarted.
+    pub(crate) fn service(
+        mode: Mode,
+        mem: u64,
+        epoch_ms: u64,
+        link: TransportArgs,
+        load_ms: [u64; 2],
+    ) -> Self {
+        let [kill_after_ms, after_ms] = load_ms;
+        Self {
+            mode,
+            mem,
+            epoch_ms: Some(epoch_ms),
+            clients: CLIENTS,
+            kill_after_ms,
+            after_ms,
+            json: None,
+            link,
+            backup_rdma_device: None,
+            heartbeat_ms: HEARTBEAT_MS,
+            fault: None,
+            no_output_commit: false,
+            no_replay: false,
+            vm: false,
+            workload: None,
+            tracking: None,
+            epochs: 0,
+        }
+    }
+
     /// `--tracking` for the primary, when given.
     fn tracking_args(&self) -> Vec<String> {
         self.tracking
@@ -128,26 +167,34 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, String> {
 
 /// What the primary's per-epoch lines said.
 #[derive(Default)]
-struct PrimaryStats {
-    pauses: Vec<f64>,
-    wire_bytes: u64,
-    committed: u64,
+pub(crate) struct PrimaryStats {
+    /// The pause of each checkpoint, microseconds.
+    pub pauses: Vec<f64>,
+    /// Bytes sent, every checkpoint.
+    pub wire_bytes: u64,
+    /// The last epoch committed.
+    pub committed: u64,
 }
 
 /// Type I downtime's parts, microseconds, from the backup's `failover` line and the
 /// kill's time.
-struct Failover {
-    epoch: u64,
-    detect: f64,
-    apply: f64,
-    restore: f64,
+pub(crate) struct Failover {
+    /// The epoch the backup restarted the service from.
+    pub epoch: u64,
+    /// From the kill to the backup's verdict.
+    pub detect: f64,
+    /// Finishing the last epoch.
+    pub apply: f64,
+    /// Handing the replica over until the restarted service serves, replay aside.
+    pub restore: f64,
     /// Replaying the input log (LLM), part of the restore's time.
-    replay: f64,
+    pub replay: f64,
     /// Inputs replayed.
-    replayed: u64,
+    pub replayed: u64,
     /// From the kill to the first reply of the restarted service.
-    first_reply: f64,
-    ready: String,
+    pub first_reply: f64,
+    /// What the restarted service said when it served.
+    pub ready: String,
 }
 
 /// How the protected key-value service is run: the commands of its two sides and
@@ -232,7 +279,52 @@ fn virtual_machine(args: &DemoArgs, exe: &Path, common: &[String], service: Sock
 }
 
 fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
+    let outcome = run_service(args, false, &mut |_| Ok(()))?;
+    let results = Results { args, outcome };
+    results.print();
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&results.json()).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(if results.outcome.lost == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// One failover of the protected key-value service: starts the backup and the
+/// service, calls `measure` with the service's address once a backup holds it, loads
+/// it from `--clients` connections that record every acknowledged write, kills it
+/// (or lets it kill itself at `--fault`), waits for the backup to restart it, loads
+/// the restarted service and reads every acknowledged write back.
+/// With `quiet` (as `fgbi bench` runs it), the service's lines are not echoed and
+/// both sides' standard errors go to files, whose last lines an error quotes.
+pub(crate) fn run_service(
+    args: &DemoArgs,
+    quiet: bool,
+    measure: &mut dyn FnMut(SocketAddr) -> Result<(), String>,
+) -> Result<Outcome, String> {
     let dir = Scratch::new()?;
+    let logs = [
+        StderrLog::new(&dir.0, "backup", quiet),
+        StderrLog::new(&dir.0, "service", quiet),
+    ];
+    service_failover(args, &dir, &logs, measure).map_err(|e| {
+        let tails: String = logs.iter().map(StderrLog::tail).collect();
+        format!("{e}{tails}")
+    })
+}
+
+/// [`run_service`] in `dir`, the backup's and the service's standard errors to
+/// `logs`.
+fn service_failover(
+    args: &DemoArgs,
+    dir: &Scratch,
+    logs: &[StderrLog; 2],
+    measure: &mut dyn FnMut(SocketAddr) -> Result<(), String>,
+) -> Result<Outcome, String> {
     let key = write_key(&dir.0)?;
     let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let (backup_addr, service_addr) = (local(free_port()?), local(free_port()?));
@@ -265,6 +357,7 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
             .args(["--listen", &backup_addr.to_string()])
             .args(link_flags(args, true))
             .stdout(Stdio::piped())
+            .stderr(logs[0].stdio()?)
             .spawn()
             .map_err(|e| format!("cannot start the backup: {e}"))?,
     );
@@ -276,7 +369,8 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
         .args(["--backup", &backup_addr.to_string()])
         .args(["--mode", &args.mode.to_string()])
         .args(["--epoch-ms", &epoch_ms(args).to_string()])
-        .stdout(Stdio::piped());
+        .stdout(Stdio::piped())
+        .stderr(logs[1].stdio()?);
     match &args.fault {
         Some(fault) => primary_cmd.env(FAULT_ENV, fault),
         None => primary_cmd.env_remove(FAULT_ENV),
@@ -287,9 +381,15 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
             .map_err(|e| format!("cannot start the service: {e}"))?,
     );
     let stats = Arc::new(Mutex::new(PrimaryStats::default()));
-    let primary_lines = collect(&mut primary.0, service.prefix, Arc::clone(&stats))?;
+    let echo = !logs[1].is_file();
+    let primary_lines = collect(&mut primary.0, service.prefix, echo, Arc::clone(&stats))?;
     for ready in service.ready {
         wait_for(&primary_lines, ready, Duration::from_secs(30))?;
+    }
+    measure(service_addr)?;
+    let early = early_failover(&backup_lines);
+    if !early.is_empty() {
+        return Err(format!("the service was not killed yet{early}"));
     }
 
     // Load until the service dies.
@@ -351,25 +451,13 @@ fn kv(args: &DemoArgs) -> Result<ExitCode, String> {
     }
 
     let stats = std::mem::take(&mut *stats.lock().unwrap_or_else(PoisonError::into_inner));
-    let results = Results {
-        args,
+    Ok(Outcome {
         stats,
         failover,
         acknowledged,
         before,
         latency,
         lost,
-    };
-    results.print();
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&results.json()).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    Ok(if lost == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     })
 }
 
@@ -412,34 +500,49 @@ fn output_commit(args: &DemoArgs) -> bool {
     !args.no_output_commit && args.mode != Mode::Llm
 }
 
-/// Everything the report says.
-struct Results<'a> {
-    args: &'a DemoArgs,
-    stats: PrimaryStats,
-    failover: Failover,
-    acknowledged: u64,
-    before: u64,
+/// What one failover of the service measured.
+pub(crate) struct Outcome {
+    /// The primary's per-epoch lines.
+    pub stats: PrimaryStats,
+    /// Type I downtime's parts.
+    pub failover: Failover,
+    /// Writes acknowledged, before the kill and after.
+    pub acknowledged: u64,
+    /// Writes acknowledged before the kill.
+    pub before: u64,
     /// From a batch's write to its last reply, before the kill, microseconds.
-    latency: Percentiles,
-    lost: u64,
+    pub latency: Percentiles,
+    /// Acknowledged writes the restarted service lacks.
+    pub lost: u64,
 }
 
-impl Results<'_> {
-    fn pauses(&self) -> Percentiles {
+impl Outcome {
+    /// Type II downtime: the pause of every checkpoint.
+    pub fn pauses(&self) -> Percentiles {
         Percentiles::of(&mut self.stats.pauses.clone())
     }
 
-    fn bytes_per_epoch(&self) -> f64 {
+    /// Bytes sent per checkpoint, on average.
+    pub fn bytes_per_epoch(&self) -> f64 {
         self.stats.wire_bytes as f64 / self.stats.pauses.len().max(1) as f64
     }
 
-    fn total_ms(&self) -> f64 {
+    /// Type I downtime until the restarted service serves, milliseconds.
+    pub fn total_ms(&self) -> f64 {
         let f = &self.failover;
         (f.detect + f.apply + f.restore + f.replay) / 1e3
     }
+}
 
+/// Everything the report says.
+struct Results<'a> {
+    args: &'a DemoArgs,
+    outcome: Outcome,
+}
+
+impl Results<'_> {
     fn print(&self) {
-        let (a, f, pause) = (self.args, &self.failover, self.pauses());
+        let (a, f, pause) = (self.args, &self.outcome.failover, self.outcome.pauses());
         println!(
             "fgbi demo: key-value service{}, {} MiB store, {} mode, {} ms epochs, output commit {}{}, {} clients",
             match (a.vm, a.tracking) {
@@ -474,15 +577,15 @@ impl Results<'_> {
             pause.p50,
             pause.p99,
             pause.max,
-            self.stats.pauses.len(),
-            self.stats.committed
+            self.outcome.stats.pauses.len(),
+            self.outcome.stats.committed
         );
         println!(
             "bytes per epoch: {:.0} on average, {} in all",
-            self.bytes_per_epoch(),
-            self.stats.wire_bytes
+            self.outcome.bytes_per_epoch(),
+            self.outcome.stats.wire_bytes
         );
-        println!("type I downtime: {:.1} ms in all", self.total_ms());
+        println!("type I downtime: {:.1} ms in all", self.outcome.total_ms());
         println!(
             "  detection (kill to backup's verdict)           {:>9.3} ms",
             f.detect / 1e3
@@ -508,21 +611,21 @@ impl Results<'_> {
         println!(
             "reply latency before the kill (a batch of {} pipelined requests): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             client::PIPELINE,
-            self.latency.p50 / 1e3,
-            self.latency.p99 / 1e3,
-            self.latency.max / 1e3
+            self.outcome.latency.p50 / 1e3,
+            self.outcome.latency.p99 / 1e3,
+            self.outcome.latency.max / 1e3
         );
         println!(
             "requests acknowledged: {} ({} before the kill, {} after)",
-            self.acknowledged,
-            self.before,
-            self.acknowledged - self.before
+            self.outcome.acknowledged,
+            self.outcome.before,
+            self.outcome.acknowledged - self.outcome.before
         );
-        println!("requests lost: {}", self.lost);
+        println!("requests lost: {}", self.outcome.lost);
     }
 
     fn json(&self) -> serde_json::Value {
-        let (a, f, pause) = (self.args, &self.failover, self.pauses());
+        let (a, f, pause) = (self.args, &self.outcome.failover, self.outcome.pauses());
         json!({
             "mode": a.mode.to_string(),
             "vm": a.vm,
@@ -534,8 +637,8 @@ impl Results<'_> {
             "inputs_logged": a.mode == Mode::Llm,
             "inputs_replayed": f.replayed,
             "fault": a.fault,
-            "epochs": self.stats.committed,
-            "checkpoints": self.stats.pauses.len(),
+            "epochs": self.outcome.stats.committed,
+            "checkpoints": self.outcome.stats.pauses.len(),
             "pause_us": pause,
             "failover_epoch": f.epoch,
             "failover_ms": {
@@ -543,15 +646,15 @@ impl Results<'_> {
                 "apply": f.apply / 1e3,
                 "restore": f.restore / 1e3,
                 "replay": f.replay / 1e3,
-                "total": self.total_ms(),
+                "total": self.outcome.total_ms(),
                 "first_reply": f.first_reply / 1e3,
             },
-            "wire_bytes": self.stats.wire_bytes,
-            "bytes_per_epoch": self.bytes_per_epoch(),
-            "requests_acknowledged": self.acknowledged,
-            "requests_acknowledged_before_kill": self.before,
-            "batch_latency_us": self.latency,
-            "requests_lost": self.lost,
+            "wire_bytes": self.outcome.stats.wire_bytes,
+            "bytes_per_epoch": self.outcome.bytes_per_epoch(),
+            "requests_acknowledged": self.outcome.acknowledged,
+            "requests_acknowledged_before_kill": self.outcome.before,
+            "batch_latency_us": self.outcome.latency,
+            "requests_lost": self.outcome.lost,
         })
     }
 }
@@ -681,10 +784,11 @@ fn since(at: SystemTime) -> f64 {
 }
 
 /// The service's stdout as a channel of lines, with its per-epoch lines counted into
-/// `stats` as they come.
+/// `stats` as they come; the others also printed if `echo`.
 fn collect(
     child: &mut Child,
     prefix: &'static str,
+    echo: bool,
     stats: Arc<Mutex<PrimaryStats>>,
 ) -> Result<mpsc::Receiver<String>, String> {
     let stdout = child.stdout.take().ok_or("the service has no stdout")?;
@@ -703,107 +807,13 @@ fn collect(
                 let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
                 stats.committed = n.parse().unwrap_or(stats.committed);
             } else {
-                println!("{line}");
+                if echo {
+                    println!("{line}");
+                }
                 // Nobody listens any more once the demo is done.
                 let _ = tx.send(line);
             }
         }
     });
     Ok(rx)
-}
-
-/// `path` quoted for `/bin/sh`.
-fn shell_quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
-}
-
-/// A scratch directory, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Result<Self, String> {
-        let dir = std::env::temp_dir().join(format!("fgbi-demo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // Best effort: a leftover directory in the temporary directory is harmless.
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A port free on 127.0.0.1 a moment ago.
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free port: {e}"))
-}
-
-/// A child process killed when dropped, so no demo leaves one behind.
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn write_key(dir: &Path) -> Result<PathBuf, String> {
-    let path = dir.join("link.key");
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
-        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| f.write_all(&key))
-        .map_err(|e| format!("cannot write the key file {}: {e}", path.display()))?;
-    Ok(path)
-}
-
-/// The child's stdout as a channel of lines.
-fn lines(child: &mut Child) -> Result<mpsc::Receiver<String>, String> {
-    let stdout = child.stdout.take().ok_or("the child has no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
-}
-
-fn wait_for(
-    lines: &mpsc::Receiver<String>,
-    prefix: &str,
-    timeout: Duration,
-) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .map_err(|_| format!("no {prefix:?} line within {timeout:?}"))?;
-        if line.starts_with(prefix) {
-            return Ok(line);
-        }
-    }
-}
-
-/// The value after `name` in `line`, up to `end`.
-fn field<'a>(line: &'a str, name: &str, end: char) -> Option<&'a str> {
-    let start = line.find(name)? + name.len();
-    let rest = &line[start..];
-    Some(rest.split(end).next().unwrap_or(rest))
 }

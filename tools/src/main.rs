@@ -1,6 +1,7 @@
 //! The `fgbi` command line.
 
 mod bench_cmd;
+mod children;
 mod demo_cmd;
 // The key-value service of examples/kv, built in so that `fgbi demo` needs nothing
 // but this binary.

@@ -118,7 +118,7 @@ fn copy_and_copy_on_write_side_by_side_and_the_reports_hold_every_field() {
             r.mode
         );
     }
-    let doc = json::document(&runs);
+    let doc = json::document(&runs, &[]);
     assert_eq!(doc["schema"], 3);
     assert!(doc["memcpy_gbps"].as_f64().unwrap() > 0.0);
     for run in doc["runs"].as_array().unwrap() {
@@ -182,7 +182,7 @@ fn copy_and_copy_on_write_side_by_side_and_the_reports_hold_every_field() {
         assert!(run["throughput"]["protected"].as_f64().unwrap() > 0.0);
     }
 
-    let text = csv::document(&runs);
+    let text = csv::document(&runs, &[]);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3);
     let header: Vec<&str> = lines[0].split(',').collect();

@@ -9,10 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fgbi::bench::Percentiles;
 use fgbi::fault::FAULT_ENV;
 
-use super::{
-    DemoArgs, Kill, Scratch, early_failover, field, free_port, lines, link_flags, wait_for,
-    write_key,
-};
+use super::{DemoArgs, early_failover, link_flags};
+use crate::children::{Kill, Scratch, field, free_port, lines, wait_for, write_key};
 
 /// Runs `fgbi demo --workload NAME`: a backup and a primary of the synthetic
 /// workload as two processes, the primary killed with SIGKILL after `--epochs`
