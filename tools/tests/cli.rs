@@ -169,6 +169,17 @@ fn bad_flags_get_a_clear_error_and_no_panic() {
             "cannot open trace",
         ),
         (vec!["bench", "--trace", "Cargo.toml"], "not an fgbi trace"),
+        (vec!["bench", "--workload", "kv", "--local"], "drop --local"),
+        (
+            vec!["bench", "--workload", "kv", "--no-sharing"],
+            "--no-sharing applies to the synthetic workloads",
+        ),
+        (vec!["bench", "--workload", "kv,web,kv"], "names kv twice"),
+        (vec!["bench", "--workload", "web,"], "empty name"),
+        (
+            vec!["bench", "--workload", "kv", "--requests", "0"],
+            "--requests",
+        ),
         (
             vec!["demo", "--transport", "infiniband"],
             "unknown transport",
@@ -424,4 +435,91 @@ fn vm_run_serves_the_kv_guest_to_redis_cli() {
     assert_eq!(cli(&["INCR", "n"]), "1");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[test]
+fn bench_runs_the_kv_program_beside_a_synthetic_workload_and_reports_it() {
+    let redis = match Command::new("redis-benchmark").arg("--version").output() {
+        Ok(out) if out.status.success() => Ok(()),
+        _ => Err("not on PATH; install Debian's redis-tools (.ci/run does)"),
+    };
+    if !fgbi_hyp::feature::available("redis-benchmark", redis) {
+        return;
+    }
+    let dir = scratch("kv");
+    let (json, csv) = (dir.join("r.json"), dir.join("r.csv"));
+    let (code, stdout, stderr) = fgbi(&[
+        "bench",
+        "--workload",
+        "idle,kv",
+        "--modes",
+        "remus,fgbi",
+        "--quick",
+        "--epochs",
+        "2",
+        "--mem",
+        "16M",
+        "--requests",
+        "2000",
+        "--transport",
+        "std",
+        "--json",
+        json.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
+        "--markdown",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("kv fgbi verified: 0 of "), "{stdout}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["runs"].as_array().unwrap().len(), 2);
+    let programs = doc["programs"].as_array().unwrap();
+    assert_eq!(programs.len(), 2);
+    for (p, mode) in programs.iter().zip(["remus", "fgbi"]) {
+        assert_eq!(p["workload"], "kv");
+        assert_eq!(p["mode"], mode);
+        assert_eq!(p["transport"], "std");
+        assert_eq!(p["verified"], true);
+        assert_eq!(p["failovers"], 1);
+        assert_eq!(p["throughput_unit"], "requests/s");
+        assert!(p["checkpoints"].as_u64().unwrap() > 0, "{p}");
+        let rate = |which: &str| p["throughput"][which].as_f64().unwrap();
+        assert!(rate("unprotected") > 0.0 && rate("protected") > 0.0, "{p}");
+        assert!(p["overhead_pct"].is_f64(), "{p}");
+        let q = |q: &str| p["pause_us"][q].as_f64().unwrap();
+        assert!(
+            0.0 < q("p50") && q("p50") <= q("p99") && q("p99") <= q("max"),
+            "{p}"
+        );
+        let part = |name: &str| p["failover_ms"][name].as_f64().unwrap();
+        assert!(part("detect") > 0.0 && part("restore") > 0.0, "{p}");
+        let sum = part("detect") + part("apply") + part("restore") + part("first_run");
+        // One round: the first answer's part is what the kill-to-answer total leaves.
+        assert!(sum >= part("total") - 0.01, "{p}");
+        assert!(p.get("pause_samples_us").is_none(), "{p}");
+    }
+    // Less data than Remus on the same service: the block-level deltas at work.
+    let bytes = |i: usize| programs[i]["bytes_per_epoch"].as_f64().unwrap();
+    assert!(
+        bytes(1) < bytes(0),
+        "fgbi {} vs remus {}",
+        bytes(1),
+        bytes(0)
+    );
+
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1 + 2 + 2, "{text}");
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    for line in &lines[3..] {
+        let fields: Vec<&str> = line.split(',').collect();
+        assert_eq!(fields.len(), header.len(), "{line}");
+        assert_eq!(fields[column("workload")], "kv", "{line}");
+        assert!(!fields[column("failover_ms_total")].is_empty(), "{line}");
+        assert!(fields[column("dirty_pages")].is_empty(), "{line}");
+    }
+    assert!(stdout.contains("| kv | fgbi |"), "{stdout}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
