@@ -296,7 +296,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         write(path, report::csv::document(&results, &program_results))?;
     }
     if let Some(path) = &args.plot {
-        write(path, report::plot::svg(&results))?;
+        write(path, report::plot::svg(&results, &program_results))?;
     }
     if args.markdown {
         if !rows.is_empty() {

@@ -34,12 +34,40 @@ impl Drop for Scratch {
     }
 }
 
-/// A port free on 127.0.0.1 a moment ago.
+/// A port free on 127.0.0.1 a moment ago, below the kernel's ephemeral range.
+///
+/// A restarted service must bind its port again. A port of the ephemeral range can
+/// meanwhile be taken as the local port of any outgoing connection (a client
+/// reconnecting to it may even connect to itself), and the restart would fail; a
+/// port below the range is never handed out that way.
 pub fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free port: {e}"))
+    const LOWEST: u16 = 10_000;
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if first_ephemeral <= LOWEST + 1000 {
+        // Too little room below the range: take what the kernel hands out.
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("cannot find a free port: {e}"));
+    }
+    let span = u32::from(first_ephemeral - LOWEST);
+    // Start somewhere different in each process and call.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(calls.wrapping_mul(104_729));
+    (0..span)
+        .map(|i| LOWEST + ((start.wrapping_add(i)) % span) as u16)
+        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .ok_or_else(|| {
+            format!(
+                "cannot find a free port between {LOWEST} and {first_ephemeral}: every one is taken"
+            )
+        })
 }
 
 /// A child process killed when dropped, so no demo leaves one behind.

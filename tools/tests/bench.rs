@@ -203,7 +203,7 @@ fn copy_and_copy_on_write_side_by_side_and_the_reports_hold_every_field() {
         );
     }
 
-    let svg = plot::svg(&runs);
+    let svg = plot::svg(&runs, &[]);
     assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(svg.matches("<g").count(), svg.matches("</g>").count());
     for mode in ["xbzrle", "fgbi"] {

@@ -447,7 +447,7 @@ fn bench_runs_the_kv_program_beside_a_synthetic_workload_and_reports_it() {
         return;
     }
     let dir = scratch("kv");
-    let (json, csv) = (dir.join("r.json"), dir.join("r.csv"));
+    let (json, csv, plot) = (dir.join("r.json"), dir.join("r.csv"), dir.join("r.svg"));
     let (code, stdout, stderr) = fgbi(&[
         "bench",
         "--workload",
@@ -467,6 +467,8 @@ fn bench_runs_the_kv_program_beside_a_synthetic_workload_and_reports_it() {
         json.to_str().unwrap(),
         "--csv",
         csv.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
         "--markdown",
     ]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
@@ -521,5 +523,9 @@ fn bench_runs_the_kv_program_beside_a_synthetic_workload_and_reports_it() {
         assert!(fields[column("dirty_pages")].is_empty(), "{line}");
     }
     assert!(stdout.contains("| kv | fgbi |"), "{stdout}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    for mode in ["remus", "fgbi"] {
+        assert!(svg.contains(&format!("<title>kv {mode}: ")), "{svg}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }

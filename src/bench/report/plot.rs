@@ -1,11 +1,49 @@
 //! An SVG figure of a bench run: left, the distribution (CDF) of the pause per
-//! checkpoint of each mode and tracking variant over every workload (one colour per
-//! mode, one line style per variant); right, the wire bytes per measured epoch of
-//! each workload, one bar per mode. Both value axes are logarithmic.
+//! checkpoint of each mode and tracking variant over every workload and program (one
+//! colour per mode, one line style per variant; a program's pauses count as the
+//! `kernel` variant's, which is how it keeps its pages); right, the wire bytes per
+//! measured epoch of each workload and program, one bar per mode. Both value axes are
+//! logarithmic.
 
 use std::fmt::Write;
 
-use crate::bench::result::RunResult;
+use crate::bench::result::{ProgramResult, RunResult};
+
+/// The tracking variant a program's pauses are drawn as.
+const PROGRAM_TRACKING: &str = "kernel";
+
+/// What the figure draws of one run.
+struct Entry<'a> {
+    workload: &'a str,
+    mode: &'a str,
+    /// Pauses by tracking variant, microseconds.
+    pauses: Vec<(&'a str, &'a [f64])>,
+    kib_per_epoch: f64,
+}
+
+impl<'a> Entry<'a> {
+    fn run(r: &'a RunResult) -> Self {
+        Self {
+            workload: &r.workload,
+            mode: &r.mode,
+            pauses: r
+                .pause_by_tracking
+                .iter()
+                .map(|(t, f)| (*t, f.pause_samples_us.as_slice()))
+                .collect(),
+            kib_per_epoch: r.wire_bytes as f64 / r.epochs.max(1) as f64 / 1024.0,
+        }
+    }
+
+    fn program(p: &'a ProgramResult) -> Self {
+        Self {
+            workload: &p.workload,
+            mode: &p.mode,
+            pauses: vec![(PROGRAM_TRACKING, p.pause_samples_us.as_slice())],
+            kib_per_epoch: p.bytes_per_epoch / 1024.0,
+        }
+    }
+}
 
 const WIDTH: f64 = 1100.0;
 const HEIGHT: f64 = 460.0;
@@ -21,15 +59,17 @@ const COLOURS: [&str; 8] = [
 /// first appear.
 const DASHES: [&str; 3] = ["none", "7 4", "2 3"];
 
-/// The SVG document for `results`.
-pub fn svg(results: &[RunResult]) -> String {
-    let modes = unique(results.iter().map(|r| r.mode.as_str()));
-    let trackings = unique(
-        results
-            .iter()
-            .flat_map(|r| std::iter::once(r.tracking).chain(r.pause_by_tracking.keys().copied())),
-    );
-    let workloads = unique(results.iter().map(|r| r.workload.as_str()));
+/// The SVG document for `results` and `programs`.
+pub fn svg(results: &[RunResult], programs: &[ProgramResult]) -> String {
+    let entries: Vec<Entry> = results
+        .iter()
+        .map(Entry::run)
+        .chain(programs.iter().map(Entry::program))
+        .collect();
+    let results = entries.as_slice();
+    let modes = unique(results.iter().map(|r| r.mode));
+    let trackings = unique(results.iter().flat_map(|r| r.pauses.iter().map(|p| p.0)));
+    let workloads = unique(results.iter().map(|r| r.workload));
     let mut out = String::new();
     let _ = write!(
         out,
@@ -167,7 +207,7 @@ fn tick_label(decade: i32) -> String {
     }
 }
 
-fn pause_cdf(out: &mut String, results: &[RunResult], modes: &[&str], trackings: &[&str]) {
+fn pause_cdf(out: &mut String, results: &[Entry], modes: &[&str], trackings: &[&str]) {
     // One series per mode and tracking variant: (mode index, variant index, pauses).
     let mut series: Vec<(usize, usize, Vec<f64>)> = Vec::new();
     for (m, mode) in modes.iter().enumerate() {
@@ -175,8 +215,8 @@ fn pause_cdf(out: &mut String, results: &[RunResult], modes: &[&str], trackings:
             let mut all: Vec<f64> = results
                 .iter()
                 .filter(|r| r.mode == *mode)
-                .filter_map(|r| r.pause_by_tracking.get(tracking))
-                .flat_map(|f| f.pause_samples_us.iter().copied())
+                .flat_map(|r| r.pauses.iter().filter(|p| p.0 == *tracking))
+                .flat_map(|p| p.1.iter().copied())
                 .filter(|v| *v > 0.0)
                 .collect();
             if !all.is_empty() {
@@ -237,9 +277,12 @@ fn pause_cdf(out: &mut String, results: &[RunResult], modes: &[&str], trackings:
     }
 }
 
-fn bytes_per_epoch(out: &mut String, results: &[RunResult], modes: &[&str], workloads: &[&str]) {
-    let per_epoch = |r: &RunResult| r.wire_bytes as f64 / r.epochs.max(1) as f64 / 1024.0;
-    let values: Vec<f64> = results.iter().map(per_epoch).filter(|v| *v > 0.0).collect();
+fn bytes_per_epoch(out: &mut String, results: &[Entry], modes: &[&str], workloads: &[&str]) {
+    let values: Vec<f64> = results
+        .iter()
+        .map(|r| r.kib_per_epoch)
+        .filter(|v| *v > 0.0)
+        .collect();
     let lo = values.iter().fold(f64::MAX, |a, &b| a.min(b));
     let hi = values.iter().fold(0.0, |a: f64, &b| a.max(b));
     let range = if hi > 0.0 { decades(lo, hi) } else { (0, 1) };
@@ -279,7 +322,7 @@ fn bytes_per_epoch(out: &mut String, results: &[RunResult], modes: &[&str], work
             else {
                 continue;
             };
-            let v = per_epoch(r);
+            let v = r.kib_per_epoch;
             let f = if v > 0.0 {
                 ((v.log10() - f64::from(range.0)) / span).clamp(0.0, 1.0)
             } else {
