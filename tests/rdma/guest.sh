@@ -151,4 +151,11 @@ cat /tmp/rdma-fence.out
 [ "$status" -ne 0 ] || grep -q "test result: ok. 2 passed" /tmp/rdma-fence.out || status=1
 outcome rdma-fence "$status"
 
+# `fgbi bench` over RDMA: its networked pass, the bench and its backup process on
+# rxe0 (a device loops back to itself), every replica verified, one failover per
+# mode; the synthetic workloads are small, as the guest is emulated.
+check rdma-bench 600 /bin/fgbi bench --workload idle,web --modes remus,fgbi --epochs 2 \
+    --net-epochs 3 --failovers 1 --mem 8M --cache 1M --tracking kernel \
+    --transport rdma --rdma-device rxe0
+
 exit "$failures"

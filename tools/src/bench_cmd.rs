@@ -27,9 +27,10 @@ use programs::{Program, ProgramSettings};
 /// Arguments of `fgbi bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Comma-separated workloads: the synthetic web, npb-ep, sys, dense, dup, idle,
-    /// or all (those six); the real program kv (the key-value service under
-    /// redis-benchmark, killed and restarted by its backup in every round).
+    /// Comma-separated workloads: the synthetic web, npb-ep, sys, dense, dup, idle;
+    /// the real program kv (the key-value service under redis-benchmark, killed and
+    /// restarted by its backup in every round); or all (every one of them, leaving
+    /// out, with a line that says why, a program that cannot run here).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     workload: Vec<String>,
     /// Replay this trace (recorded by `fgbi record`) instead of a synthetic workload;
@@ -351,16 +352,39 @@ fn print_header(args: &BenchArgs, config: &BenchConfig) {
     );
 }
 
+/// A program `--workload` asked for: by name, or as part of `all`.
+struct Wanted {
+    program: Program,
+    named: bool,
+}
+
 /// The synthetic workloads (and traces) of `--workload`, and its programs; `all`
-/// stands for every synthetic workload.
-fn split_workloads(names: &[String]) -> Result<(Vec<String>, Vec<Program>), String> {
-    let (mut workloads, mut programs) = (Vec::new(), Vec::new());
+/// stands for every synthetic workload and every program.
+fn split_workloads(names: &[String]) -> Result<(Vec<String>, Vec<Wanted>), String> {
+    let (mut workloads, mut programs) = (Vec::new(), Vec::<Wanted>::new());
     for name in names {
         let name = name.trim();
         if name == "all" {
             workloads.extend(NAMES.iter().map(|s| s.to_string()));
+            for program in Program::ALL {
+                if !programs.iter().any(|w| w.program == program) {
+                    programs.push(Wanted {
+                        program,
+                        named: false,
+                    });
+                }
+            }
         } else if let Some(program) = Program::by_name(name) {
-            programs.push(program);
+            match programs.iter_mut().find(|w| w.program == program) {
+                Some(wanted) if wanted.named => {
+                    return Err(format!("--workload names {name} twice"));
+                }
+                Some(wanted) => wanted.named = true,
+                None => programs.push(Wanted {
+                    program,
+                    named: true,
+                }),
+            }
         } else if name.is_empty() {
             return Err("--workload has an empty name: give comma-separated names without spaces around the commas".into());
         } else {
@@ -372,55 +396,59 @@ fn split_workloads(names: &[String]) -> Result<(Vec<String>, Vec<Program>), Stri
             return Err(format!("--workload names {name} twice"));
         }
     }
-    for (i, program) in programs.iter().enumerate() {
-        if programs[..i].contains(program) {
-            return Err(format!("--workload names {} twice", program.name()));
-        }
-    }
     Ok((workloads, programs))
 }
 
-/// How the programs run, if `--workload` names any; refuses the flags that apply to
-/// synthetic workloads only, and a program that cannot run here.
-/// `implementation` is the transport chosen for the synthetic workloads (none with
-/// `--local`, which the programs refuse).
+/// Why no program can run with these flags, if none can: the flags that apply to
+/// synthetic workloads only, and `--local`.
+fn programs_refused(args: &BenchArgs, local: bool) -> Option<String> {
+    let flag = if local {
+        return Some("the programs always run through a backup process: drop --local".into());
+    } else if args.no_sharing {
+        "--no-sharing"
+    } else if args.no_compression {
+        "--no-compression"
+    } else if args.block != fgbi_engine::DEFAULT_BLOCK_SIZE as u64 {
+        "--block"
+    } else if args.dirty_rate.is_some() {
+        "--dirty-rate"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{flag} applies to the synthetic workloads and traces; the programs run each mode as they ship: leave it out or run them separately"
+    ))
+}
+
+/// How the programs run, if `--workload` asks for any that can. A program named
+/// that cannot run (with these flags, or here) is an error; one of `all` is left out
+/// with a line that says why. `implementation` is the transport chosen for the
+/// synthetic workloads (none with `--local`).
 fn program_settings(
     args: &BenchArgs,
     profile: &Profile,
-    programs: Vec<Program>,
+    wanted: Vec<Wanted>,
     implementation: Option<Implementation>,
 ) -> Result<Option<(Vec<Program>, ProgramSettings)>, String> {
-    if programs.is_empty() {
+    let refused = programs_refused(args, implementation.is_none());
+    let mut programs = Vec::new();
+    for Wanted { program, named } in wanted {
+        let why = match &refused {
+            Some(why) => Err(why.clone()),
+            None => program.check(),
+        };
+        match why {
+            Ok(()) => programs.push(program),
+            Err(why) if named => return Err(format!("{}: {why}", program.name())),
+            Err(why) => eprintln!(
+                "fgbi bench: NOT running the program {} of --workload all: {why}",
+                program.name()
+            ),
+        }
+    }
+    let Some(implementation) = implementation.filter(|_| !programs.is_empty()) else {
         return Ok(None);
-    }
-    let names: Vec<&str> = programs.iter().map(|p| p.name()).collect();
-    let refuse = |flag: &str| {
-        Err(format!(
-            "{flag} applies to the synthetic workloads and traces; the program(s) {} run each mode as they ship: leave it out or run them separately",
-            names.join(", ")
-        ))
     };
-    let Some(implementation) = implementation else {
-        return Err(format!(
-            "the program(s) {} always run through a backup process: drop --local",
-            names.join(", ")
-        ));
-    };
-    if args.no_sharing {
-        return refuse("--no-sharing");
-    }
-    if args.no_compression {
-        return refuse("--no-compression");
-    }
-    if args.block != fgbi_engine::DEFAULT_BLOCK_SIZE as u64 {
-        return refuse("--block");
-    }
-    if args.dirty_rate.is_some() {
-        return refuse("--dirty-rate");
-    }
-    for program in &programs {
-        program.check()?;
-    }
     let requests = args.requests.unwrap_or(profile.requests);
     if requests == 0 {
         return Err("--requests must be at least 1".into());

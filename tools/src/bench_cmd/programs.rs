@@ -56,6 +56,9 @@ pub enum Program {
 }
 
 impl Program {
+    /// Every program, in the order `--workload all` runs them.
+    pub const ALL: [Self; 1] = [Self::Kv];
+
     /// The program called `name`, if one is.
     pub fn by_name(name: &str) -> Option<Self> {
         match name {
