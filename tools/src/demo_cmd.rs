@@ -733,14 +733,26 @@ fn await_failover(
     killed_at: SystemTime,
     service: SocketAddr,
 ) -> Result<Failover, String> {
-    let line = wait_for(backup, "failover ", Duration::from_secs(30))
-        .map_err(|e| format!("the backup did not fail over: {e}"))?;
-    let ready = wait_for(backup, "restarted pid=", Duration::from_secs(30))
-        .map_err(|e| format!("the backup did not restart the service: {e}"))?;
+    let mut failover = await_restart(backup, killed_at, "service")?;
     let first = client::wait_serving(service, Instant::now() + Duration::from_secs(30))
         .map_err(|e| format!("the restarted service does not answer: {e}"))?;
     drop(first);
-    let first_reply = since(killed_at);
+    failover.first_reply = since(killed_at);
+    Ok(failover)
+}
+
+/// Waits for the backup (`fgbi backup --restart`) to fail over and for the program
+/// it restarts (the `what`) to say it serves; type I downtime's parts from the
+/// backup's lines, `first_reply` left 0.
+pub(crate) fn await_restart(
+    backup: &mpsc::Receiver<String>,
+    killed_at: SystemTime,
+    what: &str,
+) -> Result<Failover, String> {
+    let line = wait_for(backup, "failover ", Duration::from_secs(30))
+        .map_err(|e| format!("the backup did not fail over: {e}"))?;
+    let ready = wait_for(backup, "restarted pid=", Duration::from_secs(30))
+        .map_err(|e| format!("the backup did not restart the {what}: {e}"))?;
     let get = |name: &str| {
         field(&line, name, ' ')
             .and_then(|v| v.parse::<u128>().ok())
@@ -767,7 +779,7 @@ fn await_failover(
         restore: (restore - replay).max(0.0),
         replay,
         replayed,
-        first_reply,
+        first_reply: 0.0,
         ready: ready
             .split_once(' ')
             .and_then(|(_, rest)| rest.split_once(' '))
