@@ -313,7 +313,7 @@ impl FgbiOptions {
     /// # Safety
     ///
     /// The string fields are NULL or NUL-terminated strings.
-    unsafe fn to_replicator(&self) -> Result<ReplicatorOptions, Error> {
+    unsafe fn to_replicator(self) -> Result<ReplicatorOptions, Error> {
         if self.epoch_ms == 0 || self.stop_timeout_ms == 0 {
             return Err(Error::Invalid(format!(
                 "epoch_ms ({}) and stop_timeout_ms ({}) must be at least 1: start from \
