@@ -630,27 +630,33 @@ pub unsafe extern "C" fn fgbi_protect(
                  size, none of them 0"
             )));
         }
-        let restart = Restart::from_env().map_err(Error::Restart)?;
-        if let Some(restart) = &restart {
-            check_layout(restart, sizes)?;
+        let mut restart = Restart::from_env().map_err(Error::Restart)?;
+        let started = match &restart {
+            Some(restart) => check_layout(restart, sizes),
+            None => Ok(()),
         }
-        let (handle, replicator) = Replicator::start_from(sizes, options, |handle| {
-            // The replica taken over, and its record, are in place before the first
-            // checkpoint: no checkpoint of this process lacks them.
-            if let Some(restart) = &restart {
-                for index in 0..restart.regions() {
-                    if let (Some(from), Some((to, len))) =
-                        (restart.region(index), handle.region(index))
-                    {
-                        // SAFETY: region `index` is `len` writable bytes that nothing
-                        // else touches yet (no thread is registered, no checkpoint
-                        // has started), and `check_layout` made `from` `len` bytes.
-                        unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), to, len) };
-                    }
+        .and_then(|()| {
+            Replicator::start_from(sizes, options, |handle| {
+                // The replica taken over, and its record, are in place before the
+                // first checkpoint: no checkpoint of this process lacks them.
+                if let Some(restart) = &restart {
+                    take_over(restart, handle);
                 }
-                handle.set_state(restart.record());
+            })
+            .map_err(Error::from)
+        });
+        let (handle, replicator) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                if let Some(restart) = &mut restart {
+                    // The readiness pipe stays open until the process exits: the
+                    // backup then reports its exit status after the program's own
+                    // messages, instead of killing it before it can print them.
+                    std::mem::forget(restart.take_ready());
+                }
+                return Err(e);
             }
-        })?;
+        };
         let taken_over = restart.map(|mut restart| TakenOver {
             epoch: restart.epoch(),
             record: restart.record().to_vec(),
@@ -665,6 +671,20 @@ pub unsafe extern "C" fn fgbi_protect(
         unsafe { out.write(handle) };
         Ok(())
     })
+}
+
+/// Copies the regions of the replica `restart` into the regions of `handle`, newly
+/// protected (of the same sizes: [`check_layout`]), and sets its restart record.
+fn take_over(restart: &Restart, handle: &ProcessHandle) {
+    for index in 0..restart.regions() {
+        if let (Some(from), Some((to, len))) = (restart.region(index), handle.region(index)) {
+            // SAFETY: region `index` is `len` writable bytes that nothing else touches
+            // yet (no thread is registered, no checkpoint has started), and
+            // `check_layout` made `from` `len` bytes too.
+            unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), to, len) };
+        }
+    }
+    handle.set_state(restart.record());
 }
 
 /// Checks that the replica `restart` holds regions of `sizes` bytes, those the

@@ -267,11 +267,11 @@ fn backup_mem(n: &str) -> String {
     format!("{}K", 2 * region / 1024)
 }
 
-/// Starts `fgbi backup` on `port` with `key` for heat's `LONG` run, restarting it
-/// with `restart` (heat's extra arguments); its stdout (with the restarted heat's)
-/// as lines.
+/// Starts `fgbi backup` on `port` with `key`, sized for heat's `LONG` run, and
+/// restarting heat with `restart` (its arguments); its stdout (with the restarted
+/// heat's) as lines.
 fn backup(port: u16, key: &str, restart: &str) -> (Kill, Receiver<String>) {
-    let command = format!("exec {} {} {restart}", heat().display(), LONG.join(" "));
+    let command = format!("exec {} {restart}", heat().display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_fgbi"))
         .args([
             "backup",
@@ -330,8 +330,10 @@ fn a_killed_heat_is_resumed_by_its_backup_with_the_uninterrupted_result() {
     let key = key_file(&scratch("heat-failover")).display().to_string();
     let [port_a, port_b] = [(); 2].map(|()| free_port());
     // B restarts heat protected in-process; A restarts it protected by B.
-    let (_b, b_lines) = backup(port_b, &key, "");
-    let (_a, a_lines) = backup(port_a, &key, &protected_by(port_b, &key));
+    let long = LONG.join(" ");
+    let (_b, b_lines) = backup(port_b, &key, &long);
+    let restart_a = format!("{long} {}", protected_by(port_b, &key));
+    let (_a, a_lines) = backup(port_a, &key, &restart_a);
     let mut seen = Vec::new();
     wait_for(&a_lines, "listening", &mut seen);
     wait_for(&b_lines, "listening", &mut seen);
@@ -391,34 +393,86 @@ fn a_killed_heat_is_resumed_by_its_backup_with_the_uninterrupted_result() {
 }
 
 #[test]
-fn a_heat_finishing_under_its_backup_reports_the_commits_and_ends_there_too() {
+fn heat_finishing_under_its_backup_in_every_mode_reports_the_commits_and_ends_there_too() {
     if !ready("cc", "gcc") {
         return;
     }
-    let expected = unprotected(&LONG);
+    let args = [LONG[0], "3000", "2", "10"];
+    let expected = unprotected(&args);
     let key = key_file(&scratch("heat-finish")).display().to_string();
+    for mode in ["fgbi", "remus", "llm", "xbzrle"] {
+        let port = free_port();
+        let (_backup, backup_lines) = backup(port, &key, &args.join(" "));
+        let mut seen = Vec::new();
+        wait_for(&backup_lines, "listening", &mut seen);
+        let report = run(Command::new(heat())
+            .args(args)
+            .args(["--mode", mode])
+            .args(protected_by(port, &key).split(' ')));
+        assert!(
+            report.contains(&format!(
+                "protected by the backup at 127.0.0.1:{port} over tcp, mode {mode}"
+            )),
+            "{report}"
+        );
+        assert!(
+            report.contains(&format!("replica on the backup at 127.0.0.1:{port}")),
+            "{report}"
+        );
+        let done = result(&report);
+        assert_eq!(done["checksum"], expected, "{mode}:\n{report}");
+        let (epochs, committed) = (count(&done, "epochs"), count(&done, "committed"));
+        assert!(committed >= 1 && committed <= epochs, "{mode}:\n{report}");
+
+        // The backup takes a primary that ended for a dead one: the heat it restarts
+        // resumes after the last iteration and reports the same result.
+        let resumed = wait_for(&backup_lines, "resuming at iteration", &mut seen);
+        assert_eq!(resumed_at(&resumed).to_string(), args[1], "{resumed}");
+        let restarted = rest(&backup_lines, &mut seen);
+        assert_eq!(
+            result(&restarted)["checksum"],
+            expected,
+            "{mode}: {seen:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_restart_protecting_other_sizes_is_refused_saying_so() {
+    if !ready("cc", "gcc") {
+        return;
+    }
+    let key = key_file(&scratch("heat-sizes")).display().to_string();
     let port = free_port();
-    let (_backup, backup_lines) = backup(port, &key, "");
+    // The restart command solves a smaller grid (its stderr joins the backup's
+    // stdout, to be read here).
+    let (mut backup, backup_lines) = backup(port, &key, "128 20000 2 10 2>&1");
     let mut seen = Vec::new();
     wait_for(&backup_lines, "listening", &mut seen);
-    let report = run(Command::new(heat())
+    let mut primary = Command::new(heat())
         .args(LONG)
-        .args(protected_by(port, &key).split(' ')));
+        .args(protected_by(port, &key).split(' '))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let primary_err = lines(primary.stderr.take().unwrap());
+    let mut primary = Kill(primary);
+    wait_for(&primary_err, "fgbi: protected", &mut seen);
+    primary.0.kill().unwrap();
+    let refused = wait_for(&backup_lines, "returned -2", &mut seen);
+    for words in [
+        "restarted by `fgbi backup --restart`",
+        "[524288, 524288]",
+        "[131072, 131072]",
+    ] {
+        assert!(refused.contains(words), "`{words}` missing: {refused}");
+    }
+    let status = backup.0.wait().unwrap();
     assert!(
-        report.contains(&format!("replica on the backup at 127.0.0.1:{port}")),
-        "{report}"
+        !status.success(),
+        "the backup reports the failed restart: {seen:#?}"
     );
-    let done = result(&report);
-    assert_eq!(done["checksum"], expected, "{report}");
-    let (epochs, committed) = (count(&done, "epochs"), count(&done, "committed"));
-    assert!(committed >= 1 && committed <= epochs, "{report}");
-
-    // The backup takes a primary that ended for a dead one: the heat it restarts
-    // resumes after the last iteration and reports the same result.
-    let resumed = wait_for(&backup_lines, "resuming at iteration", &mut seen);
-    assert_eq!(resumed_at(&resumed).to_string(), LONG[1], "{resumed}");
-    let restarted = rest(&backup_lines, &mut seen);
-    assert_eq!(result(&restarted)["checksum"], expected, "{seen:#?}");
 }
 
 #[test]
