@@ -32,7 +32,9 @@
  *   with them. It then reads fgbi_restart_record, resumes from what the record
  *   names, and calls fgbi_ready once it runs again (the backup waits for that
  *   line). With options.backup set it is protected by that backup from its first
- *   checkpoint on; without, by an in-process replica. fgbi writes a line to stderr
+ *   checkpoint on; without, by an in-process replica. If fgbi_protect fails
+ *   there, the backup learns it from the program's exit status (print
+ *   fgbi_last_error and exit). fgbi writes a line to stderr
  *   when a remote backup is reached and when protection is lost.
  *
  * Errors

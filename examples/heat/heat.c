@@ -164,7 +164,7 @@ static unsigned long arg(int positional, char **argv, int i, const char *what,
 struct settings {
     int unprotected;
     /* Whether any option but --unprotected was given. */
-    int fgbi_options;
+    int tuned;
     struct fgbi_options options;
     const char *mode;
 };
@@ -183,7 +183,7 @@ static void parse_options(int argc, char **argv, int first, struct settings *s) 
             bad_usage("an option lacks its value, or is unknown", option);
         }
         const char *value = argv[++i];
-        s->fgbi_options = 1;
+        s->tuned = 1;
         if (strcmp(option, "--mode") == 0) {
             size_t m = 0;
             while (m < sizeof modes / sizeof modes[0] && strcmp(value, modes[m]) != 0) {
@@ -208,7 +208,7 @@ static void parse_options(int argc, char **argv, int first, struct settings *s) 
             bad_usage("unknown option", option);
         }
     }
-    if (s->unprotected && s->fgbi_options) {
+    if (s->unprotected && s->tuned) {
         bad_usage("--unprotected takes no other option", NULL);
     }
 }
@@ -358,7 +358,7 @@ int main(int argc, char **argv) {
     } else if (settings.options.backup) {
         printf("heat: protected by the backup at %s over %s, mode %s\n", settings.options.backup,
                settings.options.transport ? settings.options.transport : "tcp", settings.mode);
-    } else if (settings.fgbi_options) {
+    } else if (settings.tuned) {
         printf("heat: protected in-process, mode %s\n", settings.mode);
     }
     printf("mean temperature %.6f\n", total / (double)(heat.n * heat.n));
