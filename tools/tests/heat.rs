@@ -281,6 +281,7 @@ fn backup(port: u16, key: &str, restart: &str) -> (Kill, Receiver<String>) {
             key,
         ])
         .args(["--mem", &backup_mem(LONG[0]), "--heartbeat-ms", "50"])
+        .args(["--transport", &transport()])
         .args(["--restart", &command])
         .stdout(Stdio::piped())
         .spawn()
@@ -289,9 +290,18 @@ fn backup(port: u16, key: &str, restart: &str) -> (Kill, Receiver<String>) {
     (Kill(child), lines)
 }
 
+/// The transport of heat and its backups: `FGBI_TEST_TRANSPORT` (the Soft-RoCE
+/// guest sets it), else tcp.
+fn transport() -> String {
+    common::env("FGBI_TEST_TRANSPORT").unwrap_or_else(|| "tcp".into())
+}
+
 /// Heat's arguments to be protected by the backup on `port`.
 fn protected_by(port: u16, key: &str) -> String {
-    format!("--backup 127.0.0.1:{port} --key {key} --heartbeat-ms 50")
+    format!(
+        "--backup 127.0.0.1:{port} --key {key} --heartbeat-ms 50 --transport {}",
+        transport()
+    )
 }
 
 /// Waits for `n` more `committed` lines.
@@ -411,7 +421,8 @@ fn heat_finishing_under_its_backup_in_every_mode_reports_the_commits_and_ends_th
             .args(protected_by(port, &key).split(' ')));
         assert!(
             report.contains(&format!(
-                "protected by the backup at 127.0.0.1:{port} over tcp, mode {mode}"
+                "protected by the backup at 127.0.0.1:{port} over {}, mode {mode}",
+                transport()
             )),
             "{report}"
         );
