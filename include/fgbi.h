@@ -34,8 +34,9 @@
  *   line). With options.backup set it is protected by that backup from its first
  *   checkpoint on; without, by an in-process replica. If fgbi_protect fails
  *   there, the backup learns it from the program's exit status (print
- *   fgbi_last_error and exit). fgbi writes a line to stderr
- *   when a remote backup is reached and when protection is lost.
+ *   fgbi_last_error and exit). With a remote backup, fgbi writes a line to
+ *   stderr when the backup is reached, when it holds a checkpoint, and when
+ *   protection is lost (with the reason).
  *
  * Errors
  *   Every function but fgbi_last_error returns an int: FGBI_OK (0) or one of the
