@@ -6,26 +6,38 @@
 //! behaviour; `fgbi_safepoint_pass`, which must take no lock, dereferences its handle
 //! directly. Every entry point catches panics, checks its pointers for NULL, returns a
 //! [`Status`] and, on failure, leaves a message for [`fgbi_last_error`].
+//!
+//! [`fgbi_protect`] replicates to an in-process replica or, with `backup` set in
+//! [`FgbiOptions`], to `fgbi backup` over the network. In a program started by
+//! `fgbi backup --restart` it first takes over the replica handed over
+//! ([`Restart::from_env`]): the regions start with the replica's contents, the restart
+//! record is [`fgbi_restart_record`]'s, and [`fgbi_ready`] sends the readiness line.
 
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use fgbi_engine::{Geometry, PAGE_SIZE};
+use fgbi_engine::{Geometry, Mode, PAGE_SIZE};
 use fgbi_hyp::process::{ProcessHandle, layout};
 use fgbi_hyp::protected::HypError;
 use fgbi_hyp::safepoint::{Safepoint, SafepointError};
 use fgbi_hyp::tracking::TrackingError;
+use fgbi_transport::{Implementation, Liveness, PresharedKey, RdmaConfig};
 use thiserror::Error;
 
 use crate::local::ReplicationError;
-use crate::replicator::{ReplicaView, Replicator, ReplicatorOptions, Summary};
+use crate::primary::PrimaryEvent;
+use crate::replicator::{
+    Observer, Remote, ReplicaView, Replicator, ReplicatorOptions, Summary, Target,
+};
+use crate::restart::{Ready, Restart, RestartError};
 
 /// What a call returns: `enum fgbi_status` in the header.
 #[repr(i32)]
@@ -89,6 +101,8 @@ enum Error {
     },
     #[error(transparent)]
     Replication(ReplicationError),
+    #[error("{0}")]
+    Restart(RestartError),
     #[error("fgbi panicked ({0}): this is a bug in fgbi, please report it")]
     Panic(String),
 }
@@ -114,6 +128,11 @@ impl Error {
             Error::State(_) => Status::State,
             Error::Stalled { .. } => Status::Safepoint,
             Error::Panic(_) => Status::Panic,
+            Error::Restart(e) => match e {
+                RestartError::Taken => Status::State,
+                RestartError::Io { .. } | RestartError::Create { .. } => Status::Resources,
+                _ => Status::Invalid,
+            },
             Error::Replication(e) => match e {
                 ReplicationError::Hyp(HypError::Tracking(TrackingError::PermissionDenied(_))) => {
                     Status::Permission
@@ -208,6 +227,18 @@ fn lookup<T: Handle>(handle: *const T, arg: &'static str, release: bool) -> Resu
         })
 }
 
+/// The encoding modes of `enum fgbi_mode` in the header, by value.
+const MODES: [(i32, Mode); 4] = [
+    (0, Mode::Fgbi),
+    (1, Mode::Remus),
+    (2, Mode::Llm),
+    (3, Mode::Xbzrle),
+];
+
+/// The connection timeout of a remote backup: how long the epoch thread tries to
+/// reach it at start before the program runs unprotected.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How to protect: `struct fgbi_options` in the header.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,10 +250,22 @@ pub struct FgbiOptions {
     /// Milliseconds the application's threads have to reach a safepoint, at least 1.
     pub stop_timeout_ms: u64,
     /// Compare the replica with the checkpoint every this many epochs (0: only the
-    /// final checkpoint, which is always compared).
+    /// final checkpoint, which is always compared). In-process replica only.
     pub verify_every: u64,
     /// Bytes of page cache for run deltas.
     pub cache_bytes: u64,
+    /// Encoding mode: a value of `enum fgbi_mode`.
+    pub mode: i32,
+    /// `host:port` of `fgbi backup`; NULL: an in-process replica.
+    pub backup: *const c_char,
+    /// The key file shared with the backup; required with `backup`.
+    pub key_file: *const c_char,
+    /// "tcp", "uring", "std" or "rdma"; NULL: "tcp". With `backup` only.
+    pub transport: *const c_char,
+    /// The RDMA device; NULL: the first with an active port. With "rdma" only.
+    pub rdma_device: *const c_char,
+    /// Milliseconds between heartbeats to the backup (four silent: dead); 0: 25.
+    pub heartbeat_ms: u64,
 }
 
 impl From<&ReplicatorOptions> for FgbiOptions {
@@ -233,12 +276,44 @@ impl From<&ReplicatorOptions> for FgbiOptions {
             stop_timeout_ms: o.stop_timeout.as_millis() as u64,
             verify_every: o.verify_every,
             cache_bytes: o.cache_bytes as u64,
+            mode: MODES
+                .iter()
+                .find(|(_, mode)| *mode == o.mode)
+                .map_or(0, |&(value, _)| value),
+            backup: std::ptr::null(),
+            key_file: std::ptr::null(),
+            transport: std::ptr::null(),
+            rdma_device: std::ptr::null(),
+            heartbeat_ms: Liveness::default().interval.as_millis() as u64,
         }
     }
 }
 
+/// The string at `ptr`, the value of option `field`; `None` if NULL.
+///
+/// # Safety
+///
+/// `ptr` is NULL or a NUL-terminated string that outlives the result.
+unsafe fn text<'a>(ptr: *const c_char, field: &str) -> Result<Option<&'a str>, Error> {
+    if ptr.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: not NULL, and NUL-terminated per the contract.
+    let text = unsafe { CStr::from_ptr(ptr) };
+    text.to_str().map(Some).map_err(|_| {
+        Error::Invalid(format!(
+            "{field} ({text:?}) is not UTF-8: pass a UTF-8 string"
+        ))
+    })
+}
+
 impl FgbiOptions {
-    fn to_replicator(self) -> Result<ReplicatorOptions, Error> {
+    /// The replicator's options these ask for, every field checked.
+    ///
+    /// # Safety
+    ///
+    /// The string fields are NULL or NUL-terminated strings.
+    unsafe fn to_replicator(self) -> Result<ReplicatorOptions, Error> {
         if self.epoch_ms == 0 || self.stop_timeout_ms == 0 {
             return Err(Error::Invalid(format!(
                 "epoch_ms ({}) and stop_timeout_ms ({}) must be at least 1: start from \
@@ -250,17 +325,162 @@ impl FgbiOptions {
         // The block size is checked here, before any memory is mapped.
         Geometry::new(PAGE_SIZE as u64, block_size)
             .map_err(|e| Error::Invalid(format!("block_size: {e}")))?;
+        let mode = MODES
+            .iter()
+            .find(|(value, _)| *value == self.mode)
+            .map(|&(_, mode)| mode)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "mode ({}) is not an fgbi_mode: use FGBI_MODE_FGBI, FGBI_MODE_REMUS, \
+                     FGBI_MODE_LLM or FGBI_MODE_XBZRLE",
+                    self.mode
+                ))
+            })?;
+        // SAFETY: each field is NULL or NUL-terminated per the contract.
+        let (backup, key_file, transport, rdma_device) = unsafe {
+            (
+                text(self.backup, "backup")?,
+                text(self.key_file, "key_file")?,
+                text(self.transport, "transport")?,
+                text(self.rdma_device, "rdma_device")?,
+            )
+        };
+        let target = match backup {
+            Some(backup) => {
+                Target::Remote(self.remote(backup, key_file, transport, rdma_device)?)
+            }
+            None if key_file.is_some() || transport.is_some() || rdma_device.is_some() => {
+                return Err(Error::Invalid(
+                    "key_file, transport and rdma_device apply to a remote backup only: set \
+                     backup (host:port of `fgbi backup`) too, or leave them NULL"
+                        .into(),
+                ));
+            }
+            None => Target::Local,
+        };
+        let observer = match &target {
+            Target::Remote(remote) => Some(announce(remote.backup)),
+            Target::Local => None,
+        };
         Ok(ReplicatorOptions {
             epoch: Duration::from_millis(self.epoch_ms),
+            mode,
             block_size,
             stop_timeout: Duration::from_millis(self.stop_timeout_ms),
             verify_every: self.verify_every,
             cache_bytes: usize::try_from(self.cache_bytes).map_err(|_| {
                 Error::Invalid(format!("cache_bytes ({}) exceeds size_t", self.cache_bytes))
             })?,
-            ..ReplicatorOptions::default()
+            target,
+            observer,
         })
     }
+
+    /// The backup at `backup` these options describe.
+    fn remote(
+        &self,
+        backup: &str,
+        key_file: Option<&str>,
+        transport: Option<&str>,
+        rdma_device: Option<&str>,
+    ) -> Result<Remote, Error> {
+        let address = resolve(backup)?;
+        let key_file = key_file.ok_or_else(|| {
+            Error::Invalid(format!(
+                "key_file is NULL but backup is {backup:?}: pass the key file `fgbi backup \
+                 --key` reads (at least 16 bytes, readable by its owner only)"
+            ))
+        })?;
+        let key = PresharedKey::from_file(key_file)
+            .map_err(|e| Error::Invalid(format!("key_file: {e}")))?;
+        let name = transport.unwrap_or("tcp");
+        let implementation = match name {
+            "tcp" if Implementation::Uring.available().is_ok() => Implementation::Uring,
+            "tcp" | "std" => Implementation::Std,
+            "uring" => Implementation::Uring,
+            "rdma" => Implementation::Rdma,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "transport {other:?} is unknown: use \"tcp\", \"uring\", \"std\" or \
+                     \"rdma\" (NULL: \"tcp\")"
+                )));
+            }
+        };
+        if rdma_device.is_some() && implementation != Implementation::Rdma {
+            return Err(Error::Invalid(format!(
+                "rdma_device is set but transport is {name:?}: set transport to \"rdma\", or \
+                 leave rdma_device NULL"
+            )));
+        }
+        let rdma = RdmaConfig {
+            device: rdma_device.map(str::to_string),
+            ..RdmaConfig::default()
+        };
+        match implementation {
+            Implementation::Rdma => rdma.available(),
+            other => other.available(),
+        }
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "transport {name:?} cannot run here ({e}): choose another transport"
+            ))
+        })?;
+        let interval = Duration::from_millis(match self.heartbeat_ms {
+            0 => Liveness::default().interval.as_millis() as u64,
+            ms => ms,
+        });
+        Ok(Remote {
+            backup: address,
+            key: Arc::new(key),
+            implementation,
+            rdma,
+            liveness: Liveness {
+                interval,
+                timeout: interval * 4,
+            },
+            connect_timeout: CONNECT_TIMEOUT,
+        })
+    }
+}
+
+/// The address `backup` ("host:port") names: its first.
+fn resolve(backup: &str) -> Result<SocketAddr, Error> {
+    let bad = |why: String| {
+        Error::Invalid(format!(
+            "backup {backup:?} is not a host:port this machine can resolve ({why}): pass \
+             the address `fgbi backup --listen` listens on, e.g. \"192.0.2.7:7000\""
+        ))
+    };
+    backup
+        .to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("it resolves to no address".into()))
+}
+
+/// An observer that says on stderr when the backup at `backup` is reached, holds a
+/// checkpoint, or is lost: a C program has no other way to learn whether it runs
+/// protected.
+fn announce(backup: SocketAddr) -> Observer {
+    // Set when protection is (re)gained until the next commit says it is.
+    let pending = AtomicBool::new(true);
+    Observer(Arc::new(move |event| match event {
+        PrimaryEvent::Connected(epoch) => {
+            pending.store(true, Ordering::Relaxed);
+            eprintln!("fgbi: connected to the backup at {backup} (it holds epoch {epoch})");
+        }
+        PrimaryEvent::Committed { epoch, .. } if pending.swap(false, Ordering::Relaxed) => {
+            eprintln!("fgbi: protected: the backup at {backup} committed epoch {epoch}");
+        }
+        PrimaryEvent::Unprotected { reason } => {
+            pending.store(true, Ordering::Relaxed);
+            eprintln!(
+                "fgbi: unprotected: the backup at {backup} holds no checkpoint of this \
+                 process ({reason}); running on"
+            );
+        }
+        _ => {}
+    }))
 }
 
 /// What protection did: `struct fgbi_summary` in the header.
@@ -283,6 +503,9 @@ pub struct FgbiSummary {
     pub pause_us_p99: f64,
     /// Longest pause, microseconds.
     pub pause_us_max: f64,
+    /// Checkpoints the target committed: every one for an in-process replica, those
+    /// the backup acknowledged for a remote one.
+    pub committed: u64,
 }
 
 impl From<&Summary> for FgbiSummary {
@@ -296,6 +519,7 @@ impl From<&Summary> for FgbiSummary {
             pause_us_p50: s.pause_us.p50,
             pause_us_p99: s.pause_us.p99,
             pause_us_max: s.pause_us.max,
+            committed: s.committed,
         }
     }
 }
@@ -305,6 +529,18 @@ pub struct FgbiProcess {
     handle: ProcessHandle,
     /// The epoch thread, until `fgbi_finish` takes it.
     replicator: Mutex<Option<Replicator>>,
+    /// The replica this process took over, when `fgbi backup --restart` started it.
+    taken_over: Option<TakenOver>,
+}
+
+/// What a restarted process keeps of the replica it took over.
+struct TakenOver {
+    /// The epoch the replica held.
+    epoch: u64,
+    /// The restart record committed with it.
+    record: Vec<u8>,
+    /// The readiness line's pipe, until `fgbi_ready` sends it.
+    ready: Mutex<Option<Ready>>,
 }
 
 impl Handle for FgbiProcess {
@@ -384,7 +620,8 @@ pub unsafe extern "C" fn fgbi_protect(
         let sizes = unsafe { std::slice::from_raw_parts(sizes.as_ptr(), count) };
         // SAFETY: NULL or readable per the contract; every bit pattern is valid.
         let options = match unsafe { options.as_ref() } {
-            Some(options) => options.to_replicator()?,
+            // SAFETY: its strings are NULL or NUL-terminated per the contract.
+            Some(options) => unsafe { options.to_replicator() }?,
             None => ReplicatorOptions::default(),
         };
         if let Err(HypError::Layout(why)) = layout(sizes) {
@@ -393,15 +630,77 @@ pub unsafe extern "C" fn fgbi_protect(
                  size, none of them 0"
             )));
         }
-        let (handle, replicator) = Replicator::start(sizes, options)?;
+        let mut restart = Restart::from_env().map_err(Error::Restart)?;
+        let started = match &restart {
+            Some(restart) => check_layout(restart, sizes),
+            None => Ok(()),
+        }
+        .and_then(|()| {
+            Replicator::start_from(sizes, options, |handle| {
+                // The replica taken over, and its record, are in place before the
+                // first checkpoint: no checkpoint of this process lacks them.
+                if let Some(restart) = &restart {
+                    take_over(restart, handle);
+                }
+            })
+            .map_err(Error::from)
+        });
+        let (handle, replicator) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                if let Some(restart) = &mut restart {
+                    // The readiness pipe stays open until the process exits: the
+                    // backup then reports its exit status after the program's own
+                    // messages, instead of killing it before it can print them.
+                    std::mem::forget(restart.take_ready());
+                }
+                return Err(e);
+            }
+        };
+        let taken_over = restart.map(|mut restart| TakenOver {
+            epoch: restart.epoch(),
+            record: restart.record().to_vec(),
+            ready: Mutex::new(Some(restart.take_ready())),
+        });
         let handle = publish(FgbiProcess {
             handle,
             replicator: Mutex::new(Some(replicator)),
+            taken_over,
         });
         // SAFETY: not NULL, and valid for writes per the contract.
         unsafe { out.write(handle) };
         Ok(())
     })
+}
+
+/// Copies the regions of the replica `restart` into the regions of `handle`, newly
+/// protected (of the same sizes: [`check_layout`]), and sets its restart record.
+fn take_over(restart: &Restart, handle: &ProcessHandle) {
+    for index in 0..restart.regions() {
+        if let (Some(from), Some((to, len))) = (restart.region(index), handle.region(index)) {
+            // SAFETY: region `index` is `len` writable bytes that nothing else touches
+            // yet (no thread is registered, no checkpoint has started), and
+            // `check_layout` made `from` `len` bytes too.
+            unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), to, len) };
+        }
+    }
+    handle.set_state(restart.record());
+}
+
+/// Checks that the replica `restart` holds regions of `sizes` bytes, those the
+/// program protects.
+fn check_layout(restart: &Restart, sizes: &[usize]) -> Result<(), Error> {
+    let replica: Vec<usize> = (0..restart.regions())
+        .filter_map(|index| restart.region(index).map(<[u8]>::len))
+        .collect();
+    if replica != sizes {
+        return Err(Error::Invalid(format!(
+            "this program was restarted by `fgbi backup --restart` from a replica of \
+             regions of {replica:?} bytes, but asks to protect regions of {sizes:?}: \
+             restart the program the primary ran, with the same arguments"
+        )));
+    }
+    Ok(())
 }
 
 /// Sets `*base` and `*len` to where protected region `index` lies: zero-filled at
@@ -555,10 +854,12 @@ pub unsafe extern "C" fn fgbi_set_state(
     })
 }
 
-/// Takes a final, verified checkpoint, stops checkpointing, and returns what
-/// protection did in `*summary` and the replica in `*replica`. Every registered
-/// thread must have freed its safepoint, or be outside, so the final stop completes.
-/// The process's regions stay readable until `fgbi_process_free`.
+/// Takes a final checkpoint (verified, for an in-process replica), stops
+/// checkpointing, and returns what protection did in `*summary` and the in-process
+/// replica in `*replica`; with a remote backup, which holds the replica, `*replica`
+/// is NULL. Every registered thread must have freed its safepoint, or be outside, so
+/// the final stop completes. The process's regions stay readable until
+/// `fgbi_process_free`.
 ///
 /// # Safety
 ///
@@ -582,16 +883,90 @@ pub unsafe extern "C" fn fgbi_finish(
                 "protection has already finished: call fgbi_finish once per process",
             ))?;
         let done = replicator.finish()?;
-        // SAFETY: not NULL, and valid for writes per the contract.
-        unsafe { summary.write(FgbiSummary::from(&done)) };
-        // The C API replicates in-process only (fgbi_options has no backup address).
-        let view = done.replica.ok_or(Error::State(
-            "protection ended without an in-process replica",
-        ))?;
-        let handle = publish(FgbiReplica(Mutex::new(view)));
-        // SAFETY: not NULL, and valid for writes per the contract.
-        unsafe { replica.write(handle) };
+        let totals = FgbiSummary::from(&done);
+        // The replica stays on a remote backup: none is handed back.
+        let handle = match done.replica {
+            Some(view) => publish(FgbiReplica(Mutex::new(view))),
+            None => std::ptr::null_mut(),
+        };
+        // SAFETY: neither is NULL, and both are valid for writes per the contract.
+        unsafe {
+            summary.write(totals);
+            replica.write(handle);
+        }
         Ok(())
+    })
+}
+
+/// Whether `fgbi_protect` took over a replica (the process was started by `fgbi
+/// backup --restart`): `*restarted` 1, `*epoch` the epoch the replica held, `*data`
+/// and `*len` its restart record (valid until `fgbi_process_free`); else
+/// `*restarted` 0, `*epoch` 0, `*data` NULL and `*len` 0.
+///
+/// # Safety
+///
+/// `restarted`, `epoch`, `data` and `len` are NULL or valid for writing an `int`, a
+/// `uint64_t`, a pointer and a `size_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_restart_record(
+    process: *const FgbiProcess,
+    restarted: *mut c_int,
+    epoch: *mut u64,
+    data: *mut *const c_void,
+    len: *mut usize,
+) -> c_int {
+    call("fgbi_restart_record", || {
+        let (restarted, epoch) = (required(restarted, "restarted")?, required(epoch, "epoch")?);
+        let (data, len) = (required(data, "data")?, required(len, "len")?);
+        let process = lookup(process, "process", false)?;
+        let (yes, at, record) = match &process.taken_over {
+            Some(taken) => (1, taken.epoch, &taken.record[..]),
+            None => (0, 0, &[][..]),
+        };
+        let start = if yes == 1 {
+            record.as_ptr().cast()
+        } else {
+            std::ptr::null()
+        };
+        // SAFETY: none is NULL, and all are valid for writes per the contract; the
+        // record lives as long as the process, which the registry keeps until
+        // `fgbi_process_free`.
+        unsafe {
+            restarted.write(yes);
+            epoch.write(at);
+            data.write(start);
+            len.write(record.len());
+        }
+        Ok(())
+    })
+}
+
+/// Tells `fgbi backup`, which restarted this process, that it serves again: sends
+/// `message` (one line; newlines become spaces), which the backup prints after
+/// `restarted pid=P`. The first call sends; later ones, and calls in a process that
+/// was not restarted, do nothing.
+///
+/// # Safety
+///
+/// `message` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fgbi_ready(process: *const FgbiProcess, message: *const c_char) -> c_int {
+    call("fgbi_ready", || {
+        let message = required(message, "message")?;
+        // SAFETY: not NULL, and NUL-terminated per the contract.
+        let message = unsafe { CStr::from_ptr(message.as_ptr()) }.to_string_lossy();
+        let process = lookup(process, "process", false)?;
+        let ready = process.taken_over.as_ref().and_then(|taken| {
+            taken
+                .ready
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+        });
+        match ready {
+            Some(ready) => ready.send(&message).map_err(Error::Restart),
+            None => Ok(()),
+        }
     })
 }
 

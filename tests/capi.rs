@@ -1,9 +1,12 @@
 //! The C API called as C calls it: its error paths (NULL pointers, bad sizes and
 //! options, unknown and freed handles, calls out of order, a thread that never
-//! passes its safepoint), a whole protect-to-replica round trip, and the header's
-//! agreement with the Rust status values.
+//! passes its safepoint), bad remote-backup options, a whole protect-to-replica
+//! round trip, the restart calls of a process that was not restarted, and the
+//! header's agreement with the Rust status and mode values.
 
-use std::ffi::{CStr, c_int, c_void};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::ptr::{self, NonNull};
 use std::time::Duration;
 
@@ -36,6 +39,12 @@ fn options(edit: impl FnOnce(&mut FgbiOptions)) -> FgbiOptions {
         stop_timeout_ms: 0,
         verify_every: 0,
         cache_bytes: 0,
+        mode: -1,
+        backup: ptr::null(),
+        key_file: ptr::null(),
+        transport: ptr::null(),
+        rdma_device: ptr::null(),
+        heartbeat_ms: 0,
     };
     // SAFETY: `options` is valid for writes.
     assert_eq!(unsafe { fgbi_options_default(&mut options) }, 0);
@@ -107,6 +116,78 @@ fn bad_sizes_and_options_are_invalid_before_anything_is_mapped() {
     assert_fails(code, Status::Invalid, &["epoch_ms", "fgbi_options_default"]);
     let code = protect(&[4096], &options(|o| o.stop_timeout_ms = 0)).unwrap_err();
     assert_fails(code, Status::Invalid, &["stop_timeout_ms"]);
+    let code = protect(&[4096], &options(|o| o.mode = 7)).unwrap_err();
+    assert_fails(code, Status::Invalid, &["mode (7)", "FGBI_MODE_REMUS"]);
+}
+
+/// A key file holding `bytes` with permissions `mode`, in a scratch directory.
+fn key_file(name: &str, mode: u32, bytes: &[u8]) -> CString {
+    let dir = std::env::temp_dir().join(format!("fgbi-capi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&path)
+        .unwrap()
+        .write_all(bytes)
+        .unwrap();
+    CString::new(path.into_os_string().into_encoded_bytes()).unwrap()
+}
+
+#[test]
+fn bad_backup_options_are_invalid_and_say_what_to_do() {
+    let key = key_file("good.key", 0o600, b"0123456789abcdef0123456789abcdef");
+    let open = key_file("open.key", 0o644, b"0123456789abcdef0123456789abcdef");
+    let remote = |backup: &'static CStr, key: *const c_char| {
+        options(move |o| {
+            o.backup = backup.as_ptr();
+            o.key_file = key;
+        })
+    };
+    let cases: [(FgbiOptions, &[&str]); 8] = [
+        (
+            remote(c"127.0.0.1:7000", ptr::null()),
+            &["key_file is NULL", "fgbi backup", "--key"],
+        ),
+        (
+            remote(c"nonsense", key.as_ptr()),
+            &["\"nonsense\" is not a host:port", "--listen"],
+        ),
+        (remote(c"127.0.0.1:99999", key.as_ptr()), &["host:port"]),
+        (
+            remote(c"127.0.0.1:7000", open.as_ptr()),
+            &["key_file:", "chmod 600"],
+        ),
+        (
+            remote(c"127.0.0.1:7000", c"/nonexistent/fgbi.key".as_ptr()),
+            &["key_file:", "cannot read"],
+        ),
+        (
+            FgbiOptions {
+                transport: c"pigeon".as_ptr(),
+                ..remote(c"127.0.0.1:7000", key.as_ptr())
+            },
+            &["transport \"pigeon\" is unknown", "\"tcp\""],
+        ),
+        (
+            FgbiOptions {
+                rdma_device: c"rxe0".as_ptr(),
+                ..remote(c"127.0.0.1:7000", key.as_ptr())
+            },
+            &["rdma_device is set", "\"rdma\""],
+        ),
+        (
+            options(|o| o.key_file = key.as_ptr()),
+            &["remote backup only", "set backup"],
+        ),
+    ];
+    for (options, words) in cases {
+        let code = protect(&[4096], &options).unwrap_err();
+        assert_fails(code, Status::Invalid, words);
+    }
 }
 
 #[test]
@@ -233,6 +314,31 @@ fn a_thread_outside_counts_as_stopped_and_the_replica_is_exact() {
 }
 
 #[test]
+fn a_process_not_restarted_has_no_restart_record_and_ready_does_nothing() {
+    if !tracking() {
+        return;
+    }
+    let process = protect(&[4096], &options(|_| {})).unwrap();
+    let mut data: *const c_void = NonNull::<u8>::dangling().as_ptr().cast();
+    let (mut restarted, mut epoch, mut len) = (-1, 9, 9);
+    // SAFETY: the out-pointers are valid.
+    let code =
+        unsafe { fgbi_restart_record(process, &mut restarted, &mut epoch, &mut data, &mut len) };
+    assert_eq!(code, 0, "{}", last_error());
+    assert_eq!((restarted, epoch, data, len), (0, 0, ptr::null(), 0));
+    // SAFETY: the message is NUL-terminated.
+    assert_eq!(unsafe { fgbi_ready(process, c"serving".as_ptr()) }, 0);
+    // SAFETY: a NULL message is what is tested.
+    let code = unsafe { fgbi_ready(process, ptr::null()) };
+    assert_fails(code, Status::Null, &["fgbi_ready", "`message`"]);
+    // SAFETY: a NULL out-pointer is what is tested; the others are valid.
+    let code =
+        unsafe { fgbi_restart_record(process, ptr::null_mut(), &mut epoch, &mut data, &mut len) };
+    assert_fails(code, Status::Null, &["fgbi_restart_record", "`restarted`"]);
+    assert_eq!(fgbi_process_free(process), 0);
+}
+
+#[test]
 fn a_thread_that_never_passes_fails_finish_saying_what_to_do() {
     if !tracking() {
         return;
@@ -260,16 +366,20 @@ fn a_thread_that_never_passes_fails_finish_saying_what_to_do() {
     assert_eq!(fgbi_process_free(process), 0);
 }
 
-#[test]
-fn the_header_declares_the_rust_status_values() {
-    let header = include_str!("../include/fgbi.h");
-    let declared: Vec<(&str, i32)> = header
+/// The `FGBI_<prefix>NAME = value` enumerators the header declares, as (NAME, value).
+fn declared(prefix: &str) -> Vec<(String, i32)> {
+    include_str!("../include/fgbi.h")
         .lines()
         .filter_map(|line| {
             let (name, value) = line.trim().trim_end_matches(',').split_once(" = ")?;
-            Some((name.strip_prefix("FGBI_")?, value.parse().ok()?))
+            let name = name.strip_prefix("FGBI_")?.strip_prefix(prefix)?;
+            Some((name.to_string(), value.parse().ok()?))
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn the_header_declares_the_rust_status_values() {
     let rust = [
         ("OK", Status::Ok),
         ("ERR_NULL", Status::Null),
@@ -284,6 +394,33 @@ fn the_header_declares_the_rust_status_values() {
         ("ERR_REPLICATION", Status::Replication),
         ("ERR_PANIC", Status::Panic),
     ]
-    .map(|(name, status)| (name, status as i32));
-    assert_eq!(declared, rust);
+    .map(|(name, status)| (name.to_string(), status as i32));
+    let statuses: Vec<_> = declared("")
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("MODE_"))
+        .collect();
+    assert_eq!(statuses, rust);
+}
+
+#[test]
+fn the_header_declares_the_modes_fgbi_protect_accepts() {
+    let modes = declared("MODE_");
+    let names: Vec<&str> = modes.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["FGBI", "REMUS", "LLM", "XBZRLE"]);
+    let defaults = options(|_| {});
+    assert_eq!(defaults.mode, 0, "the default is FGBI_MODE_FGBI");
+    for (name, value) in modes {
+        // Options that fail after the mode is checked: a mode refused would say so.
+        let probe = options(|o| {
+            o.mode = value;
+            o.transport = c"tcp".as_ptr();
+        });
+        let code = protect(&[4096], &probe).unwrap_err();
+        assert_fails(code, Status::Invalid, &["remote backup only"]);
+        assert!(
+            !last_error().contains("fgbi_mode"),
+            "{name}: {}",
+            last_error()
+        );
+    }
 }

@@ -16,6 +16,7 @@ module fgbi
   type, bind(c) :: fgbi_summary
     integer(c_int64_t) :: epochs, verified, mismatches, dirty_pages, wire_bytes
     real(c_double) :: pause_us_p50, pause_us_p99, pause_us_max
+    integer(c_int64_t) :: committed
   end type
   interface
     integer(c_int) function fgbi_protect(sizes, count, options, process) bind(c)
