@@ -60,6 +60,8 @@ struct heat {
     size_t n;
     /* The first iteration to compute: 0, or where a restarted run resumes. */
     unsigned long start;
+    /* Whether this run took over a replica (then its first iteration is announced). */
+    int restarted;
     unsigned long iterations;
     unsigned long threads;
     pthread_barrier_t barrier;
@@ -105,6 +107,14 @@ static void solve(struct worker *w, const fgbi_safepoint *safepoint) {
             }
         }
         wait_all(heat, safepoint);
+        if (w->id == 0 && heat->restarted && k == heat->start) {
+            /* The end of type I downtime, on the clock the backup stamps its own. */
+            struct timespec now;
+            clock_gettime(CLOCK_REALTIME, &now);
+            printf("heat: first iteration after the restart done at_unix_ns=%lld\n",
+                   (long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+            fflush(stdout);
+        }
         if (heat->process) {
             if (w->id == 0) {
                 uint64_t done = k + 1;
@@ -230,6 +240,7 @@ static unsigned long resume(struct heat *heat) {
     if (!restarted) {
         return 0;
     }
+    heat->restarted = 1;
     uint64_t done = 0;
     if (len == sizeof done) {
         memcpy(&done, record, sizeof done);

@@ -2,6 +2,7 @@
 //! the files are written by `fgbi::bench::report`. The synthetic workloads and traces
 //! run in `fgbi::bench`, the real programs in [`programs`].
 
+mod heat;
 mod kv;
 mod programs;
 
@@ -28,9 +29,10 @@ use programs::{Program, ProgramSettings};
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Comma-separated workloads: the synthetic web, npb-ep, sys, dense, dup, idle;
-    /// the real program kv (the key-value service under redis-benchmark, killed and
-    /// restarted by its backup in every round); or all (every one of them, leaving
-    /// out, with a line that says why, a program that cannot run here).
+    /// the real programs kv (the key-value service under redis-benchmark) and heat
+    /// (the C solver of examples/heat, linking the libfgbi.so beside fgbi), each
+    /// killed and restarted by its backup in every round; or all (every one of
+    /// them, leaving out, with a line that says why, a program that cannot run here).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     workload: Vec<String>,
     /// Replay this trace (recorded by `fgbi record`) instead of a synthetic workload;
@@ -164,6 +166,8 @@ struct Profile {
     requests: u64,
     /// Programs: milliseconds of load before the kill, and after the restart.
     load_ms: [u64; 2],
+    /// heat: the grid's side and the iterations of a run.
+    heat: [u64; 2],
 }
 
 const FULL: Profile = Profile {
@@ -174,6 +178,7 @@ const FULL: Profile = Profile {
     failovers: 3,
     requests: 100_000,
     load_ms: [2000, 1000],
+    heat: [1024, 3000],
 };
 
 const QUICK: Profile = Profile {
@@ -184,6 +189,7 @@ const QUICK: Profile = Profile {
     failovers: 1,
     requests: 20_000,
     load_ms: [1000, 500],
+    heat: [1024, 600],
 };
 
 /// The table's columns, in the text and Markdown tables.
@@ -468,6 +474,8 @@ fn program_settings(
         requests,
         kill_after_ms: profile.load_ms[0],
         after_ms: profile.load_ms[1],
+        heat_n: profile.heat[0],
+        heat_iterations: profile.heat[1],
     };
     Ok(Some((programs, settings)))
 }
@@ -529,12 +537,15 @@ fn run_programs(
     mut done: usize,
 ) -> Result<(Vec<ProgramResult>, Vec<[String; 11]>), String> {
     println!(
-        "programs: {} MiB protected, {} ms epochs, transport {}, {} round(s) per mode (unprotected run, protected run, kill and restart by the backup), kv: {} requests per redis-benchmark test",
-        settings.mem >> 20,
+        "programs: {} ms epochs, transport {}, {} round(s) per mode (unprotected run, protected run, kill and restart by the backup); kv: {} MiB store, {} requests per redis-benchmark test; heat: {}x{} grid, {} iterations",
         settings.epoch_ms,
         settings.link.transport,
         settings.rounds,
-        settings.requests
+        settings.mem >> 20,
+        settings.requests,
+        settings.heat_n,
+        settings.heat_n,
+        settings.heat_iterations
     );
     programs::print_row(&programs::COLUMNS.map(String::from));
     let (mut results, mut rows) = (Vec::new(), Vec::new());

@@ -7,6 +7,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +20,11 @@ pub fn shell_quote(path: &Path) -> String {
 pub struct Scratch(pub PathBuf);
 
 impl Scratch {
+    /// A fresh directory in the system's temporary directory.
     pub fn new() -> Result<Self, String> {
-        let dir = std::env::temp_dir().join(format!("fgbi-{}", std::process::id()));
+        static MADE: AtomicU32 = AtomicU32::new(0);
+        let made = MADE.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("fgbi-{}-{made}", std::process::id()));
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         Ok(Self(dir))
@@ -55,8 +59,8 @@ pub fn free_port() -> Result<u16, String> {
     }
     let span = u32::from(first_ephemeral - LOWEST);
     // Start somewhere different in each process and call.
-    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let calls = CALLS.fetch_add(1, Ordering::Relaxed);
     let start = std::process::id()
         .wrapping_mul(7919)
         .wrapping_add(calls.wrapping_mul(104_729));
@@ -126,6 +130,34 @@ pub fn wait_for(
             return Ok(line);
         }
     }
+}
+
+/// The first line of `lines` starting with each of `prefixes`, in whatever order
+/// they come, waiting at most `timeout` in all.
+pub fn wait_for_all<const N: usize>(
+    lines: &mpsc::Receiver<String>,
+    prefixes: [&str; N],
+    timeout: Duration,
+) -> Result<[String; N], String> {
+    let deadline = Instant::now() + timeout;
+    let mut found: [Option<String>; N] = std::array::from_fn(|_| None);
+    while found.iter().any(Option::is_none) {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .map_err(|_| {
+                let missing: Vec<&str> = prefixes
+                    .iter()
+                    .zip(&found)
+                    .filter(|(_, f)| f.is_none())
+                    .map(|(p, _)| *p)
+                    .collect();
+                format!("no {missing:?} line within {timeout:?}")
+            })?;
+        if let Some(i) = (0..N).find(|&i| found[i].is_none() && line.starts_with(prefixes[i])) {
+            found[i] = Some(line);
+        }
+    }
+    Ok(found.map(Option::unwrap_or_default))
 }
 
 /// The value after `name` in `line`, up to `end`.

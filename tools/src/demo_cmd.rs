@@ -463,27 +463,11 @@ fn service_failover(
 
 /// The transport flags of the primary's side (`backup` false) or the backup's.
 fn link_flags(args: &DemoArgs, backup: bool) -> Vec<String> {
-    let link = &args.link;
-    let mut flags = vec![
-        "--transport".to_string(),
-        link.transport.clone(),
-        "--rdma-port".to_string(),
-        link.rdma_port.to_string(),
-    ];
     let device = match backup {
-        true => args
-            .backup_rdma_device
-            .as_ref()
-            .or(link.rdma_device.as_ref()),
-        false => link.rdma_device.as_ref(),
+        true => args.backup_rdma_device.as_ref(),
+        false => None,
     };
-    if let Some(device) = device {
-        flags.extend(["--rdma-device".to_string(), device.clone()]);
-    }
-    if let Some(index) = link.rdma_gid_index {
-        flags.extend(["--rdma-gid-index".to_string(), index.to_string()]);
-    }
-    flags
+    args.link.flags(device)
 }
 
 /// Milliseconds between checkpoints: as asked, else the service's default for the
@@ -753,8 +737,14 @@ pub(crate) fn await_restart(
         .map_err(|e| format!("the backup did not fail over: {e}"))?;
     let ready = wait_for(backup, "restarted pid=", Duration::from_secs(30))
         .map_err(|e| format!("the backup did not restart the {what}: {e}"))?;
+    Ok(restart_parts(&line, &ready, killed_at))
+}
+
+/// Type I downtime's parts from the backup's `failover` line and its `restarted`
+/// line (`ready`), the program killed at `killed_at`; `first_reply` left 0.
+pub(crate) fn restart_parts(line: &str, ready: &str, killed_at: SystemTime) -> Failover {
     let get = |name: &str| {
-        field(&line, name, ' ')
+        field(line, name, ' ')
             .and_then(|v| v.parse::<u128>().ok())
             .unwrap_or(0)
     };
@@ -763,7 +753,7 @@ pub(crate) fn await_restart(
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     // The restarted service's line: `... replayed N logged inputs in T us ...`.
-    let (replayed, replay) = field(&ready, "replayed ", ',')
+    let (replayed, replay) = field(ready, "replayed ", ',')
         .and_then(|text| {
             let (count, rest) = text.split_once(" logged inputs in ")?;
             let us = rest.split_once(" us")?.0;
@@ -771,7 +761,7 @@ pub(crate) fn await_restart(
         })
         .unwrap_or((0, 0.0));
     let restore = (get("restore_us=") + get("first_run_us=")) as f64;
-    Ok(Failover {
+    Failover {
         epoch: get("epoch=") as u64,
         detect: get("detected_ns=").saturating_sub(killed_ns) as f64 / 1e3,
         apply: get("finish_us=") as f64,
@@ -783,8 +773,8 @@ pub(crate) fn await_restart(
         ready: ready
             .split_once(' ')
             .and_then(|(_, rest)| rest.split_once(' '))
-            .map_or(ready.clone(), |(_, rest)| rest.to_string()),
-    })
+            .map_or(ready.to_string(), |(_, rest)| rest.to_string()),
+    }
 }
 
 /// Microseconds since `at`.

@@ -529,3 +529,60 @@ fn bench_runs_the_kv_program_beside_a_synthetic_workload_and_reports_it() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn bench_runs_the_c_heat_solver_and_its_resumed_run_keeps_the_result() {
+    let cc = match Command::new("cc").arg("--version").output() {
+        Ok(out) if out.status.success() => Ok(()),
+        _ => Err("no C compiler (cc); install gcc (.ci/run does)"),
+    };
+    if !fgbi_hyp::feature::available("cc", cc) {
+        return;
+    }
+    let dir = scratch("heat");
+    let json = dir.join("r.json");
+    let (code, stdout, stderr) = fgbi(&[
+        "bench",
+        "--workload",
+        "heat",
+        "--modes",
+        "remus,fgbi",
+        "--quick",
+        "--transport",
+        "std",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(doc["runs"].as_array().unwrap().is_empty());
+    let programs = doc["programs"].as_array().unwrap();
+    assert_eq!(programs.len(), 2);
+    for (p, mode) in programs.iter().zip(["remus", "fgbi"]) {
+        assert_eq!(p["workload"], "heat");
+        assert_eq!(p["mode"], mode);
+        assert_eq!(p["verified"], true, "{p}");
+        assert_eq!(p["throughput_unit"], "iterations/s");
+        // Two 1024 x 1024 grids of doubles.
+        assert_eq!(p["mem_bytes"], 16 << 20);
+        assert!(p["checkpoints"].as_u64().unwrap() > 2, "{p}");
+        let check = p["check"].as_str().unwrap();
+        // `resumed at epoch E, checksum 0x... (unprotected 0x...)`
+        let checksums: Vec<&str> = check
+            .split([' ', '(', ')'])
+            .filter(|word| word.starts_with("0x"))
+            .collect();
+        assert_eq!(checksums.len(), 2, "{check}");
+        assert_eq!(checksums[0], checksums[1], "{check}");
+        let q = |q: &str| p["pause_us"][q].as_f64().unwrap();
+        assert!(
+            0.0 < q("p50") && q("p50") <= q("p99") && q("p99") <= q("max"),
+            "{p}"
+        );
+        let part = |name: &str| p["failover_ms"][name].as_f64().unwrap();
+        assert!(part("detect") > 0.0 && part("restore") > 0.0, "{p}");
+        assert!(part("total") >= part("detect") + part("apply"), "{p}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -397,6 +397,11 @@ fn a_killed_heat_is_resumed_by_its_backup_with_the_uninterrupted_result() {
         report.contains("restarted command ended: exit status: 0"),
         "{seen:#?}"
     );
+    // The end of type I downtime, which `fgbi bench` reads.
+    assert!(
+        report.contains("heat: first iteration after the restart done at_unix_ns="),
+        "{seen:#?}"
+    );
     let result = result(&report);
     assert_eq!(result["checksum"], expected, "{seen:#?}");
     assert_eq!(result["iterations"], LONG[1], "{seen:#?}");

@@ -73,6 +73,7 @@ pub fn round(settings: &ProgramSettings, mode: Mode) -> Result<Round, String> {
         checkpoints: outcome.stats.pauses.len() as u64,
         wire_bytes: outcome.stats.wire_bytes,
         pauses: outcome.stats.pauses,
+        pause_percentiles: None,
         failover,
         verified: outcome.lost == 0,
         check: format!(

@@ -7,7 +7,7 @@ use fgbi::bench::{FailoverMs, Percentiles, ProgramResult, Throughput};
 use fgbi::percentiles::median;
 use fgbi_engine::Mode;
 
-use super::kv;
+use super::{heat, kv};
 use crate::transport_arg::TransportArgs;
 
 /// How the programs are run.
@@ -26,6 +26,10 @@ pub struct ProgramSettings {
     pub kill_after_ms: u64,
     /// kv: milliseconds of load on the restarted service.
     pub after_ms: u64,
+    /// heat: the grid's side.
+    pub heat_n: u64,
+    /// heat: iterations of a run.
+    pub heat_iterations: u64,
 }
 
 /// What one round measured.
@@ -38,8 +42,10 @@ pub struct Round {
     pub checkpoints: u64,
     /// Bytes sent for them.
     pub wire_bytes: u64,
-    /// The pause of each, microseconds.
+    /// The pause of each, microseconds, if the program says.
     pub pauses: Vec<f64>,
+    /// Else their p50, p99 and max, microseconds.
+    pub pause_percentiles: Option<[f64; 3]>,
     /// The failover's type I downtime.
     pub failover: FailoverMs,
     /// Whether the restarted program had everything it should.
@@ -53,16 +59,19 @@ pub struct Round {
 pub enum Program {
     /// The key-value service under `redis-benchmark`.
     Kv,
+    /// The C heat solver.
+    Heat,
 }
 
 impl Program {
     /// Every program, in the order `--workload all` runs them.
-    pub const ALL: [Self; 1] = [Self::Kv];
+    pub const ALL: [Self; 2] = [Self::Kv, Self::Heat];
 
     /// The program called `name`, if one is.
     pub fn by_name(name: &str) -> Option<Self> {
         match name {
             "kv" => Some(Self::Kv),
+            "heat" => Some(Self::Heat),
             _ => None,
         }
     }
@@ -71,6 +80,7 @@ impl Program {
     pub fn name(self) -> &'static str {
         match self {
             Self::Kv => "kv",
+            Self::Heat => "heat",
         }
     }
 
@@ -78,6 +88,7 @@ impl Program {
     fn unit(self) -> &'static str {
         match self {
             Self::Kv => "requests/s",
+            Self::Heat => "iterations/s",
         }
     }
 
@@ -85,12 +96,22 @@ impl Program {
     pub fn check(self) -> Result<(), String> {
         match self {
             Self::Kv => kv::check(),
+            Self::Heat => heat::check(),
         }
     }
 
     fn round(self, settings: &ProgramSettings, mode: Mode) -> Result<Round, String> {
         match self {
             Self::Kv => kv::round(settings, mode),
+            Self::Heat => heat::round(settings, mode),
+        }
+    }
+
+    /// The memory it protects, bytes.
+    fn mem(self, settings: &ProgramSettings) -> u64 {
+        match self {
+            Self::Kv => settings.mem,
+            Self::Heat => heat::protected_bytes(settings.heat_n),
         }
     }
 }
@@ -121,12 +142,27 @@ pub fn run(
         workload: program.name().to_string(),
         mode: mode.to_string(),
         transport: settings.link.transport.clone(),
-        mem_bytes: settings.mem,
+        mem_bytes: program.mem(settings),
         epoch_ms: settings.epoch_ms,
         checkpoints,
         wire_bytes,
         bytes_per_epoch: wire_bytes as f64 / checkpoints.max(1) as f64,
-        pause_us: Percentiles::of(&mut pauses),
+        pause_us: match rounds.iter().map(|r| r.pause_percentiles).collect() {
+            // The program reports percentiles only: their medians over the rounds.
+            Some(percentiles) if pauses.is_empty() => {
+                let percentiles: Vec<[f64; 3]> = percentiles;
+                let med = |i: usize| {
+                    let mut values: Vec<f64> = percentiles.iter().map(|p| p[i]).collect();
+                    median(&mut values).unwrap_or(0.0)
+                };
+                Percentiles {
+                    p50: med(0),
+                    p99: med(1),
+                    max: med(2),
+                }
+            }
+            _ => Percentiles::of(&mut pauses),
+        },
         pause_samples_us: pauses,
         failovers: rounds.len(),
         failover_ms: FailoverMs {
