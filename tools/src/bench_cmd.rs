@@ -343,7 +343,7 @@ fn print_header(args: &BenchArgs, config: &BenchConfig) {
     };
     let pipeline = match &config.network {
         Some(_) => format!(
-            "networked pass to a backup process over loopback ({} failover(s), {} epochs of {} ms per round)",
+            "networked pass to a backup process on this host ({} failover(s), {} epochs of {} ms per round)",
             config.failovers, config.net_epochs, args.epoch_ms
         ),
         None => "in-process pass only".to_string(),
