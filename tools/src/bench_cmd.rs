@@ -698,6 +698,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn all_stands_for_every_workload_and_names_make_a_program_required() {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (workloads, programs) = split_workloads(&names(&["all", "kv"])).unwrap();
+        assert_eq!(workloads, NAMES.map(String::from).to_vec());
+        let wanted: Vec<(Program, bool)> = programs.iter().map(|w| (w.program, w.named)).collect();
+        assert_eq!(wanted, [(Program::Kv, true), (Program::Heat, false)]);
+        let (workloads, programs) = split_workloads(&names(&["heat", "web"])).unwrap();
+        assert_eq!(workloads, ["web"]);
+        assert!(programs.len() == 1 && programs[0].program == Program::Heat && programs[0].named);
+        for (bad, why) in [
+            (&["kv", "all", "kv"][..], "names kv twice"),
+            (&["web", "all"][..], "names web twice"),
+            (&["web", ""][..], "empty name"),
+        ] {
+            let e = split_workloads(&names(bad)).err().unwrap();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
     fn rates_are_read_in_pages_per_second() {
         assert_eq!(parse_rate("12000").unwrap(), 12000.0);
         assert_eq!(parse_rate("12000pages/s").unwrap(), 12000.0);
