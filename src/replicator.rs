@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fgbi_engine::{EncoderConfig, Geometry, Mode};
+use fgbi_engine::{EncodeError, EncoderConfig, Geometry, Mode};
 use fgbi_hyp::process::{ProcessHandle, ProcessMemory, RegionLayout, parse_state, protect};
 use fgbi_hyp::protected::Protected;
 use fgbi_transport::{Implementation, Liveness, PresharedKey, RdmaConfig, TransportConfig};
@@ -185,9 +185,14 @@ impl Replicator {
         let geometry = Geometry::new(memory.mem_bytes(), options.block_size)?;
         let mut config = EncoderConfig::new(geometry, options.mode);
         config.cache_bytes = options.cache_bytes;
-        // The local replica is mapped here, so a lack of memory shows at once.
+        // A bad setting shows here, at once. The local replica and the encoder's
+        // tables, which are allocated and touched (tens of milliseconds when the
+        // kernel compacts memory for their huge pages), are built on the epoch thread,
+        // so that the program, a restarted one above all, runs without waiting for
+        // them; a lack of memory for them ends the epoch thread, and `finish` says so.
+        config.validate().map_err(EncodeError::Config)?;
         let plan = match &options.target {
-            Target::Local => Plan::Local(Box::new(LocalReplication::new(config)?)),
+            Target::Local => Plan::Local(Box::new(config)),
             Target::Remote(remote) => {
                 let mut transport = TransportConfig::new(geometry, remote.implementation);
                 transport.liveness = remote.liveness;
@@ -200,7 +205,10 @@ impl Replicator {
         let thread = std::thread::Builder::new()
             .name("fgbi-epoch".into())
             .spawn(move || match plan {
-                Plan::Local(replication) => run(memory, Sink::Local(replication), &options, &flag),
+                Plan::Local(config) => {
+                    let replication = LocalReplication::new(*config)?;
+                    run(memory, Sink::Local(Box::new(replication)), &options, &flag)
+                }
                 Plan::Remote(plan) => {
                     let (config, transport, remote) = *plan;
                     let mut link = Link::new(config, transport, remote.backup, &remote.key)?;
@@ -226,9 +234,9 @@ impl Replicator {
     }
 }
 
-/// The target, made ready before the epoch thread starts.
+/// The target, as the epoch thread is to build it.
 enum Plan {
-    Local(Box<LocalReplication>),
+    Local(Box<EncoderConfig>),
     Remote(Box<(EncoderConfig, TransportConfig, Remote)>),
 }
 

@@ -467,7 +467,25 @@ fn link_flags(args: &DemoArgs, backup: bool) -> Vec<String> {
         true => args.backup_rdma_device.as_ref(),
         false => None,
     };
-    args.link.flags(device)
+    transport_flags(&args.link, device)
+}
+
+/// `link` as flags of another `fgbi` command, the RDMA device `device` if given,
+/// else the one `link` names.
+pub(crate) fn transport_flags(link: &TransportArgs, device: Option<&String>) -> Vec<String> {
+    let mut flags = vec![
+        "--transport".to_string(),
+        link.transport.clone(),
+        "--rdma-port".to_string(),
+        link.rdma_port.to_string(),
+    ];
+    if let Some(device) = device.or(link.rdma_device.as_ref()) {
+        flags.extend(["--rdma-device".to_string(), device.clone()]);
+    }
+    if let Some(index) = link.rdma_gid_index {
+        flags.extend(["--rdma-gid-index".to_string(), index.to_string()]);
+    }
+    flags
 }
 
 /// Milliseconds between checkpoints: as asked, else the service's default for the

@@ -31,24 +31,6 @@ impl TransportArgs {
         }
     }
 
-    /// These settings as flags of another `fgbi` command, the RDMA device `device`
-    /// if given, else the one set here.
-    pub fn flags(&self, device: Option<&String>) -> Vec<String> {
-        let mut flags = vec![
-            "--transport".to_string(),
-            self.transport.clone(),
-            "--rdma-port".to_string(),
-            self.rdma_port.to_string(),
-        ];
-        if let Some(device) = device.or(self.rdma_device.as_ref()) {
-            flags.extend(["--rdma-device".to_string(), device.clone()]);
-        }
-        if let Some(index) = self.rdma_gid_index {
-            flags.extend(["--rdma-gid-index".to_string(), index.to_string()]);
-        }
-        flags
-    }
-
     /// The implementation chosen, checked to run here; `auto` prints which it took.
     pub fn implementation(&self) -> Result<Implementation, String> {
         let rdma = self.rdma();

@@ -17,7 +17,7 @@ use crate::children::{
     Kill, Scratch, StderrLog, field, free_port, lines, shell_quote, wait_for, wait_for_all,
     write_key,
 };
-use crate::demo_cmd::restart_parts;
+use crate::demo_cmd::{restart_parts, transport_flags};
 
 /// The solver's source and the header it includes, as this binary was built with.
 const SOURCE: &str = include_str!("../../../examples/heat/heat.c");
@@ -183,7 +183,7 @@ impl Run<'_> {
                 .arg("--key")
                 .arg(&self.key)
                 .args(["--mem", &protected_bytes(self.settings.heat_n).to_string()])
-                .args(self.settings.link.flags(None))
+                .args(transport_flags(&self.settings.link, None))
                 .args(["--restart", &restart])
                 .stdout(Stdio::piped())
                 .stderr(self.logs[0].stdio()?)
