@@ -636,13 +636,14 @@ pub unsafe extern "C" fn fgbi_protect(
             None => Ok(()),
         }
         .and_then(|()| {
-            Replicator::start_from(sizes, options, |handle| {
+            match &restart {
                 // The replica taken over, and its record, are in place before the
                 // first checkpoint: no checkpoint of this process lacks them.
-                if let Some(restart) = &restart {
-                    take_over(restart, handle);
+                Some(restart) => {
+                    Replicator::start_from(sizes, options, |handle| take_over(restart, handle))
                 }
-            })
+                None => Replicator::start(sizes, options),
+            }
             .map_err(Error::from)
         });
         let (handle, replicator) = match started {

@@ -164,35 +164,53 @@ impl Replicator {
     /// Protects regions of `sizes` bytes and starts checkpointing them. The
     /// application uses the returned handle to find its regions, register its
     /// threads' safepoints, set its restart record and hold its outputs.
+    ///
+    /// An in-process replica and its encoder are built before this returns, so that
+    /// checkpoints start at once and a lack of memory for them shows here.
     pub fn start(
         sizes: &[usize],
         options: ReplicatorOptions,
     ) -> Result<(ProcessHandle, Replicator), ReplicationError> {
-        Self::start_from(sizes, options, |_| {})
+        Self::launch(sizes, options, |_| {}, false)
     }
 
     /// As [`Replicator::start`], with `fill` writing the regions' first contents (and
     /// restart record) before the first checkpoint can be taken: how a program
     /// restarted from a replica is protected again, so that no checkpoint of it lacks
     /// what it took over.
+    ///
+    /// The program is to run again at once (its type I downtime lasts until it
+    /// does), so an in-process replica and its encoder, whose tables are allocated
+    /// and touched (tens of milliseconds when the kernel compacts memory for their
+    /// huge pages), are built on the epoch thread: the first checkpoint waits for
+    /// them, the program does not, and a lack of memory for them ends the epoch
+    /// thread with an error [`Replicator::finish`] returns.
     pub fn start_from(
         sizes: &[usize],
         options: ReplicatorOptions,
         fill: impl FnOnce(&ProcessHandle),
+    ) -> Result<(ProcessHandle, Replicator), ReplicationError> {
+        Self::launch(sizes, options, fill, true)
+    }
+
+    /// [`Replicator::start`] and [`Replicator::start_from`]: with `defer`, the
+    /// in-process replica is built on the epoch thread.
+    fn launch(
+        sizes: &[usize],
+        options: ReplicatorOptions,
+        fill: impl FnOnce(&ProcessHandle),
+        defer: bool,
     ) -> Result<(ProcessHandle, Replicator), ReplicationError> {
         let (handle, memory) = protect(sizes, options.stop_timeout)?;
         fill(&handle);
         let geometry = Geometry::new(memory.mem_bytes(), options.block_size)?;
         let mut config = EncoderConfig::new(geometry, options.mode);
         config.cache_bytes = options.cache_bytes;
-        // A bad setting shows here, at once. The local replica and the encoder's
-        // tables, which are allocated and touched (tens of milliseconds when the
-        // kernel compacts memory for their huge pages), are built on the epoch thread,
-        // so that the program, a restarted one above all, runs without waiting for
-        // them; a lack of memory for them ends the epoch thread, and `finish` says so.
+        // A bad setting shows here, at once, whatever is deferred.
         config.validate().map_err(EncodeError::Config)?;
         let plan = match &options.target {
-            Target::Local => Plan::Local(Box::new(config)),
+            Target::Local if defer => Plan::Deferred(Box::new(config)),
+            Target::Local => Plan::Local(Box::new(LocalReplication::new(config)?)),
             Target::Remote(remote) => {
                 let mut transport = TransportConfig::new(geometry, remote.implementation);
                 transport.liveness = remote.liveness;
@@ -205,7 +223,8 @@ impl Replicator {
         let thread = std::thread::Builder::new()
             .name("fgbi-epoch".into())
             .spawn(move || match plan {
-                Plan::Local(config) => {
+                Plan::Local(replication) => run(memory, Sink::Local(replication), &options, &flag),
+                Plan::Deferred(config) => {
                     let replication = LocalReplication::new(*config)?;
                     run(memory, Sink::Local(Box::new(replication)), &options, &flag)
                 }
@@ -234,9 +253,12 @@ impl Replicator {
     }
 }
 
-/// The target, as the epoch thread is to build it.
+/// The target, made ready before the epoch thread starts, or for it to build.
 enum Plan {
-    Local(Box<EncoderConfig>),
+    /// An in-process replica.
+    Local(Box<LocalReplication>),
+    /// An in-process replica the epoch thread builds.
+    Deferred(Box<EncoderConfig>),
     Remote(Box<(EncoderConfig, TransportConfig, Remote)>),
 }
 

@@ -153,8 +153,12 @@ impl Worker {
         let geometry = config.geometry;
         let owned = owned_pages(geometry.pages(), config.workers, index);
         let digests = (config.mode == Mode::Fgbi).then(|| DigestTable::new(&geometry, owned));
+        // A cache with a slot for every page of memory holds all it can: a larger
+        // budget would only cost memory (and the time to touch it).
         let cache_bytes = if config.mode.uses_cache() {
-            config.cache_bytes / config.workers
+            let every_page = usize::try_from(geometry.pages())
+                .map_or(usize::MAX, |pages| pages.next_power_of_two() * PAGE_SIZE);
+            (config.cache_bytes / config.workers).min(every_page)
         } else {
             0
         };

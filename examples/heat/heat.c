@@ -291,6 +291,7 @@ int main(int argc, char **argv) {
     size_t bytes = heat.n * heat.n * sizeof(double);
     heat.process = NULL;
     heat.start = 0;
+    heat.restarted = 0;
     if (settings.unprotected) {
         for (size_t g = 0; g < 2; g++) {
             heat.grid[g] = calloc(heat.n * heat.n, sizeof(double));

@@ -355,16 +355,19 @@ fn protect(
             });
         }
     }
-    let (handle, replicator) = Replicator::start_from(&[mem], options, |handle| {
+    let (handle, replicator) = match &from {
         // The store taken over, and its record, are in place before the first
         // checkpoint: no checkpoint of this process lacks them.
-        if let (Some(from), Some(mut memory)) = (&from, StoreMemory::protected(handle.clone())) {
-            memory.as_mut().copy_from_slice(from.as_ref());
-            if let Ok(mutations) = Store::open(from).and_then(|s| s.mutations()) {
-                handle.set_state(&super::server::record(mutations, llm.then_some(0)));
+        Some(from) => Replicator::start_from(&[mem], options, |handle| {
+            if let Some(mut memory) = StoreMemory::protected(handle.clone()) {
+                memory.as_mut().copy_from_slice(from.as_ref());
+                if let Ok(mutations) = Store::open(from).and_then(|s| s.mutations()) {
+                    handle.set_state(&super::server::record(mutations, llm.then_some(0)));
+                }
             }
-        }
-    })
+        }),
+        None => Replicator::start(&[mem], options),
+    }
     .map_err(KvError::Protect)?;
     let memory = StoreMemory::protected(handle.clone())
         .expect("Replicator::start made the one region asked for");

@@ -111,6 +111,14 @@ fn heat() -> &'static Path {
     })
 }
 
+/// A command running heat with the libfgbi.so built with this test, whatever the
+/// `LD_LIBRARY_PATH` cargo gives tests says (it may name an older build's).
+fn heat_command() -> Command {
+    let mut command = Command::new(heat());
+    command.env("LD_LIBRARY_PATH", library_dir());
+    command
+}
+
 /// The `key=value` fields of the `heat: result` line of `report`.
 fn result(report: &str) -> HashMap<&str, &str> {
     let line = report
@@ -124,7 +132,7 @@ fn result(report: &str) -> HashMap<&str, &str> {
 
 /// The checksum of heat's result computed with `args` in ordinary memory.
 fn unprotected(args: &[&str]) -> String {
-    let report = run(Command::new(heat()).args(args).arg("--unprotected"));
+    let report = run(heat_command().args(args).arg("--unprotected"));
     result(&report)["checksum"].to_string()
 }
 
@@ -149,7 +157,7 @@ fn the_c_heat_solver_restarts_from_an_exact_replica() {
     if !ready("cc", "gcc") {
         return;
     }
-    let report = run(Command::new(heat()).args(["192", &ITERATIONS.to_string(), "2", "2"]));
+    let report = run(heat_command().args(["192", &ITERATIONS.to_string(), "2", "2"]));
     let live = field(&report, "checksum live");
     assert_eq!(live, field(&report, "checksum replica"), "{report}");
     assert_eq!(field(&report, "restart record"), [ITERATIONS.to_string()]);
@@ -183,7 +191,7 @@ fn every_mode_computes_the_unprotected_result() {
     let expected = unprotected(&args);
     for mode in ["fgbi", "remus", "llm", "xbzrle"] {
         // Success means the replica equals the live result and every epoch verified.
-        let report = run(Command::new(heat()).args(args).args(["--mode", mode]));
+        let report = run(heat_command().args(args).args(["--mode", mode]));
         assert!(
             report.contains(&format!("protected in-process, mode {mode}")),
             "{report}"
@@ -202,7 +210,7 @@ fn every_mode_computes_the_unprotected_result() {
 
 /// Runs heat with `args`, expecting it to fail.
 fn fails(args: &[&str]) -> Output {
-    let output = Command::new(heat()).args(args).output().unwrap();
+    let output = heat_command().args(args).output().unwrap();
     assert!(!output.status.success(), "heat {args:?} succeeded");
     output
 }
@@ -273,6 +281,8 @@ fn backup_mem(n: &str) -> String {
 fn backup(port: u16, key: &str, restart: &str) -> (Kill, Receiver<String>) {
     let command = format!("exec {} {restart}", heat().display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_fgbi"))
+        // The heat it restarts loads the library built with this test.
+        .env("LD_LIBRARY_PATH", library_dir())
         .args([
             "backup",
             "--listen",
@@ -348,7 +358,7 @@ fn a_killed_heat_is_resumed_by_its_backup_with_the_uninterrupted_result() {
     wait_for(&a_lines, "listening", &mut seen);
     wait_for(&b_lines, "listening", &mut seen);
 
-    let mut primary = Command::new(heat())
+    let mut primary = heat_command()
         .args(LONG)
         .args(protected_by(port_a, &key).split(' '))
         .stdout(Stdio::null())
@@ -420,7 +430,7 @@ fn heat_finishing_under_its_backup_in_every_mode_reports_the_commits_and_ends_th
         let (_backup, backup_lines) = backup(port, &key, &args.join(" "));
         let mut seen = Vec::new();
         wait_for(&backup_lines, "listening", &mut seen);
-        let report = run(Command::new(heat())
+        let report = run(heat_command()
             .args(args)
             .args(["--mode", mode])
             .args(protected_by(port, &key).split(' ')));
@@ -465,7 +475,7 @@ fn a_restart_protecting_other_sizes_is_refused_saying_so() {
     let (mut backup, backup_lines) = backup(port, &key, "128 20000 2 10 2>&1");
     let mut seen = Vec::new();
     wait_for(&backup_lines, "listening", &mut seen);
-    let mut primary = Command::new(heat())
+    let mut primary = heat_command()
         .args(LONG)
         .args(protected_by(port, &key).split(' '))
         .stdout(Stdio::null())
