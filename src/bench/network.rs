@@ -234,6 +234,10 @@ fn session(
 
     // The sync is epoch 1; epochs 2..=last are measured.
     let last = config.net_epochs as u64 + 1;
+    // Steps (and their CPU time) count from the sync's commit, where the measured
+    // window starts: the program may already run the next epoch while the sync is
+    // in flight, and those steps fall outside the window's time.
+    let measuring = Cell::new(false);
     let steps = Cell::new(0u64);
     let step_cpu_ns = Cell::new(0u64);
     let window = Cell::new(Window::default());
@@ -254,15 +258,19 @@ fn session(
             // The program runs for one epoch length: at least one step unpaced,
             // the steps whose turn comes paced.
             let (started, cpu) = (Instant::now(), cpu::thread_ns().unwrap_or(0));
+            let mut ran = 0;
             while pacer.ready_by(started + epoch_len) {
                 program.machine.run()?;
-                steps.set(steps.get() + 1);
+                ran += 1;
                 if started.elapsed() >= epoch_len {
                     break;
                 }
             }
-            let spent = cpu::thread_ns().unwrap_or(0).saturating_sub(cpu);
-            step_cpu_ns.set(step_cpu_ns.get() + spent);
+            if measuring.get() {
+                let spent = cpu::thread_ns().unwrap_or(0).saturating_sub(cpu);
+                steps.set(steps.get() + ran);
+                step_cpu_ns.set(step_cpu_ns.get() + spent);
+            }
             Ok(())
         },
         address,
@@ -284,6 +292,7 @@ fn session(
                     cpu::process_ns().unwrap_or(0) + cpu::process_ns_of(backup_pid).unwrap_or(0);
                 if n == 1 {
                     w.started = Some((Instant::now(), cpu));
+                    measuring.set(true);
                 } else if n == last {
                     w.ended = Some((Instant::now(), cpu, SystemTime::now()));
                 }
