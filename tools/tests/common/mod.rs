@@ -96,11 +96,21 @@ impl Drop for Kill {
     }
 }
 
-/// A TCP port of loopback that was free a moment ago.
+/// A TCP port of loopback that was free a moment ago, below the kernel's ephemeral
+/// range: a service restarted on it must bind it again, and an outgoing connection
+/// (a client reconnecting to it) can take a port of that range meanwhile.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let first_ephemeral: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let lowest = 10_000u32;
+    let span = first_ephemeral.saturating_sub(lowest).max(1);
+    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = std::process::id().wrapping_mul(7919) ^ calls.wrapping_mul(104_729);
+    (0..span)
+        .filter_map(|i| u16::try_from(lowest + start.wrapping_add(i) % span).ok())
+        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .expect("a free port below the ephemeral range")
 }
