@@ -95,61 +95,54 @@ fi
 check fgbi-starts 60 /bin/fgbi --version
 
 # The project's RDMA tests, on the two devices.
-if [ -x /bin/rdma-tests ]; then
-    check rdma-tests 600 env FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
-        FGBI_RDMA_ADDR_A=10.0.0.1 FGBI_RDMA_ADDR_B=10.0.0.2 FGBI_REQUIRE_ALL=1 FGBI_RDMA_REQUIRED=1 \
-        RUST_BACKTRACE=1 /bin/rdma-tests --test-threads=1
-else
-    echo "FGBI-ROCE test rdma-tests skip (no transport/tests/rdma.rs on the host)"
-fi
+check rdma-tests 600 env FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
+    FGBI_RDMA_ADDR_A=10.0.0.1 FGBI_RDMA_ADDR_B=10.0.0.2 FGBI_REQUIRE_ALL=1 FGBI_RDMA_REQUIRED=1 \
+    RUST_BACKTRACE=1 /bin/rdma-tests --test-threads=1
 
-# Failover over RDMA: the demo's failure tests (tools/tests/demo.rs), `fgbi backup` on
-# rxe1 and the protected program on rxe0 as separate processes, the primary killed
-# with SIGKILL at chosen points of a checkpoint. Heartbeats every second (a peer
-# silent for 4 s is dead, an epoch unanswered for 16 s lost): under emulation a debug
-# build takes seconds over the first epoch (the whole memory), longer than the
-# demo's 25 ms heartbeats allow.
-failover_tests="a_workload_killed_at_any_point_of_a_checkpoint_resumes_from_a_replica_equal_to_it
-with_output_commit_no_reply_announces_a_write_a_crash_at_any_point_loses"
-echo "FGBI-ROCE test rdma-failover start"
-# shellcheck disable=SC2086 # the test names are a word list
-timeout 600 env FGBI_TEST_TRANSPORT=rdma FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
-    FGBI_TEST_HEARTBEAT_MS=1000 FGBI_REQUIRE_ALL=1 RUST_BACKTRACE=1 \
-    /bin/failover-tests --exact --test-threads=1 $failover_tests >/tmp/rdma-failover.out 2>&1
-status=$?
-cat /tmp/rdma-failover.out
-# Every test named ran (a name that matches nothing would pass by running nothing).
-# shellcheck disable=SC2086
-set -- $failover_tests
-[ "$status" -ne 0 ] || grep -q "test result: ok. $# passed" /tmp/rdma-failover.out || status=1
-outcome rdma-failover "$status"
+# suite NAME BINARY [TEST...]: runs the project's test BINARY (the TESTs named, else
+# every test in it) over RDMA, the two sides on the two devices, heartbeats every
+# second (a peer silent for 4 s is dead, an epoch unanswered for 16 s lost: under
+# emulation a debug build takes seconds over the first epoch, the whole memory).
+# Passes if it exits 0 having run every test it was to run (a name that matches
+# nothing would pass by running nothing).
+suite() {
+    name=$1
+    binary=$2
+    shift 2
+    if [ $# -gt 0 ]; then
+        expected=$#
+    else
+        expected=$("$binary" --list 2>/dev/null | grep -c ': test$')
+    fi
+    echo "FGBI-ROCE test $name start"
+    timeout 600 env FGBI_TEST_TRANSPORT=rdma FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
+        FGBI_TEST_HEARTBEAT_MS=1000 FGBI_REQUIRE_ALL=1 RUST_BACKTRACE=1 \
+        "$binary" --exact --test-threads=1 "$@" >"/tmp/$name.out" 2>&1
+    status=$?
+    cat "/tmp/$name.out"
+    [ "$status" -ne 0 ] || grep -q "test result: ok. $expected passed" "/tmp/$name.out" || status=1
+    outcome "$name" "$status"
+}
+
+# Failover over RDMA: the demo's failure tests (tools/tests/demo.rs), `fgbi backup` and
+# the protected program as separate processes, the primary killed with SIGKILL at
+# chosen points of a checkpoint.
+suite rdma-failover /bin/failover-tests \
+    a_workload_killed_at_any_point_of_a_checkpoint_resumes_from_a_replica_equal_to_it \
+    with_output_commit_no_reply_announces_a_write_a_crash_at_any_point_loses
 
 # `fgbi primary` and `fgbi backup` over RDMA, the primary killed in the middle of an
 # epoch's transfer (the backup fails over to its last committed checkpoint) and during
 # initial sync (the backup holds no checkpoint and does not fail over), and the backup
 # killed and replaced by an empty one (synced, then failed over to):
 # tools/tests/kill.rs, every test of it.
-echo "FGBI-ROCE test rdma-kill start"
-timeout 600 env FGBI_TEST_TRANSPORT=rdma FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
-    FGBI_TEST_HEARTBEAT_MS=1000 FGBI_REQUIRE_ALL=1 RUST_BACKTRACE=1 \
-    /bin/kill-tests --test-threads=1 >/tmp/rdma-kill.out 2>&1
-status=$?
-cat /tmp/rdma-kill.out
-[ "$status" -ne 0 ] || grep -q "test result: ok. 3 passed" /tmp/rdma-kill.out || status=1
-outcome rdma-kill "$status"
+suite rdma-kill /bin/kill-tests
 
 # A partition of the link (a proxy that stops forwarding the side channel, which
 # carries the heartbeats, while RDMA itself stays up): the backup fences the primary
 # before failing over, or, when the fence fails, does not fail over
 # (tools/tests/fence.rs, every test of it).
-echo "FGBI-ROCE test rdma-fence start"
-timeout 600 env FGBI_TEST_TRANSPORT=rdma FGBI_RDMA_DEVICE_A=rxe0 FGBI_RDMA_DEVICE_B=rxe1 \
-    FGBI_TEST_HEARTBEAT_MS=1000 FGBI_REQUIRE_ALL=1 RUST_BACKTRACE=1 \
-    /bin/fence-tests --test-threads=1 >/tmp/rdma-fence.out 2>&1
-status=$?
-cat /tmp/rdma-fence.out
-[ "$status" -ne 0 ] || grep -q "test result: ok. 2 passed" /tmp/rdma-fence.out || status=1
-outcome rdma-fence "$status"
+suite rdma-fence /bin/fence-tests
 
 # `fgbi bench` over RDMA: its networked pass, the bench and its backup process on
 # rxe0 (a device loops back to itself), every replica verified, one failover per

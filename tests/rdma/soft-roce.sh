@@ -104,38 +104,28 @@ fgbi_bin=""
 failover_tests=""
 kill_tests=""
 fence_tests=""
+# Builds the artifact named $2 of kind $3 (test or bin) with `cargo $1` and the rest
+# of the arguments; prints its executable.
+build() {
+    local verb=$1 name=$2 kind=$3 json="$run/cargo.json" exe
+    shift 3
+    (cd "$repo" && cargo "$verb" "${profile[@]}" "$@" \
+        --message-format=json-render-diagnostics >"$json") || die "cargo could not build $name (errors above)"
+    exe=$(artifact "$name" "$kind" <"$json")
+    [ -x "$exe" ] || die "cargo built $name but named no executable (see $json)"
+    echo "$exe"
+}
 build_project() {
     step "building the RDMA test binary and fgbi (${profile[*]:-debug})"
-    local json="$run/cargo.json" err="$run/cargo.stderr"
-    if (cd "$repo" && cargo test "${profile[@]}" -p fgbi-transport --test rdma --no-run \
-        --message-format=json-render-diagnostics >"$json" 2> >(tee "$err" >&2)); then
-        rdma_tests=$(artifact rdma test <"$json")
-        [ -n "$rdma_tests" ] || die "cargo built the rdma test but named no executable (see $json)"
-    elif grep -qF "no test target named \`rdma\`" "$err"; then
-        echo "!!! soft-roce: SKIPPING the project's RDMA tests: fgbi-transport has no test" \
-            "target 'rdma' (transport/tests/rdma.rs) yet" >&2
-    else
-        die "cargo could not build the rdma test (errors above)"
-    fi
-    (cd "$repo" && cargo build "${profile[@]}" -p fgbi-tools --bin fgbi \
-        --message-format=json-render-diagnostics >"$json") || die "cargo could not build fgbi"
-    fgbi_bin=$(artifact fgbi bin <"$json")
-    [ -x "$fgbi_bin" ] || die "cargo built fgbi but named no executable (see $json)"
+    # The transport's RDMA suite (transport/tests/rdma.rs).
+    rdma_tests=$(build test rdma test -p fgbi-transport --test rdma --no-run)
+    fgbi_bin=$(build build fgbi bin -p fgbi-tools --bin fgbi)
     # The failure tests of `fgbi demo` (tools/tests/demo.rs), run over RDMA in the guest.
-    (cd "$repo" && cargo test "${profile[@]}" -p fgbi-tools --test demo --no-run \
-        --message-format=json-render-diagnostics >"$json") || die "cargo could not build the demo tests"
-    failover_tests=$(artifact demo test <"$json")
-    [ -x "$failover_tests" ] || die "cargo built the demo tests but named no executable (see $json)"
+    failover_tests=$(build test demo test -p fgbi-tools --test demo --no-run)
     # `fgbi primary` killed mid-transfer and during initial sync (tools/tests/kill.rs).
-    (cd "$repo" && cargo test "${profile[@]}" -p fgbi-tools --test kill --no-run \
-        --message-format=json-render-diagnostics >"$json") || die "cargo could not build the kill tests"
-    kill_tests=$(artifact kill test <"$json")
-    [ -x "$kill_tests" ] || die "cargo built the kill tests but named no executable (see $json)"
+    kill_tests=$(build test kill test -p fgbi-tools --test kill --no-run)
     # A partition between them, fenced (tools/tests/fence.rs).
-    (cd "$repo" && cargo test "${profile[@]}" -p fgbi-tools --test fence --no-run \
-        --message-format=json-render-diagnostics >"$json") || die "cargo could not build the fence tests"
-    fence_tests=$(artifact fence test <"$json")
-    [ -x "$fence_tests" ] || die "cargo built the fence tests but named no executable (see $json)"
+    fence_tests=$(build test fence test -p fgbi-tools --test fence --no-run)
 }
 
 # --- the base initramfs: kernel modules, busybox, verbs libraries and tools ---
@@ -351,7 +341,7 @@ build_overlay() {
     install -m 755 "$here/init.sh" "$stage/init"
     install -m 755 "$here/guest.sh" "$stage/etc/fgbi/guest.sh"
     unpacked="$base/root"
-    [ -n "$rdma_tests" ] && copy_with_libs "$rdma_tests" bin/rdma-tests "$stage"
+    copy_with_libs "$rdma_tests" bin/rdma-tests "$stage"
     copy_with_libs "$fgbi_bin" bin/fgbi "$stage"
     copy_with_libs "$failover_tests" bin/failover-tests "$stage"
     copy_with_libs "$kill_tests" bin/kill-tests "$stage"
@@ -402,7 +392,6 @@ judge() {
         echo "results ($results):"
         sed 's/^/  /' "$results"
     fi
-    [ -n "$rdma_tests" ] || echo "!!! the project's RDMA tests were SKIPPED (no transport/tests/rdma.rs)"
     local done_line failures
     done_line=$(grep '^FGBI-ROCE done failures=' "$markers" | tail -n 1 || true)
     [ -n "$done_line" ] ||

@@ -15,6 +15,16 @@ fn fgbi(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Whether `program` runs (`--version`); says loudly which `package` to install when
+/// it does not (a skip that `FGBI_REQUIRE_ALL` turns into a failure).
+fn installed(program: &str, package: &str) -> bool {
+    let runs = match Command::new(program).arg("--version").output() {
+        Ok(out) if out.status.success() => Ok(()),
+        _ => Err(format!("not on PATH; install {package} (.ci/run does)")),
+    };
+    fgbi_hyp::feature::available(program, runs)
+}
+
 /// A small bench of `workload` in remus and fgbi modes (8 MiB, 1 MiB cache), with
 /// `extra` flags.
 fn small_bench(workload: &str, epochs: &str, extra: &[&str]) -> (i32, String, String) {
@@ -439,11 +449,7 @@ fn vm_run_serves_the_kv_guest_to_redis_cli() {
 
 #[test]
 fn bench_runs_the_kv_program_beside_a_synthetic_workload_and_reports_it() {
-    let redis = match Command::new("redis-benchmark").arg("--version").output() {
-        Ok(out) if out.status.success() => Ok(()),
-        _ => Err("not on PATH; install Debian's redis-tools (.ci/run does)"),
-    };
-    if !fgbi_hyp::feature::available("redis-benchmark", redis) {
+    if !installed("redis-benchmark", "Debian's redis-tools") {
         return;
     }
     let dir = scratch("kv");
@@ -532,11 +538,7 @@ fn bench_runs_the_kv_program_beside_a_synthetic_workload_and_reports_it() {
 
 #[test]
 fn bench_runs_the_c_heat_solver_and_its_resumed_run_keeps_the_result() {
-    let cc = match Command::new("cc").arg("--version").output() {
-        Ok(out) if out.status.success() => Ok(()),
-        _ => Err("no C compiler (cc); install gcc (.ci/run does)"),
-    };
-    if !fgbi_hyp::feature::available("cc", cc) {
+    if !installed("cc", "gcc") {
         return;
     }
     let dir = scratch("heat");

@@ -17,7 +17,8 @@ use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use common::{Kill, free_port, key_file, lines, scratch, wait_for};
+use common::children::Kill;
+use common::{free_port, key_file, lines, scratch, wait_for};
 use fgbi_hyp::tracking::DirtyTracker;
 
 const ITERATIONS: u64 = 400;
@@ -314,6 +315,22 @@ fn protected_by(port: u16, key: &str) -> String {
     )
 }
 
+/// Heat's long run protected by the backup on `port`, once fgbi says a checkpoint
+/// of it is committed there.
+fn protected_heat(port: u16, key: &str, seen: &mut Vec<String>) -> Kill {
+    let mut heat = heat_command()
+        .args(LONG)
+        .args(protected_by(port, key).split(' '))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = lines(heat.stderr.take().unwrap());
+    let heat = Kill(heat);
+    wait_for(&err, "fgbi: protected", seen);
+    heat
+}
+
 /// Waits for `n` more `committed` lines.
 fn commits(from: &Receiver<String>, n: usize, seen: &mut Vec<String>) {
     for _ in 0..n {
@@ -358,16 +375,7 @@ fn a_killed_heat_is_resumed_by_its_backup_with_the_uninterrupted_result() {
     wait_for(&a_lines, "listening", &mut seen);
     wait_for(&b_lines, "listening", &mut seen);
 
-    let mut primary = heat_command()
-        .args(LONG)
-        .args(protected_by(port_a, &key).split(' '))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let primary_err = lines(primary.stderr.take().unwrap());
-    let mut primary = Kill(primary);
-    wait_for(&primary_err, "fgbi: protected", &mut seen);
+    let mut primary = protected_heat(port_a, &key, &mut seen);
     commits(&a_lines, 5, &mut seen);
     assert!(
         primary.0.try_wait().unwrap().is_none(),
@@ -475,16 +483,7 @@ fn a_restart_protecting_other_sizes_is_refused_saying_so() {
     let (mut backup, backup_lines) = backup(port, &key, "128 20000 2 10 2>&1");
     let mut seen = Vec::new();
     wait_for(&backup_lines, "listening", &mut seen);
-    let mut primary = heat_command()
-        .args(LONG)
-        .args(protected_by(port, &key).split(' '))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let primary_err = lines(primary.stderr.take().unwrap());
-    let mut primary = Kill(primary);
-    wait_for(&primary_err, "fgbi: protected", &mut seen);
+    let mut primary = protected_heat(port, &key, &mut seen);
     primary.0.kill().unwrap();
     let refused = wait_for(&backup_lines, "returned -2", &mut seen);
     for words in [

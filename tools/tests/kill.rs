@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::{Kill, device, env, key_file, lines, scratch, wait_for};
+use common::children::Kill;
+use common::{device, env, key_file, lines, scratch, wait_for};
 use fgbi_transport::Implementation;
 
 /// What the two sides printed.

@@ -11,7 +11,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::{Kill, free_port};
+use common::children::Kill;
+use common::free_port;
 
 /// Starts `fgbi` with `args`, its stdout as lines.
 fn fgbi(args: &[&str]) -> (Kill, Receiver<String>) {

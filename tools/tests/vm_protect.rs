@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Kill, free_port};
+use common::children::Kill;
+use common::free_port;
 use fgbi_hyp::kvm::{DirtyTracking, probe};
 
 /// A key file readable by its owner only, in a directory of its own.

@@ -147,21 +147,15 @@ pub fn run(
         checkpoints,
         wire_bytes,
         bytes_per_epoch: wire_bytes as f64 / checkpoints.max(1) as f64,
-        pause_us: match rounds.iter().map(|r| r.pause_percentiles).collect() {
+        pause_us: if pauses.is_empty() {
             // The program reports percentiles only: their medians over the rounds.
-            Some(percentiles) if pauses.is_empty() => {
-                let percentiles: Vec<[f64; 3]> = percentiles;
-                let med = |i: usize| {
-                    let mut values: Vec<f64> = percentiles.iter().map(|p| p[i]).collect();
-                    median(&mut values).unwrap_or(0.0)
-                };
-                Percentiles {
-                    p50: med(0),
-                    p99: med(1),
-                    max: med(2),
-                }
+            Percentiles {
+                p50: med(|r| r.pause_percentiles.map_or(0.0, |p| p[0])),
+                p99: med(|r| r.pause_percentiles.map_or(0.0, |p| p[1])),
+                max: med(|r| r.pause_percentiles.map_or(0.0, |p| p[2])),
             }
-            _ => Percentiles::of(&mut pauses),
+        } else {
+            Percentiles::of(&mut pauses)
         },
         pause_samples_us: pauses,
         failovers: rounds.len(),

@@ -3,11 +3,13 @@
 // Each test binary uses its own part of this module.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::os::unix::fs::OpenOptionsExt;
+/// The `fgbi` command's own helpers: children killed when dropped ([`children::Kill`]),
+/// key files, ports.
+#[path = "../../src/children.rs"]
+pub mod children;
+
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
@@ -37,18 +39,9 @@ pub fn wait_for(rx: &Receiver<String>, text: &str, seen: &mut Vec<String>) -> St
     panic!("no line with {text:?}; seen: {seen:#?}");
 }
 
+/// A fresh owner-only key file in `dir`.
 pub fn key_file(dir: &Path) -> PathBuf {
-    let path = dir.join("link.key");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap()
-        .write_all(b"0123456789abcdef0123456789abcdef")
-        .unwrap();
-    path
+    children::write_key(dir).unwrap()
 }
 
 /// A fresh scratch directory named for `name` and this process.
@@ -86,31 +79,8 @@ pub fn link(heartbeat_ms: u64) -> Vec<String> {
     flags
 }
 
-/// A child killed when dropped, so a failing test leaves none behind.
-pub struct Kill(pub Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A TCP port of loopback that was free a moment ago, below the kernel's ephemeral
-/// range: a service restarted on it must bind it again, and an outgoing connection
-/// (a client reconnecting to it) can take a port of that range meanwhile.
+/// range (as the `fgbi` command's own).
 pub fn free_port() -> u16 {
-    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let first_ephemeral: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32_768);
-    let lowest = 10_000u32;
-    let span = first_ephemeral.saturating_sub(lowest).max(1);
-    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let start = std::process::id().wrapping_mul(7919) ^ calls.wrapping_mul(104_729);
-    (0..span)
-        .filter_map(|i| u16::try_from(lowest + start.wrapping_add(i) % span).ok())
-        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
-        .expect("a free port below the ephemeral range")
+    children::free_port().unwrap()
 }
