@@ -9,6 +9,7 @@
  *   --backup HOST:PORT --key FILE  replicate to `fgbi backup` instead of in-process
  *   --transport tcp|uring|std|rdma, --rdma-device DEV, --heartbeat-ms MS  (with --backup)
  *   --unprotected                  solve in ordinary memory, without fgbi (a baseline)
+ *   --progress K                   print `heat: iteration I done` after every K-th iteration
  *
  * Started by `fgbi backup --restart`, it takes over the replica, resumes from the
  * iteration its restart record names and ends with the result an uninterrupted run
@@ -34,7 +35,8 @@
 static const char usage[] =
     "usage: heat [N [ITERATIONS [THREADS [EPOCH_MS]]]] [--mode fgbi|remus|llm|xbzrle]\n"
     "            [--backup HOST:PORT --key FILE [--transport tcp|uring|std|rdma]\n"
-    "             [--rdma-device DEV] [--heartbeat-ms MS]] [--unprotected]\n";
+    "             [--rdma-device DEV] [--heartbeat-ms MS]] [--unprotected]\n"
+    "            [--progress K]\n";
 
 /* Exits with a message if an fgbi call failed. fgbi_last_error is per thread, so it
  * is read on the thread that made the call. */
@@ -63,6 +65,8 @@ struct heat {
     /* Whether this run took over a replica (then its first iteration is announced). */
     int restarted;
     unsigned long iterations;
+    /* Announce every `progress`-th iteration done (0: never). */
+    unsigned long progress;
     unsigned long threads;
     pthread_barrier_t barrier;
 };
@@ -113,6 +117,10 @@ static void solve(struct worker *w, const fgbi_safepoint *safepoint) {
             clock_gettime(CLOCK_REALTIME, &now);
             printf("heat: first iteration after the restart done at_unix_ns=%lld\n",
                    (long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+            fflush(stdout);
+        }
+        if (w->id == 0 && heat->progress && (k + 1) % heat->progress == 0) {
+            printf("heat: iteration %lu done\n", k + 1);
             fflush(stdout);
         }
         if (heat->process) {
@@ -173,7 +181,8 @@ static unsigned long arg(int positional, char **argv, int i, const char *what,
 /* What the options after the positional arguments ask for. */
 struct settings {
     int unprotected;
-    /* Whether any option but --unprotected was given. */
+    unsigned long progress;
+    /* Whether any option but --unprotected and --progress was given. */
     int tuned;
     struct fgbi_options options;
     const char *mode;
@@ -193,6 +202,10 @@ static void parse_options(int argc, char **argv, int first, struct settings *s) 
             bad_usage("an option lacks its value, or is unknown", option);
         }
         const char *value = argv[++i];
+        if (strcmp(option, "--progress") == 0) {
+            s->progress = number(value, "--progress", 1, 1000000000);
+            continue;
+        }
         s->tuned = 1;
         if (strcmp(option, "--mode") == 0) {
             size_t m = 0;
@@ -292,6 +305,7 @@ int main(int argc, char **argv) {
     heat.process = NULL;
     heat.start = 0;
     heat.restarted = 0;
+    heat.progress = settings.progress;
     if (settings.unprotected) {
         for (size_t g = 0; g < 2; g++) {
             heat.grid[g] = calloc(heat.n * heat.n, sizeof(double));

@@ -115,6 +115,17 @@ pub fn lines(child: &mut Child) -> Result<mpsc::Receiver<String>, String> {
     Ok(rx)
 }
 
+/// What went wrong when no line started with any of `prefixes`: the output ended,
+/// or `timeout` passed.
+fn missing(error: mpsc::RecvTimeoutError, prefixes: &[&str], timeout: Duration) -> String {
+    match error {
+        mpsc::RecvTimeoutError::Timeout => format!("no {prefixes:?} line within {timeout:?}"),
+        mpsc::RecvTimeoutError::Disconnected => {
+            format!("the output ended without a {prefixes:?} line")
+        }
+    }
+}
+
 /// The first line of `lines` starting with `prefix`, waiting at most `timeout`.
 pub fn wait_for(
     lines: &mpsc::Receiver<String>,
@@ -125,7 +136,7 @@ pub fn wait_for(
     loop {
         let line = lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .map_err(|_| format!("no {prefix:?} line within {timeout:?}"))?;
+            .map_err(|e| missing(e, &[prefix], timeout))?;
         if line.starts_with(prefix) {
             return Ok(line);
         }
@@ -144,14 +155,14 @@ pub fn wait_for_all<const N: usize>(
     while found.iter().any(Option::is_none) {
         let line = lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .map_err(|_| {
-                let missing: Vec<&str> = prefixes
+            .map_err(|e| {
+                let absent: Vec<&str> = prefixes
                     .iter()
                     .zip(&found)
                     .filter(|(_, f)| f.is_none())
                     .map(|(p, _)| *p)
                     .collect();
-                format!("no {missing:?} line within {timeout:?}")
+                missing(e, &absent, timeout)
             })?;
         if let Some(i) = (0..N).find(|&i| found[i].is_none() && line.starts_with(prefixes[i])) {
             found[i] = Some(line);

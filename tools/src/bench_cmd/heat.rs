@@ -255,21 +255,25 @@ fn measured(run: &Run, mode: Mode) -> Result<Round, String> {
     wait_for(&out, "restarted command ended", Duration::from_secs(30))?;
     drop(backup);
 
-    // Protected and killed halfway.
+    // Protected and killed halfway through its iterations, once the backup holds
+    // checkpoints of it.
     let port = free_port()?;
     let (_backup, out) = run.backup(port)?;
+    let half = (run.settings.heat_iterations / 2).max(1);
     let mut heat = Kill(
         run.command(&run.heat)
             .args(run.protected(mode, port))
-            .stdout(Stdio::null())
+            .args(["--progress".to_string(), half.to_string()])
+            .stdout(Stdio::piped())
             .stderr(run.logs[1].stdio()?)
             .spawn()
             .map_err(|e| format!("cannot start heat: {e}"))?,
     );
-    let half = (protected.number("committed")? as u64 / 2).max(2);
-    for _ in 0..half {
+    let progress = lines(&mut heat.0)?;
+    for _ in 0..2 {
         wait_for(&out, "committed ", Duration::from_secs(30))?;
     }
+    wait_for(&progress, "heat: iteration ", RUN_TIMEOUT)?;
     if heat.0.try_wait().map_err(|e| e.to_string())?.is_some() {
         return Err("heat ended before it was killed: raise its iterations".into());
     }
