@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use fgbi_engine::digest::{DigestTable, page_digests};
+use fgbi_engine::digest::DigestTable;
 use fgbi_engine::{Applier, Encoder, EncoderConfig, Geometry, Mode, PAGE_SIZE};
 use fgbi_hyp::workload::Rng;
 
@@ -58,9 +58,10 @@ fn identify(c: &mut Criterion) {
                     let mut changed = 0u32;
                     for &p in &pages {
                         let page = &memory[p as usize * PAGE_SIZE..][..PAGE_SIZE];
-                        page_digests(page, block, &mut new);
                         undo.clear();
-                        changed += table.update(p as usize, &new, &mut undo).count_ones();
+                        changed += table
+                            .identify(p as usize, page, &mut new, &mut undo)
+                            .count_ones();
                     }
                     black_box(changed)
                 })

@@ -15,14 +15,6 @@ pub fn block_digest(block: &[u8]) -> u64 {
     xxh3_64(block)
 }
 
-/// Digests every block of `page` into `out` (one per block, in order).
-#[inline]
-pub fn page_digests(page: &[u8], block_size: usize, out: &mut [u64]) {
-    for (digest, block) in out.iter_mut().zip(page.chunks_exact(block_size)) {
-        *digest = block_digest(block);
-    }
-}
-
 /// Digest of a whole memory image, used to prove replica and primary are identical.
 pub fn memory_digest(memory: &[u8]) -> u128 {
     xxh3_128(memory)
@@ -78,31 +70,34 @@ impl DigestTable {
         self.zero
     }
 
-    /// Compares `digests` (one per block of local page `page`) with the stored ones,
-    /// stores the new ones, and returns the mask of blocks that changed; the previous
-    /// digests of the changed blocks are appended to `undo`, in block order.
+    /// Block identification of local page `page`, whose bytes are `data`: digests
+    /// every block into `digests` (one per block), compares each with the stored
+    /// one, stores the new ones, and returns the mask of blocks that changed; the
+    /// previous digests of the changed blocks are appended to `undo`, in block order.
+    ///
+    /// One pass per page, specialised for each block size, so that each block is
+    /// hashed, compared and stored while it is in registers.
     #[inline]
-    pub fn update(&mut self, page: usize, digests: &[u64], undo: &mut Vec<u64>) -> u128 {
+    pub fn identify(
+        &mut self,
+        page: usize,
+        data: &[u8],
+        digests: &mut [u64],
+        undo: &mut Vec<u64>,
+    ) -> u128 {
         let start = page * self.blocks_per_page;
         let stored = &mut self.values[start..start + self.blocks_per_page];
-        // Two 64-bit halves: shifting a u128 by a variable amount is slow.
-        let mut halves = [0u64; 2];
-        for (half, (stored, digests)) in halves
-            .iter_mut()
-            .zip(stored.chunks(64).zip(digests.chunks(64)))
-        {
-            for (i, (s, d)) in stored.iter().zip(digests).enumerate() {
-                *half |= u64::from(*s != d ^ self.zero) << i;
-            }
+        let zero = self.zero;
+        match PAGE_SIZE / self.blocks_per_page {
+            32 => identify_blocks::<32>(data, stored, digests, zero, undo),
+            64 => identify_blocks::<64>(data, stored, digests, zero, undo),
+            128 => identify_blocks::<128>(data, stored, digests, zero, undo),
+            256 => identify_blocks::<256>(data, stored, digests, zero, undo),
+            512 => identify_blocks::<512>(data, stored, digests, zero, undo),
+            1024 => identify_blocks::<1024>(data, stored, digests, zero, undo),
+            2048 => identify_blocks::<2048>(data, stored, digests, zero, undo),
+            _ => identify_blocks::<PAGE_SIZE>(data, stored, digests, zero, undo),
         }
-        let mask = u128::from(halves[0]) | (u128::from(halves[1]) << 64);
-        if mask != 0 {
-            for i in crate::worker::set_bits(mask) {
-                undo.push(stored[i] ^ self.zero);
-                stored[i] = digests[i] ^ self.zero;
-            }
-        }
-        mask
     }
 
     /// Puts back the digests `old` (block order) of the blocks of local page `page`
@@ -120,6 +115,30 @@ impl DigestTable {
     }
 }
 
+/// [`DigestTable::identify`] for blocks of `B` bytes: `stored` holds the page's
+/// digests XORed with `zero`.
+#[inline(always)]
+fn identify_blocks<const B: usize>(
+    data: &[u8],
+    stored: &mut [u64],
+    digests: &mut [u64],
+    zero: u64,
+    undo: &mut Vec<u64>,
+) -> u128 {
+    let mut mask = 0u128;
+    let blocks = data.chunks_exact(B).zip(stored.iter_mut().zip(digests));
+    for (i, (block, (stored, digest))) in blocks.enumerate() {
+        *digest = block_digest(block);
+        let value = *digest ^ zero;
+        if *stored != value {
+            mask |= 1 << i;
+            undo.push(*stored ^ zero);
+            *stored = value;
+        }
+    }
+    mask
+}
+
 /// Digest of an all-zero block of `block_size` bytes.
 pub fn zero_block_digest(block_size: usize) -> u64 {
     block_digest(&[0u8; PAGE_SIZE][..block_size])
@@ -133,29 +152,61 @@ mod tests {
     fn fresh_table_describes_zero_memory() {
         let geometry = Geometry::new(1 << 20, 64).unwrap();
         let mut table = DigestTable::new(&geometry, 4);
-        let mut zero = [0u64; 64];
-        page_digests(&[0u8; PAGE_SIZE], 64, &mut zero);
+        let mut digests = [0u64; 64];
         let mut undo = Vec::new();
-        assert_eq!(table.update(3, &zero, &mut undo), 0);
+        assert_eq!(
+            table.identify(3, &[0u8; PAGE_SIZE], &mut digests, &mut undo),
+            0
+        );
         assert!(undo.is_empty());
+        assert!(digests.iter().all(|&d| d == table.zero_digest()));
+    }
+
+    /// Digests every block of `page` into `out`, one block at a time.
+    fn page_digests(page: &[u8], block_size: usize, out: &mut [u64]) {
+        for (digest, block) in out.iter_mut().zip(page.chunks_exact(block_size)) {
+            *digest = block_digest(block);
+        }
     }
 
     #[test]
-    fn update_finds_changes_and_restore_undoes_them() {
-        let geometry = Geometry::new(1 << 20, 128).unwrap();
-        let mut table = DigestTable::new(&geometry, 2);
-        let mut page = [0u8; PAGE_SIZE];
-        page[5 * 128] = 1;
-        page[31 * 128 + 127] = 2;
-        let mut digests = [0u64; 32];
-        page_digests(&page, 128, &mut digests);
-        let mut undo = Vec::new();
-        let mask = table.update(1, &digests, &mut undo);
-        assert_eq!(mask, (1 << 5) | (1 << 31));
-        assert_eq!(undo.len(), 2);
-        assert_eq!(table.update(1, &digests, &mut Vec::new()), 0, "stored");
-        table.restore(1, mask, &undo);
-        assert_eq!(table.update(1, &digests, &mut Vec::new()), mask, "restored");
+    fn identify_finds_changes_at_every_block_size_and_restore_undoes_them() {
+        for block in (5..=12).map(|shift| 1usize << shift) {
+            let geometry = Geometry::new(1 << 20, block).unwrap();
+            let bpp = geometry.blocks_per_page();
+            let mut table = DigestTable::new(&geometry, 2);
+            let mut page = [0u8; PAGE_SIZE];
+            page[0] = 7;
+            page[PAGE_SIZE - 1] = 2;
+            let mut digests = vec![0u64; bpp];
+            let mut undo = Vec::new();
+            let mask = table.identify(1, &page, &mut digests, &mut undo);
+            let expected = 1 | (1u128 << (bpp - 1));
+            assert_eq!(mask, expected, "{block}");
+            let zero = vec![table.zero_digest(); mask.count_ones() as usize];
+            assert_eq!(undo, zero, "{block}: zero blocks before");
+            let mut each = vec![0u64; bpp];
+            page_digests(&page, block, &mut each);
+            assert_eq!(digests, each, "{block}");
+            let mut again = Vec::new();
+            assert_eq!(
+                table.identify(1, &page, &mut digests, &mut again),
+                0,
+                "{block}"
+            );
+            assert!(again.is_empty());
+            table.restore(1, mask, &undo);
+            assert_eq!(
+                table.identify(1, &page, &mut digests, &mut again),
+                mask,
+                "{block}"
+            );
+            assert_eq!(
+                table.identify(0, &page, &mut digests, &mut again),
+                mask,
+                "{block}"
+            );
+        }
     }
 
     #[test]

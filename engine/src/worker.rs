@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 
 use crate::config::{EncoderConfig, Mode};
-use crate::digest::{DigestTable, is_zero, page_digests};
+use crate::digest::{DigestTable, is_zero};
 use crate::geometry::{Geometry, PAGE_SIZE};
 use crate::page_cache::PageCache;
 use crate::runs;
@@ -321,12 +321,11 @@ impl Worker {
             return;
         };
         let s = &mut self.scratch;
-        page_digests(data, block, &mut s.new);
         let Some(undo) = self.undo.back_mut() else {
             return;
         };
         // The table moves forward, and the epoch records how to move it back.
-        let mask = table.update(local, &s.new, &mut undo.digests);
+        let mask = table.identify(local, data, &mut s.new, &mut undo.digests);
         if mask != 0 {
             undo.pages.push((local, mask));
         }
