@@ -220,6 +220,15 @@ struct Shared {
     slots: Vec<AtomicU32>,
     /// The armed snapshot's buffer (null when none is armed).
     buffer: AtomicPtr<u8>,
+    /// Held by the handler from marking a granule written to lifting its protection,
+    /// and by [`CowTracker::harvest`] from taking the marks to protecting the pages
+    /// again ([`CowMode::Record`] only). A fault message can be served after a later
+    /// harvest (two writers fault on one granule, the first one's serve lifts the
+    /// protection, the second message is still queued); without this lock a harvest
+    /// could take the mark before that serve lifted the protection it had just set,
+    /// and later writes to the granule would go unseen. The program's threads never
+    /// take it.
+    marking: Mutex<()>,
     failure: Mutex<Option<String>>,
     faults: AtomicU64,
     serving_nanos: AtomicU64,
@@ -311,6 +320,8 @@ impl Shared {
         let result = match page {
             Some(page) => {
                 let (first, end) = self.granule_of(page);
+                let _marking = (self.mode == CowMode::Record)
+                    .then(|| self.marking.lock().unwrap_or_else(|e| e.into_inner()));
                 if self.mode == CowMode::Record {
                     for p in first..end {
                         self.dirty[p / 64].fetch_or(1 << (p % 64), Ordering::Release);
@@ -451,6 +462,7 @@ impl CowTracker {
             dirty: (0..dirty_words).map(|_| AtomicU64::new(0)).collect(),
             slots: (0..pages).map(|_| AtomicU32::new(IDLE)).collect(),
             buffer: AtomicPtr::new(std::ptr::null_mut()),
+            marking: Mutex::new(()),
             failure: Mutex::new(None),
             faults: AtomicU64::new(0),
             serving_nanos: AtomicU64::new(0),
@@ -478,6 +490,7 @@ impl CowTracker {
     pub fn harvest(&self, out: &mut Vec<u64>) -> Result<(), CowError> {
         let shared = &self.shared;
         shared.failed()?;
+        let _marking = shared.marking.lock().unwrap_or_else(|e| e.into_inner());
         let start = out.len();
         for (w, word) in shared.dirty.iter().enumerate() {
             let mut bits = word.swap(0, Ordering::AcqRel);
@@ -826,6 +839,30 @@ mod tests {
         let mut dirty = Vec::new();
         cow.harvest(&mut dirty).unwrap();
         assert!(dirty.is_empty(), "nothing written since the last harvest");
+    }
+
+    #[test]
+    fn a_fault_served_after_the_harvest_that_protected_it_again_counts_as_a_write() {
+        let mut region = Region::new(16 * PAGE).unwrap();
+        let Some(cow) = tracker(&mut region, CowMode::Record, Granule::MIN) else {
+            return;
+        };
+        region[3 * PAGE] = 1;
+        let mut dirty = Vec::new();
+        cow.harvest(&mut dirty).unwrap();
+        assert_eq!(dirty, [3]);
+        // A second writer's message for page 3, still queued when the first one's
+        // serve lifted the protection, is served only now: it lifts the protection
+        // the harvest just set, so the page must count as written in this epoch.
+        cow.shared.serve(cow.shared.address(3) + 8).unwrap();
+        region[3 * PAGE + 8] = 2;
+        dirty.clear();
+        cow.harvest(&mut dirty).unwrap();
+        assert_eq!(dirty, [3], "a write after a late serve is not lost");
+        region[3 * PAGE + 16] = 3;
+        dirty.clear();
+        cow.harvest(&mut dirty).unwrap();
+        assert_eq!(dirty, [3], "and the page is protected again");
     }
 
     #[test]
