@@ -10,7 +10,9 @@
 //! (and every later one in flight) is lost and its pages are carried into the next;
 //! the program never stops for the backup. While no backup
 //! is reachable each checkpoint's pages are carried and the link tries to reconnect
-//! once per epoch; a backup that connects empty (the first, one that restarted, or a
+//! once per epoch, on a thread of its own, so that a backup that does not answer
+//! (a host that drops the connection request, a frozen backup whose kernel accepts
+//! it) never holds up checkpoints or the outputs they release; a backup that connects empty (the first, one that restarted, or a
 //! new one) is synced by iterative pre-copy ([`crate::precopy`]) while the program
 //! keeps running, and the program is reported unprotected until the checkpoint that
 //! ends it commits. [`run`] is the loop of `fgbi primary` over a program that
@@ -19,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use fgbi_engine::{Encoder, EncoderConfig};
@@ -157,6 +160,8 @@ pub struct Link<'k> {
     encoder: Encoder,
     checkpointer: Checkpointer,
     connection: Option<Primary>,
+    /// The attempt to reconnect running on a thread of its own, if any.
+    attempt: Option<Receiver<Result<Primary, TransportError>>>,
     /// The encoder has been reconciled with the connected backup.
     synced: bool,
     /// Unprotected was reported since the backup last committed a checkpoint.
@@ -194,6 +199,7 @@ impl<'k> Link<'k> {
             key,
             checkpointer: Checkpointer::new(),
             connection: None,
+            attempt: None,
             synced: false,
             reported: false,
             pre_copy: true,
@@ -230,13 +236,7 @@ impl<'k> Link<'k> {
         event: &mut dyn FnMut(PrimaryEvent),
     ) -> Result<(), ReplicationError> {
         loop {
-            let attempt = TcpStream::connect_timeout(&self.backup, Duration::from_millis(200))
-                .map_err(|source| TransportError::Io {
-                    what: "connecting to the backup",
-                    source,
-                })
-                .and_then(|stream| Primary::connect(stream, &self.transport, self.key));
-            match attempt {
+            match attempt(self.backup, &self.transport, self.key) {
                 Ok(primary) => {
                     self.connection = Some(primary);
                     self.synced = false;
@@ -249,6 +249,34 @@ impl<'k> Link<'k> {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+    }
+
+    /// Takes the connection the attempt in flight made, or starts an attempt if none
+    /// is in flight (or the last one failed). Never waits for the backup.
+    fn reconnect(&mut self) {
+        if let Some(attempt) = &self.attempt {
+            match attempt.try_recv() {
+                Err(TryRecvError::Empty) => return,
+                Ok(Ok(primary)) => {
+                    self.attempt = None;
+                    self.connection = Some(primary);
+                    self.synced = false;
+                    return;
+                }
+                // Failed: it was reported when the connection was lost.
+                Ok(Err(_)) | Err(TryRecvError::Disconnected) => self.attempt = None,
+            }
+        }
+        let (done, result) = mpsc::channel();
+        let (backup, transport, key) = (self.backup, self.transport.clone(), self.key.clone());
+        let started = std::thread::Builder::new()
+            .name("fgbi-reconnect".into())
+            .spawn(move || {
+                // Nobody waits for an attempt the link gave up with itself.
+                let _ = done.send(attempt(backup, &transport, &key));
+            });
+        // Without a thread this time, the next checkpoint tries again.
+        self.attempt = started.is_ok().then_some(result);
     }
 
     /// Whether a backup is connected.
@@ -281,6 +309,9 @@ impl<'k> Link<'k> {
         digest: bool,
         event: &mut dyn FnMut(PrimaryEvent),
     ) -> Result<Shipped, ReplicationError> {
+        if self.connection.is_none() {
+            self.reconnect();
+        }
         while self
             .connection
             .as_ref()
@@ -343,7 +374,6 @@ impl<'k> Link<'k> {
         let Some(primary) = self.connection.as_mut() else {
             // Nobody to send to: keep the pages for the backup that comes next.
             self.encoder.carry(checkpoint.dirty)?;
-            let _ = self.connect(Instant::now(), event);
             return Ok(shipped);
         };
         let scrub_digests = checkpoint.scrub.to_vec();
@@ -467,15 +497,15 @@ impl<'k> Link<'k> {
         Ok(())
     }
 
-    /// The connection failed with `error`: the program runs unprotected, and one
-    /// attempt is made to reconnect. The encoder keeps its epochs in flight until
+    /// The connection failed with `error`: the program runs unprotected, and an
+    /// attempt to reconnect starts. The encoder keeps its epochs in flight until
     /// [`Link::reconcile`] learns which of them the backup committed (it may have
     /// committed some whose acknowledgement was lost with the connection).
     fn fail(&mut self, error: &TransportError, event: &mut dyn FnMut(PrimaryEvent)) {
         self.sent.clear();
         self.connection = None;
         self.unprotected(error, event);
-        let _ = self.connect(Instant::now(), event);
+        self.reconnect();
     }
 
     /// Asks the backup, holding the epoch whose pause took `digests`, to compare its
@@ -590,6 +620,22 @@ impl<'k> Link<'k> {
             });
         }
     }
+}
+
+/// One attempt to reach the backup at `backup` and run the handshake.
+fn attempt(
+    backup: SocketAddr,
+    transport: &TransportConfig,
+    key: &PresharedKey,
+) -> Result<Primary, TransportError> {
+    let stream =
+        TcpStream::connect_timeout(&backup, Duration::from_millis(200)).map_err(|source| {
+            TransportError::Io {
+                what: "connecting to the backup",
+                source,
+            }
+        })?;
+    Primary::connect(stream, transport, key)
 }
 
 /// The pages of the chunks of `slice` whose bits are set in `mismatched`, within

@@ -5,7 +5,9 @@
 mod common;
 
 use fgbi::backup::{self, BackupOptions};
-use fgbi::primary::{self, PrimaryEvent};
+use std::time::{Duration, Instant};
+
+use fgbi::primary::{self, Link, PrimaryEvent};
 use fgbi_engine::memory_digest;
 use fgbi_hyp::memory::Region;
 use fgbi_hyp::protected::Protected;
@@ -250,4 +252,50 @@ fn an_epoch_committed_whose_acknowledgement_was_lost_is_acknowledged_on_reconnec
             "replica = checkpoint {epoch}"
         );
     }
+}
+
+/// A backup whose kernel accepts the connection but that never answers (frozen, or
+/// another service on its port) costs a reconnect attempt the whole handshake
+/// timeout. The attempts run beside the checkpoints, which keep their pace: they
+/// release the program's outputs while it runs unprotected.
+#[test]
+fn a_backup_that_never_answers_does_not_hold_up_checkpoints() {
+    let mem = 4usize << 20;
+    let mut pair = Pair::new("silent-backup", mem, 1 << 20, Implementation::Std);
+    let listener = pair.listener.take().unwrap();
+    let (held, accepted) = std::sync::mpsc::channel();
+    // Accepts every connection and holds it, saying nothing.
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            if held.send(stream).is_err() {
+                return;
+            }
+        }
+    });
+    let key = pair.key();
+    let mut link = Link::new(
+        pair.encoder.clone(),
+        pair.transport.clone(),
+        pair.address,
+        &key,
+    )
+    .unwrap();
+    let mut machine = SyntheticMachine::new("web", mem, 3, Tracking::Kernel, false).unwrap();
+    let handshake = pair.transport.handshake_timeout;
+    let checkpoints = 20;
+    let started = Instant::now();
+    for _ in 0..checkpoints {
+        machine.run().unwrap();
+        link.checkpoint(&mut machine, false, &mut |_| {}).unwrap();
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < handshake,
+        "{checkpoints} checkpoints took {elapsed:?}: they waited for a backup that never answers (handshake timeout {handshake:?})"
+    );
+    assert!(
+        accepted.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "the link never tried to reach the backup"
+    );
+    assert!(!link.connected());
 }

@@ -55,6 +55,7 @@ const BACKUP_LABEL: &[u8] = b"fgbi-transport backup";
 const PRIMARY_LABEL: &[u8] = b"fgbi-transport primary";
 
 /// The pre-shared key, read from a file only the owner can access.
+#[derive(Clone)]
 pub struct PresharedKey(Vec<u8>);
 
 impl PresharedKey {
