@@ -76,7 +76,9 @@ pub struct FailoverReport {
 /// (all-zero `replica` memory of the geometry's size, updated epoch by epoch) and the
 /// last committed state blob into the protected program, `first_run` runs its first
 /// step; `committed` is told of every checkpoint epoch committed (not of initial
-/// sync's pre-copy epochs). Returns the report and the program.
+/// sync's pre-copy epochs). A connection whose peer fails the handshake is refused
+/// (with a line on stderr) and the backup goes on waiting, replica untouched.
+/// Returns the report and the program.
 pub fn run<M, T, E, F>(
     listener: &TcpListener,
     options: &BackupOptions,
@@ -111,18 +113,29 @@ where
             Some(_) => accept_within(listener, options.fence.retry),
         };
         let silence = match (accepted, unfenced.take()) {
-            (Some(accepted), _) => {
+            (Some(accepted), waiting) => {
                 let (stream, peer) = accepted.map_err(|source| TransportError::Io {
                     what: "accepting the primary",
                     source,
                 })?;
-                let backup = Backup::accept(
+                let backup = match Backup::accept(
                     stream,
                     &mut region,
                     &options.transport,
                     key,
                     applier.committed(),
-                )?;
+                ) {
+                    Ok(backup) => backup,
+                    // A peer that fails the handshake (another key, memory size or
+                    // protocol, a port scanner) or drops it wrote nothing into the
+                    // replica: refuse it and go on waiting for the primary.
+                    Err(e @ (TransportError::Handshake(_) | TransportError::Io { .. })) => {
+                        eprintln!("fgbi: refused a connection from {peer}: {e}");
+                        unfenced = waiting;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let metrics = options.metrics.as_deref();
                 serve(
                     backup,

@@ -106,7 +106,8 @@ pub enum PrimaryEvent {
         left: u64,
     },
     /// No backup holds the program's state: it runs unprotected until one is
-    /// reached again. Reported once when protection is lost (or never gained).
+    /// reached again. Reported when protection is lost (or never gained), and again
+    /// whenever an attempt to reconnect fails for another reason.
     Unprotected {
         /// Why: the error of the link or of the last attempt to connect.
         reason: String,
@@ -164,8 +165,9 @@ pub struct Link<'k> {
     attempt: Option<Receiver<Result<Primary, TransportError>>>,
     /// The encoder has been reconciled with the connected backup.
     synced: bool,
-    /// Unprotected was reported since the backup last committed a checkpoint.
-    reported: bool,
+    /// Why the program was last reported unprotected, if it was since the backup
+    /// last committed a checkpoint.
+    reported: Option<String>,
     /// Sync an empty backup by pre-copy (else in the next checkpoint's pause).
     pre_copy: bool,
     /// Initial sync of an empty backup, while it lasts.
@@ -201,7 +203,7 @@ impl<'k> Link<'k> {
             connection: None,
             attempt: None,
             synced: false,
-            reported: false,
+            reported: None,
             pre_copy: true,
             precopy: None,
             ending_sync: false,
@@ -253,7 +255,8 @@ impl<'k> Link<'k> {
 
     /// Takes the connection the attempt in flight made, or starts an attempt if none
     /// is in flight (or the last one failed). Never waits for the backup.
-    fn reconnect(&mut self) {
+    /// A failed attempt is reported when it fails for a reason not yet reported.
+    fn reconnect(&mut self, event: &mut dyn FnMut(PrimaryEvent)) {
         if let Some(attempt) = &self.attempt {
             match attempt.try_recv() {
                 Err(TryRecvError::Empty) => return,
@@ -263,8 +266,11 @@ impl<'k> Link<'k> {
                     self.synced = false;
                     return;
                 }
-                // Failed: it was reported when the connection was lost.
-                Ok(Err(_)) | Err(TryRecvError::Disconnected) => self.attempt = None,
+                Ok(Err(e)) => {
+                    self.attempt = None;
+                    self.unprotected(&e, event);
+                }
+                Err(TryRecvError::Disconnected) => self.attempt = None,
             }
         }
         let (done, result) = mpsc::channel();
@@ -293,7 +299,7 @@ impl<'k> Link<'k> {
     /// checkpoint committed since protection was last lost (never during initial
     /// sync).
     pub fn protected(&self) -> bool {
-        self.connection.is_some() && self.synced && !self.reported
+        self.connection.is_some() && self.synced && self.reported.is_none()
     }
 
     /// Takes one checkpoint of `program` (with its digest if `digest`), encodes it and
@@ -310,7 +316,7 @@ impl<'k> Link<'k> {
         event: &mut dyn FnMut(PrimaryEvent),
     ) -> Result<Shipped, ReplicationError> {
         if self.connection.is_none() {
-            self.reconnect();
+            self.reconnect(event);
         }
         while self
             .connection
@@ -461,7 +467,7 @@ impl<'k> Link<'k> {
                     checkpoints = sent.checkpoint;
                     self.sent.pop_front();
                 }
-                self.reported = false;
+                self.reported = None;
                 event(PrimaryEvent::Committed {
                     epoch: n,
                     checkpoints,
@@ -505,7 +511,7 @@ impl<'k> Link<'k> {
         self.sent.clear();
         self.connection = None;
         self.unprotected(error, event);
-        self.reconnect();
+        self.reconnect(event);
     }
 
     /// Asks the backup, holding the epoch whose pause took `digests`, to compare its
@@ -612,12 +618,15 @@ impl<'k> Link<'k> {
         Ok(())
     }
 
+    /// Reports the program unprotected for `reason`, unless that is the reason last
+    /// reported since the backup last committed: a backup that stays unreachable is
+    /// reported once, and one that comes back refusing this side (a wrong key or
+    /// memory size) is reported again, saying why.
     fn unprotected(&mut self, reason: &dyn std::fmt::Display, event: &mut dyn FnMut(PrimaryEvent)) {
-        if !self.reported {
-            self.reported = true;
-            event(PrimaryEvent::Unprotected {
-                reason: reason.to_string(),
-            });
+        let reason = reason.to_string();
+        if self.reported.as_ref() != Some(&reason) {
+            self.reported = Some(reason.clone());
+            event(PrimaryEvent::Unprotected { reason });
         }
     }
 }

@@ -299,3 +299,142 @@ fn a_backup_that_never_answers_does_not_hold_up_checkpoints() {
     );
     assert!(!link.connected());
 }
+
+/// A backup that stays unreachable is reported once; when one comes up that refuses
+/// the primary (here another key), that reason is reported as well, so the
+/// operator learns what to fix.
+#[test]
+fn a_new_reason_to_be_unprotected_is_reported_and_a_repeated_one_is_not() {
+    let mem = 4usize << 20;
+    let mut pair = Pair::new("unprotected-reasons", mem, 1 << 20, Implementation::Std);
+    // Nobody listens on the pair's address until the wrong backup starts.
+    drop(pair.listener.take());
+    let key = pair.key();
+    let mut link = Link::new(
+        pair.encoder.clone(),
+        pair.transport.clone(),
+        pair.address,
+        &key,
+    )
+    .unwrap();
+    let mut machine = SyntheticMachine::new("web", mem, 5, Tracking::Kernel, false).unwrap();
+    let reasons = std::cell::RefCell::new(Vec::new());
+    let mut record = |e: PrimaryEvent| {
+        if let PrimaryEvent::Unprotected { reason } = e {
+            reasons.borrow_mut().push(reason);
+        }
+    };
+    assert!(link.connect(Instant::now(), &mut record).is_err());
+    let checkpoint = |link: &mut Link<'_>,
+                      machine: &mut SyntheticMachine,
+                      record: &mut dyn FnMut(PrimaryEvent)| {
+        machine.run().unwrap();
+        link.checkpoint(machine, false, record).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    for _ in 0..20 {
+        checkpoint(&mut link, &mut machine, &mut record);
+    }
+
+    // A backup with another key.
+    let other = pair.dir.join("other.key");
+    std::fs::write(&other, b"another key of thirty-two bytes!").unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let other = fgbi_transport::PresharedKey::from_file(&other).unwrap();
+    let listener = std::net::TcpListener::bind(pair.address).unwrap();
+    let options = backup_options(&pair);
+    std::thread::spawn(move || {
+        let _ = backup::run(
+            &listener,
+            &options,
+            &other,
+            Region::new(mem).unwrap(),
+            |replica, state, _| SyntheticMachine::restore(replica, state, Tracking::Kernel),
+            |machine| machine.run(),
+            |_| {},
+        );
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reasons.borrow().len() < 2 && Instant::now() < deadline {
+        checkpoint(&mut link, &mut machine, &mut record);
+    }
+    for _ in 0..20 {
+        checkpoint(&mut link, &mut machine, &mut record);
+    }
+    let reasons = reasons.take();
+    assert_eq!(reasons.len(), 2, "{reasons:#?}");
+    assert!(
+        reasons[0].contains("connecting to the backup"),
+        "{reasons:#?}"
+    );
+    assert!(
+        reasons[1].contains("pre-shared key") || reasons[1].contains("refused"),
+        "{reasons:#?}"
+    );
+    assert!(!link.connected());
+}
+
+/// Peers that fail the handshake (garbage, another key) are refused one after the
+/// other while the backup waits for its primary, which it then serves and fails
+/// over from as if nobody else had called.
+#[test]
+fn a_backup_refuses_bad_peers_and_goes_on_to_serve_its_primary() {
+    use std::io::Write;
+
+    let mem = 4usize << 20;
+    let mut pair = Pair::new("bad-peers", mem, 1 << 20, Implementation::Std);
+    let (options, key) = (backup_options(&pair), pair.key());
+    let listener = pair.listener.take().unwrap();
+    let backup = std::thread::spawn(move || {
+        backup::run(
+            &listener,
+            &options,
+            &key,
+            Region::new(mem).unwrap(),
+            |replica, state, _| SyntheticMachine::restore(replica, state, Tracking::Kernel),
+            |machine| machine.run(),
+            |_| {},
+        )
+    });
+    // Garbage, then a peer that hangs up at once, then a primary with another key.
+    let mut garbage = std::net::TcpStream::connect(pair.address).unwrap();
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut closed = std::net::TcpStream::connect(pair.address).unwrap();
+    closed.flush().unwrap();
+    drop(closed);
+    let other = pair.dir.join("other.key");
+    std::fs::write(&other, b"another key of thirty-two bytes!").unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let other = fgbi_transport::PresharedKey::from_file(&other).unwrap();
+    let stream = std::net::TcpStream::connect(pair.address).unwrap();
+    let refused = fgbi_transport::Primary::connect(stream, &pair.transport, &other);
+    assert!(refused.is_err(), "a primary with another key was accepted");
+    assert!(!backup.is_finished(), "a refused peer ended the backup");
+
+    let mut machine = SyntheticMachine::new("sys", mem, 13, Tracking::Kernel, false).unwrap();
+    let mut digests = std::collections::HashMap::new();
+    let last = primary::run(
+        &mut machine,
+        |m| m.run().map_err(Into::into),
+        &pair.primary_options(6),
+        &pair.key(),
+        |e| {
+            if let PrimaryEvent::Sent {
+                epoch,
+                digest: Some(d),
+                ..
+            } = e
+            {
+                digests.insert(epoch, d);
+            }
+        },
+    )
+    .unwrap();
+    let (report, _) = backup.join().unwrap().unwrap();
+    assert_eq!(report.epoch, last);
+    assert_eq!(
+        report.digest,
+        digests.get(&last).copied(),
+        "replica = checkpoint {last}"
+    );
+}
