@@ -104,13 +104,15 @@ where
     let pages = usize::try_from(geometry.pages()).unwrap_or(usize::MAX);
     let mut region =
         ReceiveRegion::for_epochs(&options.encoder, pages, options.max_state, options.slots)?;
-    // A primary that fell silent while the fence failed: fence again unless it
-    // comes back.
-    let mut unfenced: Option<Silence> = None;
+    // A primary that fell silent while the fence failed, and when to fence again:
+    // refused connections meanwhile do not put that off.
+    let mut unfenced: Option<(Silence, Instant)> = None;
     let (silence, fence_time) = loop {
         let accepted = match &unfenced {
             None => Some(listener.accept()),
-            Some(_) => accept_within(listener, options.fence.retry),
+            Some((_, again)) => {
+                accept_within(listener, again.saturating_duration_since(Instant::now()))
+            }
         };
         let silence = match (accepted, unfenced.take()) {
             (Some(accepted), waiting) => {
@@ -146,7 +148,7 @@ where
                     metrics,
                 )
             }
-            (None, Some(silence)) => silence,
+            (None, Some((silence, _))) => silence,
             (None, None) => continue,
         };
         if !applier.holds_checkpoint() {
@@ -178,7 +180,7 @@ where
                     "fgbi: ERROR: the primary {peer} fell silent ({}) but {e}; NOT failing over: waiting for the primary to come back, fencing again in {:?}",
                     silence.failure, options.fence.retry
                 );
-                unfenced = Some(silence);
+                unfenced = Some((silence, Instant::now() + options.fence.retry));
             }
         }
     };

@@ -69,6 +69,8 @@ struct Pair {
     backup_out: Receiver<String>,
     backup_err: Receiver<String>,
     partitioned: Arc<AtomicBool>,
+    /// Where the backup listens (the primary talks to it through the proxy).
+    listening: SocketAddr,
 }
 
 /// Starts a backup fencing with `fence` and a primary talking to it through a
@@ -125,6 +127,7 @@ fn start(dir: &Path, fence: &str) -> Pair {
         backup_out,
         backup_err,
         partitioned,
+        listening: target,
     }
 }
 
@@ -173,11 +176,31 @@ fn when_the_fence_fails_the_backup_does_not_take_over_and_the_primary_runs_on() 
     let mut pair = start(&dir, "echo cannot reach the power switch >&2; exit 3");
     pair.partitioned.store(true, Ordering::SeqCst);
     let mut seen = Vec::new();
-    // The fence fails, and fails again after the retry interval.
-    for _ in 0..2 {
-        let line = wait_for(&pair.backup_err, "NOT failing over", &mut seen);
-        assert!(line.contains("exit status: 3"), "{line}");
-    }
+    let line = wait_for(&pair.backup_err, "NOT failing over", &mut seen);
+    assert!(line.contains("exit status: 3"), "{line}");
+    // While the backup waits for the primary, strangers call more often than the
+    // fence retry interval: each is refused, and the fence is retried on time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let strangers = {
+        let (stop, target) = (Arc::clone(&stop), pair.listening);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(mut stream) = TcpStream::connect(target) {
+                    let _ = stream.write_all(b"HELO stranger\r\n");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let line = wait_for(&pair.backup_err, "NOT failing over", &mut seen);
+    assert!(line.contains("exit status: 3"), "{line}");
+    stop.store(true, Ordering::SeqCst);
+    strangers.join().unwrap();
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("fgbi: refused a connection from")),
+        "{seen:#?}"
+    );
     let mut primary_seen = Vec::new();
     wait_for(&pair.primary_out, "unprotected", &mut primary_seen);
     // One copy: the primary runs on, the backup has not failed over.
