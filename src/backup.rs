@@ -129,9 +129,11 @@ where
                 ) {
                     Ok(backup) => backup,
                     // A peer that fails the handshake (another key, memory size or
-                    // protocol, a port scanner) or drops it wrote nothing into the
-                    // replica: refuse it and go on waiting for the primary.
-                    Err(e @ (TransportError::Handshake(_) | TransportError::Io { .. })) => {
+                    // protocol, a port scanner, a hang-up) wrote nothing into the
+                    // replica: refuse it and go on waiting for the primary. Other
+                    // errors are this host's (setting up io_uring or RDMA) and end
+                    // the backup, saying why.
+                    Err(e @ TransportError::Handshake(_)) => {
                         eprintln!("fgbi: refused a connection from {peer}: {e}");
                         unfenced = waiting;
                         continue;

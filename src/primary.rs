@@ -8,16 +8,17 @@
 //! Answers are read as they arrive while the loop waits for the next epoch
 //! ([`Link::settle`]). When the backup refuses an epoch or the link breaks, the epoch
 //! (and every later one in flight) is lost and its pages are carried into the next;
-//! the program never stops for the backup. While no backup
-//! is reachable each checkpoint's pages are carried and the link tries to reconnect
-//! once per epoch, on a thread of its own, so that a backup that does not answer
-//! (a host that drops the connection request, a frozen backup whose kernel accepts
-//! it) never holds up checkpoints or the outputs they release; a backup that connects empty (the first, one that restarted, or a
-//! new one) is synced by iterative pre-copy ([`crate::precopy`]) while the program
-//! keeps running, and the program is reported unprotected until the checkpoint that
-//! ends it commits. [`run`] is the loop of `fgbi primary` over a program that
-//! runs in steps (a synthetic workload); [`crate::replicator`] drives the same
-//! [`Link`] from its epoch thread for an application's own memory.
+//! the program never stops for the backup. While no backup is reachable each
+//! checkpoint's pages are carried and the link tries to reconnect once per epoch,
+//! on a thread of its own, so that a backup that does not answer (a host that drops
+//! the connection request, a frozen backup whose kernel accepts it) never holds up
+//! checkpoints or the outputs they release. A backup that connects empty (the
+//! first, one that restarted, or a new one) is synced by iterative pre-copy
+//! ([`crate::precopy`]) while the program keeps running, and the program is
+//! reported unprotected until the checkpoint that ends it commits. [`run`] is the
+//! loop of `fgbi primary` over a program that runs in steps (a synthetic workload);
+//! [`crate::replicator`] drives the same [`Link`] from its epoch thread for an
+//! application's own memory.
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
