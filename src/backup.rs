@@ -110,9 +110,11 @@ where
     let (silence, fence_time) = loop {
         let accepted = match &unfenced {
             None => Some(listener.accept()),
-            Some((_, again)) => {
-                accept_within(listener, again.saturating_duration_since(Instant::now()))
-            }
+            // Due: fence again before taking another caller, however many wait.
+            Some((_, again)) => match again.saturating_duration_since(Instant::now()) {
+                left if left.is_zero() => None,
+                left => accept_within(listener, left),
+            },
         };
         let silence = match (accepted, unfenced.take()) {
             (Some(accepted), waiting) => {

@@ -179,14 +179,23 @@ fn when_the_fence_fails_the_backup_does_not_take_over_and_the_primary_runs_on() 
     let line = wait_for(&pair.backup_err, "NOT failing over", &mut seen);
     assert!(line.contains("exit status: 3"), "{line}");
     // While the backup waits for the primary, strangers call more often than the
-    // fence retry interval: each is refused, and the fence is retried on time.
+    // fence retry interval, every other one saying nothing until the handshake
+    // times out: each is refused, and the fence is still retried.
     let stop = Arc::new(AtomicBool::new(false));
     let strangers = {
         let (stop, target) = (Arc::clone(&stop), pair.listening);
         std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
+            let mut silent = Vec::new();
+            for call in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 if let Ok(mut stream) = TcpStream::connect(target) {
-                    let _ = stream.write_all(b"HELO stranger\r\n");
+                    if call % 2 == 0 {
+                        let _ = stream.write_all(b"HELO stranger\r\n");
+                    } else {
+                        silent.push(stream);
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
