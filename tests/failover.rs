@@ -14,7 +14,7 @@ use fgbi_hyp::protected::Protected;
 use fgbi_hyp::synthetic::{SyntheticMachine, Tracking};
 use fgbi_transport::Implementation;
 
-use common::Pair;
+use common::{Pair, sent_digest};
 
 /// The settings of `fgbi backup` for `pair`: two slots, replica digests on.
 fn backup_options(pair: &Pair) -> BackupOptions {
@@ -64,16 +64,7 @@ fn the_backup_takes_over_exactly_where_the_last_committed_checkpoint_stood() {
             |m| m.run().map_err(Into::into),
             &options,
             &pair.key(),
-            |e| {
-                if let PrimaryEvent::Sent {
-                    epoch,
-                    digest: Some(d),
-                    ..
-                } = e
-                {
-                    digests.insert(epoch, d);
-                }
-            },
+            |e| digests.extend(sent_digest(&e)),
         )
         .unwrap();
         assert_eq!(last, 12);
@@ -135,17 +126,13 @@ fn a_backup_that_dies_and_comes_back_empty_is_resynced_while_the_program_runs() 
         |m| m.run().map_err(Into::into),
         &options,
         &pair.key(),
-        |e| match e {
-            PrimaryEvent::Sent {
-                epoch,
-                digest: Some(d),
-                ..
-            } => {
-                digests.insert(epoch, d);
+        |e| {
+            digests.extend(sent_digest(&e));
+            match e {
+                PrimaryEvent::Unprotected { .. } => unprotected += 1,
+                PrimaryEvent::Connected(_) => connections += 1,
+                _ => {}
             }
-            PrimaryEvent::Unprotected { .. } => unprotected += 1,
-            PrimaryEvent::Connected(_) => connections += 1,
-            _ => {}
         },
     )
     .unwrap();
@@ -225,16 +212,11 @@ fn an_epoch_committed_whose_acknowledgement_was_lost_is_acknowledged_on_reconnec
         },
         &options,
         &pair.key(),
-        |e| match e {
-            PrimaryEvent::Sent {
-                epoch,
-                digest: Some(d),
-                ..
-            } => {
-                sent.insert(epoch, d);
+        |e| {
+            sent.extend(sent_digest(&e));
+            if let PrimaryEvent::Connected(held) = e {
+                connected.push(held);
             }
-            PrimaryEvent::Connected(held) => connected.push(held),
-            _ => {}
         },
     )
     .unwrap();
@@ -337,10 +319,7 @@ fn a_new_reason_to_be_unprotected_is_reported_and_a_repeated_one_is_not() {
     }
 
     // A backup with another key.
-    let other = pair.dir.join("other.key");
-    std::fs::write(&other, b"another key of thirty-two bytes!").unwrap();
-    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let other = fgbi_transport::PresharedKey::from_file(&other).unwrap();
+    let other = pair.other_key();
     let listener = std::net::TcpListener::bind(pair.address).unwrap();
     let options = backup_options(&pair);
     std::thread::spawn(move || {
@@ -402,10 +381,7 @@ fn a_backup_refuses_bad_peers_and_goes_on_to_serve_its_primary() {
     let mut closed = std::net::TcpStream::connect(pair.address).unwrap();
     closed.flush().unwrap();
     drop(closed);
-    let other = pair.dir.join("other.key");
-    std::fs::write(&other, b"another key of thirty-two bytes!").unwrap();
-    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let other = fgbi_transport::PresharedKey::from_file(&other).unwrap();
+    let other = pair.other_key();
     let stream = std::net::TcpStream::connect(pair.address).unwrap();
     let refused = fgbi_transport::Primary::connect(stream, &pair.transport, &other);
     assert!(refused.is_err(), "a primary with another key was accepted");
@@ -418,16 +394,7 @@ fn a_backup_refuses_bad_peers_and_goes_on_to_serve_its_primary() {
         |m| m.run().map_err(Into::into),
         &pair.primary_options(6),
         &pair.key(),
-        |e| {
-            if let PrimaryEvent::Sent {
-                epoch,
-                digest: Some(d),
-                ..
-            } = e
-            {
-                digests.insert(epoch, d);
-            }
-        },
+        |e| digests.extend(sent_digest(&e)),
     )
     .unwrap();
     let (report, _) = backup.join().unwrap().unwrap();

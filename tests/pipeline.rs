@@ -58,12 +58,8 @@ fn epochs_overlap_up_to_the_receive_slots_and_the_replica_stays_exact() {
             &options,
             &pair.key(),
             |e| match e {
-                PrimaryEvent::Sent {
-                    epoch,
-                    digest: Some(d),
-                    ..
-                } => {
-                    sent.insert(epoch, d);
+                PrimaryEvent::Sent { epoch, digest, .. } => {
+                    sent.extend(digest.map(|d| (epoch, d)));
                     most_in_flight = most_in_flight.max(epoch - committed);
                 }
                 PrimaryEvent::Committed {

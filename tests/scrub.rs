@@ -64,13 +64,7 @@ fn run(implementation: Implementation, scrub_every: u64) -> Run {
         &options,
         &pair.key(),
         |e| match e {
-            PrimaryEvent::Sent {
-                epoch,
-                digest: Some(d),
-                ..
-            } => {
-                digests.insert(epoch, d);
-            }
+            PrimaryEvent::Sent { epoch, digest, .. } => digests.extend(digest.map(|d| (epoch, d))),
             PrimaryEvent::Scrubbed { diverged: d, .. } => diverged.extend(d),
             // The backup serves one connection: without it the loop would never end.
             PrimaryEvent::Committed { .. } => protected = true,

@@ -7,11 +7,11 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fgbi::primary::{DEFAULT_SCRUB_EVERY, PrimaryOptions};
+use fgbi::primary::{DEFAULT_SCRUB_EVERY, PrimaryEvent, PrimaryOptions};
 use fgbi_engine::{Applier, EncoderConfig, Geometry, Mode};
 use fgbi_hyp::memory::Region;
 use fgbi_transport::{Backup, Implementation, PresharedKey, ReceiveRegion, TransportConfig};
@@ -34,15 +34,7 @@ impl Pair {
         let dir = std::env::temp_dir().join(format!("fgbi-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let key_path = dir.join("link.key");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&key_path)
-            .unwrap()
-            .write_all(b"0123456789abcdef0123456789abcdef")
-            .unwrap();
+        write_key(&key_path, b"0123456789abcdef0123456789abcdef");
         let geometry = Geometry::new(mem as u64, 64).unwrap();
         let mut encoder = EncoderConfig::new(geometry, Mode::Fgbi);
         encoder.cache_bytes = cache;
@@ -78,6 +70,13 @@ impl Pair {
         PresharedKey::from_file(&self.key_path).unwrap()
     }
 
+    /// A key neither side holds: what a stranger or a misconfigured host presents.
+    pub fn other_key(&self) -> PresharedKey {
+        let path = self.dir.join("other.key");
+        write_key(&path, b"another key of thirty-two bytes!");
+        PresharedKey::from_file(&path).unwrap()
+    }
+
     /// Accepts one primary on a thread and serves it by hand ([`serve_by_hand`]).
     pub fn serve_by_hand<T: Send + 'static>(
         &mut self,
@@ -86,6 +85,32 @@ impl Pair {
         let listener = self.listener.take().expect("one backup per pair");
         let (encoder, transport, key) = (self.encoder.clone(), self.transport.clone(), self.key());
         std::thread::spawn(move || serve_by_hand(&listener, &encoder, &transport, &key, serve))
+    }
+}
+
+/// Writes `key` into an owner-only key file at `path`.
+fn write_key(path: &Path, key: &[u8]) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap()
+        .write_all(key)
+        .unwrap();
+}
+
+/// The epoch and checkpoint digest a `Sent` event carries, when digests are taken:
+/// what tests collect to compare a replica with the checkpoint it should equal.
+pub fn sent_digest(event: &PrimaryEvent) -> Option<(u64, u128)> {
+    match *event {
+        PrimaryEvent::Sent {
+            epoch,
+            digest: Some(digest),
+            ..
+        } => Some((epoch, digest)),
+        _ => None,
     }
 }
 
